@@ -1,0 +1,1 @@
+"""Models: loading HF BLIP checkpoints, the MED model, tiny configs for offline use."""
