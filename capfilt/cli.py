@@ -41,7 +41,9 @@ def command(*args, **kwargs):
             try:
                 return func(*a, **kw)
             except CapfiltError as e:
-                console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+                from rich.markup import escape
+
+                console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
 
         return app.command(*args, **kwargs)(wrapper)
@@ -81,6 +83,56 @@ DatasetArg = Annotated[
 # --- report, export-data (capfilt/report.py, capfilt/export_data.py) -------------------------
 
 # --- pretrain, finetune, export, run (capfilt/train.py, capfilt/pipeline.py) -----------------
+
+# --- run (capfilt/pipeline.py) ----------------------------------------------------------------
+@command()
+def run(
+    pipeline_file: Annotated[Path, typer.Argument(help="A pipeline TOML, e.g. pipelines/demo.toml.")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a [pipeline] variable: --set dataset=/data/ds."),
+    ] = None,
+    only: Annotated[
+        Optional[list[str]], typer.Option(help="Run only these stages (by command name).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the commands without running them.")] = False,
+):
+    """Run a whole pipeline file: its stages in order, each as the capfilt command it names.
+
+    Finished shards are skipped by every stage, so re-running a pipeline resumes it.
+
+    Example: capfilt run pipelines/blip_base_cc3m.toml --set dataset=/data/cc3m
+    """
+    import shlex
+
+    from capfilt.pipeline import load_pipeline
+
+    overrides = {}
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CapfiltError(f"--set expects NAME=VALUE, got {item!r}")
+        overrides[name.strip()] = value
+    pipeline = load_pipeline(pipeline_file, overrides)
+    out = console()
+    for i, stage in enumerate(pipeline.stages, 1):
+        if only and stage.command not in only:
+            continue
+        argv = stage.argv()
+        out.print(f"[bold]▶ {pipeline.name} {i}/{len(pipeline.stages)}:[/] capfilt {shlex.join(argv)}")
+        if dry_run:
+            continue
+        import click
+
+        try:
+            # Without standalone mode click returns a command's exit code instead of exiting.
+            exit_code = app(argv, standalone_mode=False)
+        except click.ClickException as e:  # usage errors: unknown option, bad value
+            raise CapfiltError(f"stage {i} ({stage.command}): {e.format_message()}") from None
+        if isinstance(exit_code, int) and exit_code != 0:
+            console(stderr=True).print(f"[bold red]stage {i} ({stage.command}) failed[/]")
+            raise typer.Exit(exit_code)
+
 
 # --- bench (capfilt/bench.py) ------------------------------------------------------------------
 

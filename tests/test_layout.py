@@ -1,0 +1,95 @@
+"""The dataset folder: shard discovery, atomic writes, pending shards, the manifest."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pyarrow as pa
+import pytest
+
+from capfilt.errors import CapfiltError, StageNotRunError
+from capfilt.io import CAPTIONS_SCHEMA, rows_to_table
+from capfilt.layout import Dataset
+
+
+def _captions(n: int) -> pa.Table:
+    rows = [dict(key=f"{i:09d}", caption_id=0, text="a red circle", model="m", status="success")
+            for i in range(n)]
+    return rows_to_table(rows, CAPTIONS_SCHEMA)
+
+
+def test_shards_lists_only_complete_files(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    ds.write_shard("captions", 3, _captions(2))
+    ds.write_shard("captions", 0, _captions(1))
+    folder = tmp_path / "ds" / "captions"
+    (folder / ".00001.parquet.tmp-deadbeef").write_bytes(b"partial")
+    (folder / "00002_stats.json").write_text("{}")
+    (folder / "notes.txt").write_text("x")
+    assert ds.shards("captions") == [0, 3]
+    assert ds.read_shard("captions", 3).num_rows == 2
+    ds.remove_temp_files("captions")
+    assert not (folder / ".00001.parquet.tmp-deadbeef").exists()
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+
+
+    with pytest.raises(Exception):
+        ds.write_shard("captions", 0, "not a table")
+    assert ds.shards("captions") == []
+    assert [p.name for p in (tmp_path / "ds" / "captions").iterdir()] == []
+
+
+def test_pending_and_overwrite(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    for s in range(3):
+        ds.write_shard("images", s, _captions(1))
+    ds.write_shard("captions", 1, _captions(1))
+    assert ds.pending("images", "captions") == [0, 2]
+    assert ds.pending("images", "captions", overwrite=True) == [0, 1, 2]
+
+
+def test_require_stage_names_the_missing_stage(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    with pytest.raises(StageNotRunError, match="scores/"):
+        ds.require_stage("scores", "run `capfilt filter` first")
+
+
+def test_manifest_records_runs_and_rejects_garbage(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    ds.set_source({"kind": "test"})
+    ds.record_run("caption", {"top_p": 0.9}, {"images": 3})
+    manifest = json.loads((tmp_path / "ds" / "capfilt.json").read_text())
+    assert manifest["source"] == {"kind": "test"}
+    assert manifest["runs"][0]["stage"] == "caption"
+    assert manifest["runs"][0]["counts"] == {"images": 3}
+    assert "torch" in manifest["runs"][0]["versions"]
+    (tmp_path / "ds" / "capfilt.json").write_text("{not json")
+    with pytest.raises(CapfiltError, match="not valid JSON"):
+        ds.read_manifest()
+
+
+def _append(root: str, i: int) -> None:
+    Dataset(root).record_run("caption", {"i": i}, {})
+
+
+def test_manifest_updates_from_many_processes_are_all_kept(tmp_path):
+    root = str(tmp_path / "ds")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append, args=(root, i)) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    runs = Dataset(root).read_manifest()["runs"]
+    assert sorted(r["options"]["i"] for r in runs) == [0, 1, 2, 3]
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CapfiltError, match="cannot write"):
+        Dataset(str(blocker / "ds")).ensure_writable()

@@ -1,0 +1,78 @@
+"""`capfilt run`: pipeline files become the same command lines a user would type."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from capfilt.cli import app
+from capfilt.errors import CapfiltError
+from capfilt.pipeline import Stage, load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_stage_argv_spells_options_like_the_cli():
+    stage = Stage("caption", ("ds",), {"num_captions": 3, "overwrite": True, "seed": 0,
+                                       "fp16": False, "tag": ["a", "b"]})
+    assert stage.argv() == ["caption", "ds", "--num-captions", "3", "--overwrite", "--seed", "0",
+                            "--no-fp16", "--tag", "a", "--tag", "b"]
+
+
+def test_variables_expand_and_overrides_win(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[pipeline]\ndataset = "a"\n[[stage]]\ncommand = "report"\nout = "{dataset}/r"\n')
+    pipeline = load_pipeline(path, {"dataset": "b"})
+    assert pipeline.stages[0].args == ("b",)
+    assert pipeline.stages[0].options == {"out": "b/r"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("not toml [", "not valid TOML"),
+    ("[pipeline]\n", "no [[stage]]"),
+    ("[[stage]]\nargs = []\n", "no `command"),
+    ("[[stage]]\ncommand = 'query'\n", "does not set"),
+])
+def test_bad_pipeline_files_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(CapfiltError, match=re.escape(message)):
+        load_pipeline(path)
+
+
+def test_run_executes_stages_in_order_and_stops_at_a_failure(tmp_path):
+    (tmp_path / "ds").mkdir()
+    path = tmp_path / "p.toml"
+    path.write_text(f'''
+[pipeline]
+dataset = "{tmp_path / 'ds'}"
+[[stage]]
+command = "query"
+args = ["{{dataset}}", "select 41 + 1 as answer"]
+format = "csv"
+[[stage]]
+command = "query"
+args = ["{{dataset}}", "select * from scores"]
+[[stage]]
+command = "query"
+args = ["{{dataset}}", "select 'never' as reached"]
+''')
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 2
+    assert "answer\n42" in result.output
+    assert "never" not in result.output.split("3/3")[0] and "reached" not in result.output
+
+
+def test_shipped_pipelines_parse_and_name_known_commands():
+    from typer.main import get_command
+
+    commands = set(get_command(app).commands)
+    files = sorted((ROOT / "pipelines").glob("*.toml"))
+    for path in files:
+        tomllib.loads(path.read_text())
+        for stage in load_pipeline(path).stages:
+            assert stage.command in commands, f"{path.name}: unknown command {stage.command}"
