@@ -1,0 +1,490 @@
+"""Hugging Face BLIP checkpoints for CapFilt: loading, precision, device, and the model math.
+
+`Captioner` wraps a `BlipForConditionalGeneration` and `ItmScorer` a
+`BlipForImageTextRetrieval`. Both call the BLIP submodules themselves so that the vision
+encoder runs once per image: the captioner shares its image embeddings between all sampled
+captions, the scorer between the web caption and every synthetic caption.
+
+Checkpoints load from safetensors only (pickled `.bin` weights can run code) and never with
+remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from capfilt.errors import CapfiltError
+
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
+DEFAULT_FILTER = "Salesforce/blip-itm-large-coco"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ITM_TOKENS = ("auto", "enc", "cls")
+
+_ARCHITECTURES = {
+    "captioner": "BlipForConditionalGeneration",
+    "filter": "BlipForImageTextRetrieval",
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files a BLIP checkpoint needs; anything else in a hub repository (pickles, TF/Flax weights)
+# is never downloaded.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a checkpoint came from: the id the user gave, the local folder and its revision."""
+
+    model_id: str
+    path: Path
+    revision: str  # the commit hash when from the hub cache, else the local path
+
+
+# --- resolving a checkpoint ------------------------------------------------------------------
+def resolve_checkpoint(model: str, revision: str | None = None) -> ModelSource:
+    """Find `model` (a local directory or a hub id) on disk, downloading it when allowed."""
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        path = path.resolve()
+        return ModelSource(model, path, _snapshot_revision(path) or str(path))
+    if _looks_like_path(model):
+        raise CapfiltError(
+            f"model directory {model!r} does not exist; pass a Hugging Face BLIP checkpoint "
+            "directory or a hub id such as Salesforce/blip-image-captioning-large"
+        )
+    folder = _hub_snapshot(model, revision)
+    return ModelSource(model, folder, _snapshot_revision(folder) or revision or "unknown")
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") != 1
+
+
+def _snapshot_revision(path: Path) -> str | None:
+    """The commit hash of a hub-cache snapshot folder (…/snapshots/<commit>), else None."""
+    if path.parent.name == "snapshots" and len(path.name) == 40:
+        return path.name
+    return None
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        # The cache first: it answers at once and works offline.
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True
+            )
+        )
+    except Exception:  # noqa: BLE001 - not cached (or partially); try the hub below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+        except Exception as e:  # noqa: BLE001 - every hub failure gets the same advice
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    raise CapfiltError(
+        f"cannot load model {repo_id!r}: it is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and the hub cannot be reached ({why}). Pass a local "
+        "checkpoint directory with --model /path/to/checkpoint, or set HF_HOME to a cache that "
+        f"holds it (`huggingface-cli download {repo_id}` on a machine with network)."
+    )
+
+
+def check_checkpoint(source: ModelSource, kind: str) -> None:
+    """Refuse folders without safetensors weights, or with the wrong BLIP head for `kind`."""
+    files = [p.name for p in source.path.iterdir() if p.is_file()]
+    has_safetensors = any(
+        f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files
+    )
+    if not has_safetensors:
+        pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise CapfiltError(
+                f"{source.model_id!r} holds only pickled weights ({', '.join(pickles)}); capfilt "
+                "loads safetensors only, since pickles can run code. Convert it where you trust "
+                "the file: load it with transformers and call "
+                "save_pretrained(dir, safe_serialization=True), then pass that dir to --model"
+            )
+        raise CapfiltError(
+            f"{source.model_id!r} has no model weights (no *.safetensors in {source.path}); "
+            "pass a Hugging Face BLIP checkpoint directory"
+        )
+    config_file = source.path / "config.json"
+    if not config_file.exists():
+        raise CapfiltError(f"{source.model_id!r} has no config.json; pass a BLIP checkpoint")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "blip":
+        raise CapfiltError(
+            f"{source.model_id!r} is a {config.get('model_type')!r} model, not BLIP; "
+            f"pass a BLIP {kind} checkpoint"
+        )
+    expected = _ARCHITECTURES[kind]
+    architectures = config.get("architectures") or []
+    if architectures and expected not in architectures:
+        command, default = {
+            "captioner": ("caption", DEFAULT_CAPTIONER),
+            "filter": ("filter", DEFAULT_FILTER),
+        }[kind]
+        raise CapfiltError(
+            f"{source.model_id!r} is a {architectures[0]} checkpoint, but `capfilt {command}` "
+            f"needs a {expected} one (default {default})"
+        )
+
+
+# --- device and precision --------------------------------------------------------------------
+def resolve_device(device: str = "auto"):
+    """`auto`: this process's accelerator under `accelerate launch`, else cuda, mps or cpu."""
+    import torch
+
+    if device != "auto":
+        try:
+            resolved = torch.device(device)
+        except RuntimeError as e:
+            raise CapfiltError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise CapfiltError(f"device {device!r} asked for, but CUDA is not available here")
+        return resolved
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(precision: str, device):
+    """`auto`: bf16 on a GPU, fp32 on the CPU."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise CapfiltError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise CapfiltError("fp16 is not supported on the CPU; use --precision fp32 or bf16")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_record(model, model_id: str) -> dict:
+    """Model id, revision, device and dtype for the manifest (revision None if not loaded)."""
+    if model is None:
+        return dict(id=model_id, revision=None)
+    return dict(
+        id=model.source.model_id,
+        revision=model.source.revision,
+        device=str(model.device),
+        dtype=dtype_name(model.dtype),
+    )
+
+
+def _load(kind: str, model: str, precision: str, device: str):
+    import transformers
+    from packaging.version import Version
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
+
+    source = resolve_checkpoint(model)
+    check_checkpoint(source, kind)
+    torch_device = resolve_device(device)
+    dtype = resolve_dtype(precision, torch_device)
+    cls = {"captioner": BlipForConditionalGeneration, "filter": BlipForImageTextRetrieval}[kind]
+    # `torch_dtype` was renamed `dtype` in transformers 4.56.
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    try:
+        processor = BlipProcessor.from_pretrained(str(source.path))
+        network = cls.from_pretrained(
+            str(source.path), use_safetensors=True, trust_remote_code=False, **{dtype_kw: dtype}
+        )
+    except (OSError, ValueError) as e:
+        raise CapfiltError(f"cannot load BLIP {kind} from {source.path}: {e}") from e
+    network.to(torch_device).eval()
+    return network, processor, source, torch_device, dtype
+
+
+# --- captioning ------------------------------------------------------------------------------
+class KeyedNucleusSampler:
+    """Logits processor that draws each row's next token from its top-p nucleus.
+
+    The randomness is a counter-based hash of (row seed, position), not a shared generator,
+    so a caption depends on its own seed only: the same seed gives the same caption whatever
+    the batch size, the order of images, or the number of processes. Used with greedy search,
+    which then picks the drawn token (all other logits are -inf).
+    """
+
+    def __init__(self, top_p: float, row_seeds):
+        self.top_p = top_p
+        self.row_seeds = row_seeds  # (B,) int64 in [0, 2**32)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        step = input_ids.shape[1]
+        probs = scores.float().softmax(dim=-1)  # (B, V)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # The nucleus: the most likely tokens until their mass reaches top_p (at least one).
+        nucleus = before < self.top_p
+        nucleus[:, 0] = True
+        sorted_probs = sorted_probs * nucleus
+        cumulative = sorted_probs.cumsum(dim=-1)  # (B, V)
+        u = uniform_hash(self.row_seeds.to(scores.device), step)  # (B,)
+        target = (u * cumulative[:, -1]).unsqueeze(1)
+        index = torch.searchsorted(cumulative, target, right=True)
+        index = torch.minimum(index, nucleus.sum(dim=1, keepdim=True) - 1)  # float rounding
+        token = order.gather(1, index)  # (B, 1)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(1, token, 0.0)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    # A 32-bit integer hash (xorshift-multiply); multipliers below 2**31 keep int64 exact.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform_hash(seeds, step: int):
+    """A uniform float64 in [0, 1) for each seed at position `step`, the same on every device."""
+    h = _mix32(_mix32(seeds & _M32) ^ ((step * 0x9E3779B9) & _M32))
+    h = _mix32(h ^ 0x85EBCA6B)
+    return (h >> 8).double() / float(1 << 24)
+
+
+class Captioner:
+    """A BLIP captioner: image embeddings once per image, then batched decoding from a prompt."""
+
+    def __init__(self, network, processor, source: ModelSource, device, dtype):
+        self.network = network
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, model: str = DEFAULT_CAPTIONER, precision: str = "auto", device: str = "auto"):
+        return cls(*_load("captioner", model, precision, device))
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    def prompt_ids(self, prompt: str):
+        """(1, P) decoder input: [DEC] then the prompt's tokens, without the closing [SEP]."""
+        import torch
+
+        ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        bos = self.network.config.text_config.bos_token_id
+        ids = [bos, *ids[1:-1]]  # [CLS] → [DEC], drop [SEP], as BLIP does
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def encode_images(self, pixel_values):
+        """(N, 3, H, W) → image embeddings (N, L, D)."""
+        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        return self.network.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def generate_ids(
+        self,
+        pixel_values,
+        *,
+        prompt: str,
+        decoding: str = "nucleus",
+        num_captions: int = 1,
+        top_p: float = 0.9,
+        min_length: int = 5,
+        max_length: int = 20,
+        repetition_penalty: float = 1.0,
+        num_beams: int = 3,
+        row_seeds=None,
+    ):
+        """Token ids (N * num_captions, T) starting with the prompt; rows grouped by image.
+
+        `min_length`/`max_length` count the prompt's tokens, as in BLIP and
+        `BlipForConditionalGeneration.generate`. Nucleus decoding needs `row_seeds`
+        (N * num_captions,), one per caption.
+        """
+        import torch
+        from transformers import LogitsProcessorList
+
+        with torch.inference_mode():
+            image_embeds = self.encode_images(pixel_values)  # (N, L, D)
+            n_images = image_embeds.shape[0]
+            options = dict(
+                max_length=max_length,
+                min_length=min_length,
+                repetition_penalty=repetition_penalty,
+                eos_token_id=self.network.config.text_config.sep_token_id,
+                pad_token_id=self.network.config.text_config.pad_token_id,
+                do_sample=False,
+            )
+            if decoding == "nucleus":
+                image_embeds = image_embeds.repeat_interleave(num_captions, dim=0)
+                if row_seeds is None or len(row_seeds) != image_embeds.shape[0]:
+                    raise ValueError("nucleus decoding needs one seed per caption")
+                options.update(
+                    num_beams=1,
+                    logits_processor=LogitsProcessorList(
+                        [KeyedNucleusSampler(top_p, torch.as_tensor(row_seeds, dtype=torch.long))]
+                    ),
+                )
+            elif decoding == "beam":
+                options.update(
+                    num_beams=max(num_beams, num_captions), num_return_sequences=num_captions
+                )
+            elif decoding == "greedy":
+                options.update(num_beams=1)
+            else:
+                raise ValueError(f"unknown decoding {decoding!r}")
+            batch = image_embeds.shape[0]
+            input_ids = self.prompt_ids(prompt).expand(batch, -1).contiguous()
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+            ids = self.network.text_decoder.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_mask,
+                **options,
+            )
+        if decoding == "greedy" and num_captions > 1:
+            ids = ids.repeat_interleave(num_captions, dim=0)
+        assert ids.shape[0] == n_images * num_captions
+        return ids
+
+    def generate_captions(
+        self, pixel_values, *, prompt: str, num_captions: int = 1, **options
+    ) -> list[list[str]]:
+        """`num_captions` captions per image, the prompt stripped: one list per image."""
+        ids = self.generate_ids(pixel_values, prompt=prompt, num_captions=num_captions, **options)
+        prompt_length = self.prompt_ids(prompt).shape[1]
+        texts = self.tokenizer.batch_decode(ids[:, prompt_length:], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        return [texts[i : i + num_captions] for i in range(0, len(texts), num_captions)]
+
+
+# --- image-text matching ---------------------------------------------------------------------
+@dataclass
+class ImageFeatures:
+    """What the scorer keeps of each image: the ViT tokens for ITM and the projected CLS for ITC."""
+
+    embeds: object  # (N, L, D)
+    itc: object  # (N, E), unit norm
+
+
+class ItmScorer:
+    """A BLIP filter: ITM match probability and ITC cosine similarity of image-text pairs."""
+
+    def __init__(
+        self,
+        network,
+        processor,
+        source: ModelSource,
+        device,
+        dtype,
+        itm_token: str = "auto",
+        max_text_tokens: int = 35,
+    ):
+        if itm_token not in ITM_TOKENS:
+            raise CapfiltError(f"unknown --itm-token {itm_token!r}; use auto, enc or cls")
+        self.network = network
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        max_positions = network.config.text_config.max_position_embeddings
+        self.max_text_tokens = min(max_text_tokens, max_positions)
+        enc_id = self.tokenizer.convert_tokens_to_ids("[ENC]")
+        has_enc = enc_id is not None and enc_id != self.tokenizer.unk_token_id
+        if itm_token == "enc" and not has_enc:
+            raise CapfiltError(
+                f"--itm-token enc: the tokenizer of {source.model_id!r} has no [ENC] token; "
+                "use --itm-token cls (or auto)"
+            )
+        if itm_token == "auto":
+            itm_token = "enc" if has_enc else "cls"
+        self.itm_token = itm_token
+        # BLIP trained ITM with [ENC] in the first position; the released code feeds [CLS].
+        self.itm_token_id = enc_id if itm_token == "enc" else None
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_FILTER,
+        precision: str = "auto",
+        device: str = "auto",
+        itm_token: str = "auto",
+        max_text_tokens: int = 35,
+    ):
+        network, processor, source, torch_device, dtype = _load("filter", model, precision, device)
+        return cls(network, processor, source, torch_device, dtype, itm_token, max_text_tokens)
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    def encode_images(self, pixel_values) -> ImageFeatures:
+        """Run the vision encoder once for a batch of images (N, 3, H, W)."""
+        import torch
+        from torch.nn.functional import normalize
+
+        with torch.inference_mode():
+            pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+            embeds = self.network.vision_model(pixel_values=pixel_values).last_hidden_state
+            itc = normalize(self.network.vision_proj(embeds[:, 0, :]), dim=-1)
+        return ImageFeatures(embeds, itc)
+
+    def tokenize(self, texts: list[str]):
+        encoded = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        )
+        return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
+
+    def score(self, images: ImageFeatures, image_index, texts: list[str]):
+        """ITM probability and ITC similarity of pairs (images[image_index[i]], texts[i]).
+
+        Returns two float32 CPU tensors of shape (P,).
+        """
+        import torch
+        from torch.nn.functional import normalize
+
+        with torch.inference_mode():
+            index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
+            input_ids, attention_mask = self.tokenize(texts)  # (P, T)
+            itm_ids = input_ids
+            if self.itm_token_id is not None:
+                itm_ids = input_ids.clone()
+                itm_ids[:, 0] = self.itm_token_id
+            pair_embeds = images.embeds.index_select(0, index)  # (P, L, D)
+            image_mask = torch.ones(pair_embeds.shape[:-1], dtype=torch.long, device=self.device)
+            fused = self.network.text_encoder(
+                input_ids=itm_ids,
+                attention_mask=attention_mask,
+                encoder_hidden_states=pair_embeds,
+                encoder_attention_mask=image_mask,
+            ).last_hidden_state  # (P, T, H)
+            itm = self.network.itm_head(fused[:, 0, :]).float().softmax(dim=-1)[:, 1]
+            # ITC reads the unimodal text encoder: the same weights without the image.
+            text = self.network.text_encoder(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            text_feat = normalize(self.network.text_proj(text[:, 0, :]), dim=-1)  # (P, E)
+            itc = (images.itc.index_select(0, index) * text_feat).float().sum(dim=-1)
+        return itm.cpu(), itc.cpu()

@@ -1,0 +1,226 @@
+"""`capfilt filter`: scores of web and synthetic captions, curated/ at a threshold."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import write_images_dataset
+from typer.testing import CliRunner
+
+from capfilt.caption import CaptionConfig, caption_dataset
+from capfilt.cli import app
+from capfilt.errors import CapfiltError
+from capfilt.filter import FilterConfig, filter_dataset
+from capfilt.layout import Dataset
+
+BAD_KEY = "000000001"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory, tiny_captioner):
+    """A dataset with images/ (one undecodable image) and two synthetic captions per image."""
+    from capfilt.models.blip import Captioner
+
+    root = tmp_path_factory.mktemp("filter") / "ds"
+    truths = write_images_dataset(root, n_shards=2, per_shard=5, bad_keys=(BAD_KEY,))
+    captioner = Captioner.load(str(tiny_captioner), precision="fp32", device="cpu")
+    config = CaptionConfig(model=str(tiny_captioner), num_captions=2, max_length=10, num_workers=0)
+    caption_dataset(str(root), config, captioner=captioner, progress=False)
+    return root, truths
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, captioned, tiny_filter):
+    """`captioned` copied and filtered once through the CLI at threshold 0.5 (auto: [ENC])."""
+    import shutil
+
+    source, truths = captioned
+    root = tmp_path_factory.mktemp("scored") / "ds"
+    shutil.copytree(source, root)
+    result = invoke(
+        "filter",
+        root,
+        "--threshold",
+        0.5,
+        "--model",
+        tiny_filter,
+        "--workers",
+        0,
+        "--batch-size",
+        3,
+    )
+    assert result.exit_code == 0, result.output
+    return root, truths, result.output
+
+
+def test_filter_scores_web_and_every_synthetic_caption(scored, tiny_filter):
+    root, truths, output = scored
+    ds = Dataset(str(root))
+    assert ds.shards("scores") == ds.shards("curated") == [0, 1]
+    scores = ds.read_stage("scores").to_pylist()
+    captions = {
+        (r["key"], r["caption_id"]): r["text"]
+        for r in ds.read_stage("captions").to_pylist()
+        if r["status"] == "success"
+    }
+    web = dict(truths)
+    by_key: dict[str, list] = {}
+    for row in scores:
+        by_key.setdefault(row["key"], []).append(row)
+    assert set(by_key) == set(web)  # failed downloads are not scored
+
+    for key, rows in by_key.items():
+        rows.sort(key=lambda r: r["text_id"])
+        assert rows[0]["text_id"] == 0 and rows[0]["source"] == "web"
+        assert rows[0]["text"] == web[key]
+        if key == BAD_KEY:  # undecodable: its web caption is a row with no scores
+            assert len(rows) == 1 and rows[0]["itm_score"] is None
+            continue
+        assert [r["text_id"] for r in rows] == [0, 1, 2]
+        for row in rows[1:]:
+            assert row["source"] == "synthetic"
+            assert row["text"] == captions[(key, row["text_id"] - 1)]
+        for row in rows:
+            assert 0 <= row["itm_score"] <= 1 and -1 <= row["itc_score"] <= 1
+            assert row["model"] == str(tiny_filter)
+
+    curated = ds.read_stage("curated").to_pylist()
+    expected = {
+        (r["key"], r["text_id"])
+        for r in scores
+        if r["itm_score"] is not None and r["itm_score"] >= 0.5
+    }
+    assert {(r["key"], r["text_id"]) for r in curated} == expected
+
+    run = ds.read_manifest()["runs"][-1]
+    assert run["stage"] == "filter" and run["itm_token"] == "enc"
+    assert run["model"]["revision"] == str(tiny_filter.resolve())
+    assert run["options"]["threshold"] == 0.5
+    assert run["counts"]["errors"] == 1
+    assert "synthetic" in output and "ITM token" in output
+
+
+def test_new_threshold_rederives_curated_without_a_model(scored):
+    root, _, _ = scored
+    ds = Dataset(str(root))
+    scores = ds.read_stage("scores").to_pylist()
+    itm = sorted(r["itm_score"] for r in scores if r["itm_score"] is not None)
+    threshold = itm[len(itm) // 2]  # keeps about half of the pairs
+    mtimes = [ds.fs.modified(ds.shard_path("scores", s)) for s in (0, 1)]
+
+    result = invoke("filter", root, "--threshold", threshold, "--model", "/no/such/model")
+    assert result.exit_code == 0, result.output
+    assert "not loaded" in result.output
+    kept = ds.read_stage("curated").to_pylist()
+    assert len(kept) == sum(1 for v in itm if v >= threshold)
+    assert 0 < len(kept) < len(itm)
+    assert all(r["itm_score"] >= threshold for r in kept)
+    assert [ds.fs.modified(ds.shard_path("scores", s)) for s in (0, 1)] == mtimes
+    run = ds.read_manifest()["runs"][-1]
+    assert run["rescored"] is False and run["model"]["revision"] is None
+
+    # The bogus model is used, and fails clearly, as soon as there is something to score.
+    ds.fs.rm(ds.shard_path("scores", 1))
+    result = invoke("filter", root, "--threshold", threshold, "--model", "/no/such/model")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_query_answers_after_filter(scored):
+    root, _, _ = scored
+    result = invoke(
+        "query",
+        root,
+        "select source, count(*), avg(itm_score) from scores group by 1",
+        "--format",
+        "csv",
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "source,count_star(),avg(itm_score)"
+    assert {line.split(",")[0] for line in lines[1:]} == {"web", "synthetic"}
+
+
+def test_without_captions_only_web_captions_are_scored(tmp_path, tiny_filter):
+    root = tmp_path / "ds"
+    truths = write_images_dataset(root, n_shards=1, per_shard=4)
+    result = filter_dataset(
+        str(root),
+        FilterConfig(threshold=0.0, model=str(tiny_filter), num_workers=0),
+        progress=False,
+    )
+    rows = Dataset(str(root)).read_stage("scores").to_pylist()
+    assert {(r["key"], r["text_id"], r["source"]) for r in rows} == {
+        (key, 0, "web") for key, _ in truths
+    }
+    assert result.sources["web"].kept == len(truths)  # threshold 0 keeps every scored pair
+    assert result.sources["synthetic"].pairs == 0
+
+
+def test_itm_token_cls_and_enc_are_recorded_and_differ(captioned, tiny_filter, tmp_path):
+    import shutil
+
+    source, _ = captioned
+    results = {}
+    for token in ("cls", "enc"):
+        root = tmp_path / token
+        shutil.copytree(source, root)
+        filter_dataset(
+            str(root),
+            FilterConfig(threshold=0.5, model=str(tiny_filter), itm_token=token, num_workers=0),
+            progress=False,
+        )
+        ds = Dataset(str(root))
+        assert ds.read_manifest()["runs"][-1]["itm_token"] == token
+        results[token] = ds.read_stage("scores").to_pylist()
+    pairs = list(zip(results["cls"], results["enc"], strict=True))
+    assert all(a["key"] == b["key"] and a["text_id"] == b["text_id"] for a, b in pairs)
+    scored_pairs = [(a, b) for a, b in pairs if a["itm_score"] is not None]
+    assert any(abs(a["itm_score"] - b["itm_score"]) > 1e-6 for a, b in scored_pairs)
+    assert all(abs(a["itc_score"] - b["itc_score"]) < 1e-6 for a, b in scored_pairs)
+
+
+def test_scores_are_redone_when_captions_changed(captioned, tiny_filter, tiny_captioner, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(captioned[0], root)
+    ds = Dataset(str(root))
+    config = FilterConfig(threshold=0.5, model=str(tiny_filter), num_workers=0)
+    filter_dataset(ds, config, progress=False)
+    old = ds.read_shard("scores", 0)
+    # Captioning again (another seed, one caption per image) makes the scores stale; shard 1's
+    # scores are touched so that only shard 0 counts as stale.
+    caption_dataset(
+        ds,
+        CaptionConfig(
+            model=str(tiny_captioner),
+            num_captions=1,
+            seed=99,
+            max_length=10,
+            num_workers=0,
+            overwrite=True,
+        ),
+        progress=False,
+    )
+    ds.fs.touch(ds.shard_path("scores", 1), truncate=False)
+    result = filter_dataset(ds, config, progress=False)
+    assert (result.shards_scored, result.shards_skipped) == (1, 1)
+    new = ds.read_shard("scores", 0)
+    assert new.num_rows < old.num_rows  # one synthetic caption per image now, not two
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(threshold=1.5), "--threshold is an ITM probability"),
+        (dict(threshold=-0.1), "--threshold is an ITM probability"),
+        (dict(threshold=0.5, itm_token="sep"), "--itm-token must be one of"),
+        (dict(threshold=0.5, batch_size=0), "--batch-size must be at least 1"),
+    ],
+)
+def test_filter_config_validation(options, message):
+    with pytest.raises(CapfiltError, match=message):
+        FilterConfig(**options)
