@@ -29,10 +29,18 @@ def connect(dataset: Dataset, with_images: bool = False):
         files = [dataset.url(stage, f"{s:05d}.parquet") for s in shards]
         file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
         exclude = " EXCLUDE (jpg)" if stage == "images" and not with_images else ""
-        con.execute(
-            f"CREATE VIEW {stage} AS SELECT *{exclude} "
-            f"FROM read_parquet({file_list}, union_by_name=true)"
-        )
+        try:
+            con.execute(
+                f"CREATE VIEW {stage} AS SELECT *{exclude} "
+                f"FROM read_parquet({file_list}, union_by_name=true)"
+            )
+        except duckdb.Error as e:
+            # DuckDB reads every footer here, so a damaged shard fails before any query runs.
+            raise CapfiltError(
+                f"cannot read the {stage}/ shards of {dataset.root!r}: "
+                f"{str(e).splitlines()[0]}. Delete the damaged shard and re-run the stage "
+                "that wrote it"
+            ) from e
     return con
 
 
@@ -48,6 +56,8 @@ def run_query(dataset: Dataset, sql: str, with_images: bool = False):
 
     if not dataset.exists():
         raise CapfiltError(f"dataset folder {dataset.root!r} does not exist")
+    if not sql.strip():
+        raise CapfiltError('the query is empty; pass SQL such as "select count(*) from images"')
     con = connect(dataset, with_images=with_images)
     try:
         result = con.execute(sql)
@@ -59,8 +69,10 @@ def run_query(dataset: Dataset, sql: str, with_images: bool = False):
                 f"the query reads `{stage}`, but {dataset.root!r} has no {stage}/ shards yet: "
                 f"{_HINTS[stage]}"
             ) from e
-        raise CapfiltError(f"query failed: {e}") from e
+        raise CapfiltError(f"query failed: {str(e).splitlines()[0]}") from e
     except duckdb.Error as e:
         raise CapfiltError(f"query failed: {str(e).splitlines()[0]}") from e
+    if result is None:  # only comments, no statement
+        return [], []
     columns = [d[0] for d in result.description] if result.description else []
     return columns, result.fetchall()

@@ -1,0 +1,820 @@
+"""`capfilt fetch`: img2dataset behind one function, writing DATASET/images/ as Parquet shards.
+
+capfilt reads the URL list itself first, so that a wrong column, an empty or unreadable list
+fails at once with an error the user can act on, and so that the progress display knows the
+total. Lists that are not Parquet are converted to Parquet (same rows, same order) in a
+temporary folder; img2dataset then downloads, resizes and writes the shards.
+
+img2dataset writes each shard straight to its final name while it downloads; capfilt points it
+at a staging folder instead and moves a shard into images/ only once img2dataset has written
+the shard's stats file, so that a shard in images/ is always complete (the layout's rule).
+A re-run seeds the staging folder with the finished shards, so img2dataset's incremental mode
+downloads only the missing ones: no row is fetched or written twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+
+from capfilt.errors import CapfiltError
+from capfilt.layout import Dataset
+
+URL_LIST_FORMATS = ("csv", "tsv", "parquet", "jsonl", "json", "txt")
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+# Opt-out directives in X-Robots-Tag headers that make a download skip the image.
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+# Column names img2dataset writes itself: an input column with one of these names is not kept.
+RESERVED_COLUMNS = frozenset(
+    "key caption url width height original_width original_height status error_message exif "
+    "md5 sha256 sha512 jpg txt".split()
+)
+USER_AGENT_TOKEN = "capfilt"
+STAGING = "_incoming"  # under images/; shard discovery ignores it (not a NNNNN.parquet name)
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Everything `capfilt fetch` passes on to img2dataset (its defaults are capfilt's)."""
+
+    url_col: str = "url"
+    caption_col: str | None = None  # None: use a "caption" column when the list has one
+    input_format: str | None = None  # None: from the file name
+    column_names: tuple[str, ...] | None = None  # for csv/tsv lists without a header line
+    image_size: int = 384
+    resize_mode: str = "keep_ratio"
+    processes: int = 1
+    threads: int = 32
+    timeout: int = 10
+    retries: int = 0
+    distributor: str = "multiprocessing"
+    shard_size: int = 10_000
+    opt_out_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
+    encode_quality: int = 95
+    min_image_size: int = 0
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise CapfiltError(
+                f"unknown --resize-mode {self.resize_mode!r}; "
+                f"choose one of {', '.join(RESIZE_MODES)}"
+            )
+        if self.distributor not in DISTRIBUTORS:
+            raise CapfiltError(
+                f"unknown --distributor {self.distributor!r}; "
+                f"choose one of {', '.join(DISTRIBUTORS)}"
+            )
+        if self.input_format is not None and _base_format(self.input_format) is None:
+            raise CapfiltError(
+                f"unknown --input-format {self.input_format!r}; "
+                f"choose one of {', '.join(URL_LIST_FORMATS)} (optionally .gz)"
+            )
+        for name in ("image_size", "processes", "threads", "timeout", "shard_size"):
+            if getattr(self, name) < 1:
+                raise CapfiltError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.retries < 0:
+            raise CapfiltError("--retries must be 0 or more")
+
+
+def options_from_manifest(path: str | os.PathLike, **overrides) -> tuple[FetchOptions, dict]:
+    """FetchOptions from a data_manifests/*.toml `[fetch]` table, then `overrides` on top.
+
+    Returns the options and the manifest's `[source]` table (recorded in capfilt.json).
+    """
+    manifest = load_manifest(path)
+    table = manifest.get("fetch")
+    if not isinstance(table, dict):
+        raise CapfiltError(
+            f"{path} has no [fetch] table: this source is not fetched from URLs"
+            + (
+                "; it is local data: use `capfilt ingest` as its [ingest] table and command say"
+                if "ingest" in manifest
+                else ""
+            )
+        )
+    known = {f.name for f in fields(FetchOptions)}
+    settings = {k: v for k, v in table.items() if k in known}
+    for key in ("column_names", "opt_out_directives"):
+        if settings.get(key) is not None:
+            settings[key] = tuple(settings[key])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        options = FetchOptions(**settings)
+    except TypeError as e:
+        raise CapfiltError(f"{path}: bad [fetch] table: {e}") from e
+    return options, dict(manifest.get("source", {}))
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """Parse a data manifest TOML, or raise a CapfiltError naming the file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise CapfiltError(
+            f"data manifest {str(path)!r} not found; see data_manifests/ for the known sources"
+        ) from e
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CapfiltError(f"cannot read data manifest {str(path)!r}: {e}") from e
+
+
+# --- the URL list ----------------------------------------------------------------------------
+@dataclass
+class UrlList:
+    """A URL list as img2dataset will read it: Parquet files, their row counts and columns."""
+
+    source: str
+    input_format: str  # the format of the user's list
+    files: list[str]  # Parquet files (the originals, or converted copies)
+    rows_per_file: list[int]
+    columns: list[str]
+    url_col: str
+    caption_col: str | None
+    extra_columns: list[str]
+    skipped_columns: list[str] = field(default_factory=list)
+    temp_dir: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_per_file)
+
+    def img2dataset_input(self) -> str:
+        """What to pass as img2dataset's url_list: the one file, or the folder of them."""
+        if len(self.files) == 1:
+            return self.files[0]
+        return self.files[0].rsplit("/", 1)[0]
+
+    def cleanup(self) -> None:
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+
+
+def _base_format(name: str) -> str | None:
+    name = name.lower().removesuffix(".gz")
+    return name if name in URL_LIST_FORMATS else None
+
+
+def _format_of(path: str) -> str | None:
+    name = path.rsplit("/", 1)[-1].lower().removesuffix(".gz")
+    return _base_format(name.rsplit(".", 1)[-1]) if "." in name else None
+
+
+def read_url_list(url_list: str, options: FetchOptions) -> UrlList:
+    """Check and, unless it is Parquet, convert the URL list; raise CapfiltError when it is bad."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs, path = fsspec.core.url_to_fs(url_list)
+    if not fs.exists(path):
+        raise CapfiltError(f"URL list {url_list!r} not found; pass a file or a folder of files")
+    fmt = _base_format(options.input_format) if options.input_format else None
+    if fs.isdir(path):
+        names = sorted(p for p in fs.ls(path, detail=False) if fs.isfile(p))
+        if fmt is None:
+            found = {_format_of(p) for p in names} - {None}
+            if len(found) != 1:
+                raise CapfiltError(
+                    f"cannot tell the format of the URL lists in {url_list!r} (found "
+                    f"{', '.join(sorted(found)) or 'no known extension'}); pass --input-format"
+                )
+            fmt = found.pop()
+        files = [p for p in names if _format_of(p) == fmt]
+        if not files:
+            raise CapfiltError(f"no .{fmt} files in {url_list!r}")
+    else:
+        fmt = fmt or _format_of(path)
+        if fmt is None:
+            raise CapfiltError(
+                f"cannot tell the format of {url_list!r} from its name; pass --input-format "
+                f"({', '.join(URL_LIST_FORMATS)})"
+            )
+        files = [path]
+
+    temp_dir = None
+    out_files, rows_per_file, columns = [], [], None
+    try:
+        for i, file in enumerate(files):
+            if fmt == "parquet":
+                try:
+                    with fs.open(file, "rb") as f:
+                        meta = pq.ParquetFile(f).metadata
+                        file_columns, rows = list(meta.schema.names), meta.num_rows
+                except Exception as e:
+                    raise CapfiltError(f"cannot read URL list {file!r} as Parquet: {e}") from e
+                out_files.append(fs.unstrip_protocol(file) if fs.protocol != "file" else file)
+            else:
+                table = _read_table(fs, file, fmt, options)
+                file_columns, rows = table.column_names, table.num_rows
+                if temp_dir is None:
+                    temp_dir = tempfile.mkdtemp(prefix="capfilt-urls-")
+                out = os.path.join(temp_dir, f"{i:05d}.parquet")
+                pq.write_table(table, out)
+                out_files.append(out)
+            if columns is None:
+                columns = file_columns
+            elif set(file_columns) != set(columns):
+                raise CapfiltError(
+                    f"URL list {file!r} has columns {file_columns}, but {files[0]!r} has "
+                    f"{columns}; every file of a list needs the same columns"
+                )
+            rows_per_file.append(rows)
+    except BaseException:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+    listing = UrlList(url_list, fmt, out_files, rows_per_file, columns or [], "url", None, [])
+    listing.temp_dir = temp_dir
+    try:
+        _choose_columns(listing, options)
+        if listing.rows == 0:
+            raise CapfiltError(f"URL list {url_list!r} has no rows; nothing to fetch")
+    except BaseException:
+        listing.cleanup()
+        raise
+    return listing
+
+
+def _read_table(fs, file: str, fmt: str, options: FetchOptions):
+    """Read a csv/tsv/jsonl/json/txt URL list into an Arrow table (empty fields are null)."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+
+    compression = "gzip" if file.endswith(".gz") else None
+    try:
+        with fs.open(file, "rb", compression=compression) as f:
+            if fmt in ("csv", "tsv"):
+                names = list(options.column_names) if options.column_names else None
+                table = pa_csv.read_csv(
+                    f,
+                    read_options=pa_csv.ReadOptions(column_names=names),
+                    parse_options=pa_csv.ParseOptions(delimiter="\t" if fmt == "tsv" else ","),
+                    convert_options=pa_csv.ConvertOptions(strings_can_be_null=True),
+                )
+            elif fmt == "jsonl":
+                table = pa_json.read_json(f)
+            elif fmt == "json":
+                records = json.load(f)
+                if not isinstance(records, list):
+                    raise ValueError("a .json URL list must hold a list of objects")
+                table = pa.Table.from_pylist(records)
+            else:  # txt: one URL a line
+                urls = [line.strip() for line in f.read().decode("utf-8").splitlines()]
+                table = pa.table(
+                    {options.url_col: [u for u in urls if u]},
+                    pa.schema([(options.url_col, pa.string())]),
+                )
+    except CapfiltError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CapfiltError(f"cannot read URL list {file!r} as {fmt}: {first}") from e
+    # A column with no value at all has Arrow's null type; make it a string column so
+    # every shard of images/ gets the same schema.
+    for i, column in enumerate(table.schema):
+        if pa.types.is_null(column.type):
+            table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
+    return table
+
+
+def _choose_columns(listing: UrlList, options: FetchOptions) -> None:
+    columns = listing.columns
+    if options.url_col not in columns:
+        raise CapfiltError(
+            f"URL list {listing.source!r} has no column {options.url_col!r} (its columns: "
+            f"{', '.join(columns) or 'none'}); pass --url-col with the column of image URLs"
+        )
+    caption_col = options.caption_col
+    if caption_col is not None and caption_col not in columns:
+        raise CapfiltError(
+            f"URL list {listing.source!r} has no column {caption_col!r} (its columns: "
+            f"{', '.join(columns)}); pass --caption-col with the column of captions"
+        )
+    if caption_col is None and "caption" in columns and options.url_col != "caption":
+        caption_col = "caption"
+    listing.url_col, listing.caption_col = options.url_col, caption_col
+    rest = [c for c in columns if c not in (options.url_col, caption_col)]
+    listing.extra_columns = [c for c in rest if c not in RESERVED_COLUMNS]
+    listing.skipped_columns = [c for c in rest if c in RESERVED_COLUMNS]
+
+
+# --- the result ------------------------------------------------------------------------------
+@dataclass
+class FetchResult:
+    """What one `capfilt fetch` run did."""
+
+    dataset: str
+    rows_in_list: int
+    rows_in_images: int
+    shards_done_now: list[int]
+    shards_skipped: list[int]
+    shards_missing: list[int]
+    counts: dict  # this run: count, successes, failed_to_download, failed_to_resize
+    errors: dict  # this run: error message -> rows
+    skipped_columns: list[str]
+    log_path: str | None = None
+
+    @property
+    def success_rate(self) -> float:
+        return self.counts["successes"] / self.counts["count"] if self.counts["count"] else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.shards_missing
+
+
+ProgressCallback = Callable[[int, int, int], None]  # (rows done, rows in list, successes)
+
+
+# --- the engines -----------------------------------------------------------------------------
+def check_distributor(distributor: str) -> None:
+    """Fail clearly when the engine is missing (img2dataset would silently write nothing)."""
+    if distributor == "pyspark":
+        if importlib.util.find_spec("pyspark") is None:
+            raise CapfiltError(
+                "--distributor pyspark needs PySpark: pip install pyspark (and Java 17), "
+                "or use --distributor multiprocessing"
+            )
+        if not (os.environ.get("JAVA_HOME") or shutil.which("java")):
+            raise CapfiltError(
+                "--distributor pyspark needs Java (17 or newer) on PATH or in JAVA_HOME; "
+                "install a JDK or use --distributor multiprocessing"
+            )
+    elif distributor == "ray":
+        if importlib.util.find_spec("ray") is None:
+            raise CapfiltError(
+                "--distributor ray needs Ray: pip install ray (and start or join a cluster "
+                "with `ray start`), or use --distributor multiprocessing"
+            )
+
+
+@contextlib.contextmanager
+def _spark_session(processes: int) -> Iterator[None]:
+    """Use the active Spark session, or start a local one with `processes` cores."""
+    from pyspark.sql import SparkSession
+
+    if SparkSession.getActiveSession() is not None:
+        yield
+        return
+    # Spark's Python workers must run this interpreter, which has img2dataset installed.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    spark = (
+        SparkSession.builder.master(f"local[{processes}]")
+        .appName("capfilt-fetch")
+        .config("spark.driver.memory", "2g")
+        .config("spark.ui.enabled", "false")
+        .getOrCreate()
+    )
+    try:
+        yield
+    finally:
+        spark.stop()
+
+
+# --- staging and shards ----------------------------------------------------------------------
+def _shard_of(name: str) -> int | None:
+    stem = name.rsplit("/", 1)[-1].split("_", 1)[0].split(".", 1)[0]
+    return int(stem) if stem.isdigit() else None
+
+
+class _Staging:
+    """img2dataset's output folder; complete shards move from here into images/."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.fs = dataset.fs
+        self.path = dataset.join("images", STAGING)
+        self.moved: set[int] = set()
+        self.stats: dict[int, dict] = {}
+        self.seeded: set[int] = set()
+        self._lock = threading.Lock()
+
+    def url(self) -> str:
+        return self.dataset.url("images", STAGING)
+
+    def prepare(self) -> set[int]:
+        """Adopt shards a killed run finished, then mark every shard of images/ as done."""
+        self.fs.makedirs(self.path, exist_ok=True)
+        self.sweep()
+        done = set(self.dataset.shards("images"))
+        for entry in self.fs.ls(self.path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            shard = _shard_of(name)
+            if name.endswith("_stats.json") and shard not in done:
+                self.fs.rm(entry)  # its parquet is gone from images/: fetch it again
+        for shard in done:
+            stats = self.dataset.stats_path("images", shard)
+            marker = f"{self.path}/{shard:05d}_stats.json"
+            if not self.fs.exists(marker):
+                if self.fs.exists(stats):
+                    self.fs.copy(stats, marker)
+                else:
+                    with self.fs.open(marker, "w") as f:
+                        f.write("{}")
+        self.seeded = done
+        self.moved.clear()
+        return done
+
+    def successes_before(self) -> int:
+        """Successful rows of the shards done before this run, from their stats files."""
+        total = 0
+        for shard in self.seeded:
+            with self.fs.open(f"{self.path}/{shard:05d}_stats.json", "r") as f:
+                total += json.load(f).get("successes", 0)
+        return total
+
+    def sweep(self) -> list[int]:
+        """Move every shard whose stats file exists (so its parquet is closed) into images/."""
+        with self._lock:
+            found = []
+            try:
+                entries = self.fs.ls(self.path, detail=False)
+            except FileNotFoundError:
+                return found
+            names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+            for name in sorted(names):
+                if not name.endswith("_stats.json"):
+                    continue
+                shard = _shard_of(name)
+                parquet = f"{shard:05d}.parquet"
+                if shard is None or shard in self.seeded or shard in self.moved:
+                    continue
+                if parquet not in names:
+                    continue
+                stats_file = f"{self.path}/{name}"
+                with self.fs.open(stats_file, "r") as f:
+                    self.stats[shard] = json.load(f)
+                self.fs.mv(f"{self.path}/{parquet}", self.dataset.shard_path("images", shard))
+                # Copy, not move: img2dataset's logger may still be reading the stats file.
+                self.fs.copy(stats_file, self.dataset.stats_path("images", shard))
+                self.moved.add(shard)
+                found.append(shard)
+            return found
+
+    def remove(self) -> None:
+        if self.fs.exists(self.path):
+            self.fs.rm(self.path, recursive=True)
+
+
+class _Watcher(threading.Thread):
+    """Moves finished shards into images/ while img2dataset runs, and reports progress."""
+
+    def __init__(self, staging: _Staging, total: int, done_before: int, on_progress):
+        super().__init__(daemon=True, name="capfilt-fetch-watcher")
+        self.staging, self.total, self.done_before = staging, total, done_before
+        self.successes_before = staging.successes_before()
+        self.on_progress = on_progress
+        self.stop_event = threading.Event()
+
+    def report(self) -> None:
+        if self.on_progress is None:
+            return
+        stats = self.staging.stats.values()
+        done = self.done_before + sum(s.get("count", 0) for s in stats)
+        successes = self.successes_before + sum(s.get("successes", 0) for s in stats)
+        self.on_progress(min(done, self.total), self.total, successes)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.5):
+            try:
+                if self.staging.sweep():
+                    self.report()
+            except (OSError, ValueError):  # a stats file caught mid-write: the next sweep retries
+                continue
+
+
+def _expected_shards(listing: UrlList, shard_size: int) -> set[int]:
+    """The shard numbers img2dataset gives the list: numbering runs on across its files."""
+    shards, start = set(), 0
+    for rows in listing.rows_per_file:
+        count = math.ceil(rows / shard_size)
+        shards.update(range(start, start + count))
+        start += count
+    return shards
+
+
+def _rows_in_images(dataset: Dataset) -> int:
+    import pyarrow.parquet as pq
+
+    total = 0
+    for shard in dataset.shards("images"):
+        with dataset.fs.open(dataset.shard_path("images", shard), "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _check_resume(dataset: Dataset, listing: UrlList, options: FetchOptions) -> None:
+    """Refuse a re-run whose shards would not line up with the shards already fetched.
+
+    The source is recorded before the download starts, so a run that was killed half-way
+    resumes too.
+    """
+    if options.overwrite or not dataset.has_stage("images"):
+        return
+    source = dataset.read_manifest().get("source") or {}
+    if source.get("kind") != "url_list":
+        raise CapfiltError(
+            f"{dataset.root!r} already has images/ shards that `capfilt fetch` did not "
+            "write; pass --overwrite to replace them, or fetch into a new folder"
+        )
+    before = (source.get("shard_size"), source.get("rows"))
+    now = (options.shard_size, listing.rows)
+    if before != now:
+        raise CapfiltError(
+            f"{dataset.root!r} was fetched with --shard-size {before[0]} from a list of "
+            f"{before[1]} rows, but this run has --shard-size {now[0]} and {now[1]} rows: "
+            "resuming would mix shards. Re-run with the same list and --shard-size, or pass "
+            "--overwrite to fetch again from scratch"
+        )
+
+
+def _describe_source(listing: UrlList, options: FetchOptions, source: dict | None) -> dict:
+    described = {
+        "kind": "url_list",
+        "url_list": listing.source,
+        "format": listing.input_format,
+        "url_col": listing.url_col,
+        "caption_col": listing.caption_col,
+        "extra_columns": listing.extra_columns,
+        "rows": listing.rows,
+        "shard_size": options.shard_size,
+    }
+    if source:
+        described["manifest"] = source
+    return described
+
+
+def _remove_images(dataset: Dataset) -> None:
+    folder = dataset.stage_dir("images")
+    if dataset.fs.exists(folder):
+        dataset.fs.rm(folder, recursive=True)
+
+
+def _download_here(listing: UrlList, staging: _Staging, options: FetchOptions) -> None:
+    """img2dataset's reader and downloader, run in this process.
+
+    With one process, img2dataset's `download()` would still start a worker process and a
+    logger process, each importing img2dataset again (seconds on a laptop, more than the
+    download of a small list); the same reader, downloader and writer run here instead.
+    """
+    from img2dataset.downloader import Downloader
+    from img2dataset.reader import Reader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import ParquetSampleWriter
+
+    tmp_path = f"{staging.path}/_tmp"
+    staging.fs.makedirs(tmp_path, exist_ok=True)
+    done = {_shard_of(p) for p in staging.fs.glob(f"{staging.path}/*_stats.json")}
+    reader = Reader(
+        listing.img2dataset_input(),
+        "parquet",
+        listing.url_col,
+        listing.caption_col,
+        None,
+        None,
+        listing.extra_columns or None,
+        options.shard_size,
+        done,
+        staging.dataset.url("images", STAGING, "_tmp"),
+        0,
+    )
+    resizer = Resizer(
+        image_size=options.image_size,
+        resize_mode=options.resize_mode,
+        resize_only_if_bigger=False,
+        encode_quality=options.encode_quality,
+        min_image_size=options.min_image_size,
+    )
+    downloader = Downloader(
+        sample_writer_class=ParquetSampleWriter,
+        resizer=resizer,
+        thread_count=options.threads,
+        save_caption=listing.caption_col is not None,
+        extract_exif=True,
+        output_folder=staging.url(),
+        column_list=reader.column_list,
+        timeout=options.timeout,
+        number_sample_per_shard=options.shard_size,
+        oom_shard_count=5,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format="jpg",
+        retries=options.retries,
+        user_agent_token=USER_AGENT_TOKEN,
+        disallowed_header_directives=list(options.opt_out_directives) or None,
+    )
+    failed = [shard for ok, shard in map(downloader, reader) if not ok]
+    if failed:  # img2dataset's distributors retry a failed shard once
+        failed = [shard for ok, shard in map(downloader, failed) if not ok]
+    staging.fs.rm(tmp_path, recursive=True)
+
+
+# --- the stage -------------------------------------------------------------------------------
+def fetch(
+    url_list: str,
+    dataset: Dataset | str,
+    options: FetchOptions | None = None,
+    on_progress: ProgressCallback | None = None,
+    source: dict | None = None,
+) -> FetchResult:
+    """Download every row of `url_list` into DATASET/images/ with img2dataset; resume a re-run.
+
+    `source` (e.g. a data manifest's [source] table) is recorded in capfilt.json.
+    """
+    options = options or FetchOptions()
+    dataset = Dataset(dataset) if isinstance(dataset, str) else dataset
+    options.validate()
+    check_distributor(options.distributor)
+    listing = read_url_list(str(url_list), options)
+    try:
+        dataset.ensure_writable()
+        _check_resume(dataset, listing, options)
+        if options.overwrite:
+            _remove_images(dataset)
+        dataset.set_source(_describe_source(listing, options, source))
+        return _download(listing, dataset, options, on_progress)
+    finally:
+        listing.cleanup()
+
+
+def _download(listing, dataset, options, on_progress) -> FetchResult:
+    staging = _Staging(dataset)
+    done_before = staging.prepare()
+    expected = _expected_shards(listing, options.shard_size)
+    rows_before = _rows_in_images(dataset)
+    watcher = _Watcher(staging, listing.rows, rows_before, on_progress)
+    watcher.report()
+    todo = expected - done_before
+    if todo:
+        watcher.start()
+        engine = (
+            _spark_session(options.processes)
+            if options.distributor == "pyspark"
+            else contextlib.nullcontext()
+        )
+        from img2dataset import download
+
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            with engine:
+                if options.processes == 1 and options.distributor == "multiprocessing":
+                    _download_here(listing, staging, options)
+                else:
+                    download(
+                        url_list=listing.img2dataset_input(),
+                        output_folder=staging.url(),
+                        input_format="parquet",
+                        output_format="parquet",
+                        url_col=listing.url_col,
+                        caption_col=listing.caption_col,
+                        save_additional_columns=listing.extra_columns or None,
+                        image_size=options.image_size,
+                        resize_mode=options.resize_mode,
+                        encode_quality=options.encode_quality,
+                        min_image_size=options.min_image_size,
+                        processes_count=options.processes,
+                        thread_count=options.threads,
+                        timeout=options.timeout,
+                        retries=options.retries,
+                        distributor=options.distributor,
+                        number_sample_per_shard=options.shard_size,
+                        incremental_mode="incremental",
+                        user_agent_token=USER_AGENT_TOKEN,
+                        # img2dataset reads an empty list as "respect nothing".
+                        disallowed_header_directives=list(options.opt_out_directives),
+                        compute_hash="sha256",
+                        enable_wandb=False,
+                    )
+        finally:
+            # img2dataset installs a SIGINT handler that exits with status 0; put ours back.
+            signal.signal(signal.SIGINT, sigint)
+            watcher.stop_event.set()
+            watcher.join()
+    staging.sweep()
+    staging.remove()
+    watcher.report()
+
+    present = set(dataset.shards("images"))
+    done_now = sorted(staging.moved)
+    counts = Counter()
+    errors = Counter()
+    for shard in done_now:
+        stats = staging.stats[shard]
+        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            counts[key] += stats.get(key, 0)
+        for message, n in stats.get("status_dict", {}).items():
+            if message != "success":
+                errors[message] += n
+    counts = {
+        k: counts[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")
+    }
+    result = FetchResult(
+        dataset=dataset.root,
+        rows_in_list=listing.rows,
+        rows_in_images=_rows_in_images(dataset),
+        shards_done_now=done_now,
+        shards_skipped=sorted(done_before & expected),
+        shards_missing=sorted(expected - present),
+        counts=counts,
+        errors=dict(errors.most_common()),
+        skipped_columns=listing.skipped_columns,
+    )
+    _record(dataset, listing, options, result)
+    return result
+
+
+def _record(dataset, listing: UrlList, options: FetchOptions, result: FetchResult):
+    recorded = asdict(options)
+    recorded["opt_out_directives"] = list(options.opt_out_directives)
+    counts = {
+        **result.counts,
+        "rows_in_list": result.rows_in_list,
+        "rows_in_images": result.rows_in_images,
+        "shards_done": len(result.shards_done_now),
+        "shards_skipped": len(result.shards_skipped),
+        "shards_missing": len(result.shards_missing),
+    }
+    dataset.record_run(
+        "fetch",
+        recorded,
+        counts,
+        command=f"capfilt fetch {listing.source} {dataset.root}",
+        user_agent_token=USER_AGENT_TOKEN,
+        errors=dict(list(result.errors.items())[:20]),
+    )
+
+
+# --- quieting img2dataset --------------------------------------------------------------------
+@contextlib.contextmanager
+def library_output_to(log_path: str | os.PathLike) -> Iterator[object]:
+    """Send everything written to file descriptors 1 and 2 (img2dataset, its worker processes,
+    Spark) to `log_path`; yield a text stream that still reaches the user's terminal.
+    """
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        fileno = None  # stdout is not a file (a test runner's buffer): it stays reachable
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    terminal = None
+    try:
+        with open(log_path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        if fileno == 1:
+            terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding="utf-8")
+            yield terminal
+        else:
+            yield sys.stdout
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if terminal is not None:
+            terminal.close()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
+def new_log_path(stage: str) -> str:
+    """A local file for the output of the libraries a stage runs."""
+    handle, path = tempfile.mkstemp(prefix=f"capfilt-{stage}-", suffix=".log")
+    os.close(handle)
+    return path
+
+
+__all__ = [
+    "FetchOptions",
+    "FetchResult",
+    "UrlList",
+    "fetch",
+    "library_output_to",
+    "load_manifest",
+    "new_log_path",
+    "options_from_manifest",
+    "read_url_list",
+]
