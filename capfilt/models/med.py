@@ -1,0 +1,506 @@
+"""The MED model of BLIP (arXiv 2201.12086) in one file: config, modules, losses.
+
+MED = a ViT image encoder + a BERT text encoder that runs unimodal (ITC) or image-grounded
+through cross-attention (ITM) + a text decoder (LM) that shares every parameter with the text
+encoder except self-attention. It is built from transformers' BLIP modules, so its weights
+load from and export to `BlipForConditionalGeneration` (captioner) and
+`BlipForImageTextRetrieval` (filter) checkpoints by plain `load_state_dict`.
+
+Shapes: B batch, T text tokens, P = 1 + image patches, D text width, V vision width,
+E = `embed_dim` (the ITC space), Q = `queue_size`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capfilt.models.tiny import TINY_TEXT, TINY_VISION
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+# BlipVisionConfig's default initializer_range (1e-10) suits loading released weights only:
+# trained from scratch, every image would start with the same features.
+VIT_B16 = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=224,
+    patch_size=16,
+    initializer_range=0.02,
+)
+VIT_L16 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=224,
+    patch_size=16,
+    initializer_range=0.02,
+)
+BERT_BASE = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=512,
+)
+
+# At width 64, BERT's init (std 0.02) leaves every [CLS] feature of the tiny model nearly
+# the same vector: a saddle where ITC and ITM have almost no gradient for hundreds of steps.
+# An init closer to 1/sqrt(width) lets toy runs learn at once.
+TINY_INIT = 0.2
+
+# Pretraining runs at 224 px as in the paper; the queue of the tiny preset is small so that
+# toy runs see their own features in it instead of random initial vectors.
+PRESETS = {
+    "tiny": dict(
+        vision=dict(TINY_VISION, initializer_range=TINY_INIT),
+        text=dict(TINY_TEXT, initializer_range=TINY_INIT),
+        queue_size=64,
+    ),
+    "base": dict(vision=VIT_B16, text=BERT_BASE, queue_size=57600),
+    "large": dict(vision=VIT_L16, text=BERT_BASE, queue_size=57600),
+}
+
+
+@dataclass(frozen=True)
+class MEDConfig:
+    """Everything needed to rebuild a MED model; stored in every checkpoint as JSON."""
+
+    vision: dict  # BlipVisionConfig fields
+    text: dict  # BlipTextConfig fields, vocabulary and special-token ids included
+    enc_token_id: int  # [ENC], the first token of image-grounded encoding (ITM)
+    embed_dim: int = 256  # ITC projection size
+    queue_size: int = 57600
+    momentum: float = 0.995
+    alpha: float = 0.4  # weight of the momentum-distilled targets in ITC
+    temp: float = 0.07  # initial ITC temperature, learned within [0.001, 0.5]
+    label_smoothing: float = 0.1  # LM loss
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vision["image_size"])
+
+    @property
+    def bos_token_id(self) -> int:  # [DEC]
+        return int(self.text["bos_token_id"])
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.text["pad_token_id"])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MEDConfig:
+        return cls(**data)
+
+    def blip_config(self):
+        """The transformers BlipConfig of the captioner and filter this model exports to."""
+        from transformers import BlipConfig
+
+        text = dict(self.text, label_smoothing=self.label_smoothing)
+        return BlipConfig(
+            text_config=text,
+            vision_config=dict(self.vision),
+            projection_dim=self.embed_dim,
+            image_text_hidden_size=self.embed_dim,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+def med_config(preset: str, tokenizer, **overrides) -> MEDConfig:
+    """A MEDConfig of a preset (`tiny`, `base`, `large`) whose vocabulary matches `tokenizer`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    vision = dict(spec["vision"])
+    text = dict(spec["text"], **text_special_ids(tokenizer))
+    text["encoder_hidden_size"] = vision["hidden_size"]
+    overrides.setdefault("queue_size", spec["queue_size"])
+    return MEDConfig(vision=vision, text=text, enc_token_id=enc_token_id(tokenizer), **overrides)
+
+
+def med_config_from_blip(blip_config, tokenizer, **overrides) -> MEDConfig:
+    """The MEDConfig matching a transformers BlipConfig (of a captioner or a filter)."""
+    vision_keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "hidden_act",
+        "layer_norm_eps",
+    )
+    text_keys = (
+        "vocab_size",
+        "hidden_size",
+        "encoder_hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+        "bos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "eos_token_id",
+    )
+    vision = {k: getattr(blip_config.vision_config, k) for k in vision_keys}
+    text = {k: getattr(blip_config.text_config, k) for k in text_keys}
+    overrides.setdefault("embed_dim", blip_config.image_text_hidden_size)
+    return MEDConfig(vision=vision, text=text, enc_token_id=enc_token_id(tokenizer), **overrides)
+
+
+def text_special_ids(tokenizer) -> dict:
+    """BlipTextConfig fields that must agree with the tokenizer: [DEC] is the decoder's BOS."""
+    dec = tokenizer.convert_tokens_to_ids("[DEC]")
+    if dec is None or dec == tokenizer.unk_token_id:
+        raise ValueError("the tokenizer has no [DEC] token; BLIP's decoder needs it as BOS")
+    return dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=dec,
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+    )
+
+
+def enc_token_id(tokenizer) -> int:
+    enc = tokenizer.convert_tokens_to_ids("[ENC]")
+    if enc is None or enc == tokenizer.unk_token_id:
+        raise ValueError("the tokenizer has no [ENC] token; BLIP's ITM needs it")
+    return int(enc)
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers
+
+
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every process (no gradient); itself when not distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor):
+    """For each text an image, for each image a text, drawn in proportion to softmax(ITC
+    similarity) among the batch's other pairs (the own pair has weight 0).
+
+    `sim_i2t` and `sim_t2i` are (B, B): similarities within the batch. Returns
+    (neg_image, neg_text), each (B,) indices into the batch.
+    """
+    weights_t2i = F.softmax(sim_t2i.float(), dim=1) + 1e-4  # (B, B); + ε: never all zero
+    weights_t2i.fill_diagonal_(0)
+    weights_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4  # (B, B)
+    weights_i2t.fill_diagonal_(0)
+    neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,) an image for each text
+    neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)  # (B,) a text for each image
+    return neg_image, neg_text
+
+
+def tie_encoder_decoder(encoder: nn.Module, decoder: nn.Module) -> None:
+    """Make `decoder` use the encoder's modules everywhere but in self-attention (real tying).
+
+    Both are BlipTextModel; the decoder keeps only `encoder.layer[i].attention` (self-attention
+    with its output projection and LayerNorm) of its own, as in BLIP.
+    """
+    decoder.embeddings = encoder.embeddings
+    for enc_layer, dec_layer in zip(encoder.encoder.layer, decoder.encoder.layer, strict=True):
+        dec_layer.crossattention = enc_layer.crossattention
+        dec_layer.intermediate = enc_layer.intermediate
+        dec_layer.output = enc_layer.output
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class MED(nn.Module):
+    """BLIP's multimodal mixture of encoder-decoder, with ITC, ITM and LM losses."""
+
+    def __init__(self, config: MEDConfig):
+        super().__init__()
+        from transformers import BlipTextConfig, BlipVisionConfig
+        from transformers.models.blip.modeling_blip import BlipVisionModel
+        from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
+
+        self.config = config
+        text_config = BlipTextConfig(**config.text, label_smoothing=config.label_smoothing)
+        vision_config = BlipVisionConfig(**config.vision)
+        width = text_config.hidden_size
+
+        self.vision_model = BlipVisionModel(vision_config)
+        self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
+        self.text_decoder = BlipTextLMHeadModel(text_config)
+        tie_encoder_decoder(self.text_encoder, self.text_decoder.bert)
+        # The LM head's output matrix is the (now shared) word embedding matrix, as in BERT.
+        self.text_decoder.cls.predictions.decoder.weight = (
+            self.text_encoder.embeddings.word_embeddings.weight
+        )
+        self.vision_proj = nn.Linear(vision_config.hidden_size, config.embed_dim)
+        self.text_proj = nn.Linear(width, config.embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        self.temp = nn.Parameter(torch.tensor(float(config.temp)))
+
+        # Momentum encoders: exponential moving averages of the unimodal encoders, never trained
+        # by gradients; their features fill the queues and make ITC's soft targets.
+        self.vision_model_m = copy.deepcopy(self.vision_model)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+
+        self.register_buffer(
+            "image_queue", F.normalize(torch.randn(config.embed_dim, config.queue_size), dim=0)
+        )  # (E, Q)
+        self.register_buffer(
+            "text_queue", F.normalize(torch.randn(config.embed_dim, config.queue_size), dim=0)
+        )  # (E, Q)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # momentum encoders ------------------------------------------------------------------------
+    def model_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.vision_model, self.vision_model_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    def momentum_parameters(self):
+        for _, momentum in self.model_pairs():
+            yield from momentum.parameters()
+
+    @torch.no_grad()
+    def copy_to_momentum(self) -> None:
+        """Set the momentum encoders equal to the online ones (after loading weights)."""
+        for online, momentum in self.model_pairs():
+            for p, p_m in zip(online.parameters(), momentum.parameters(), strict=True):
+                p_m.copy_(p)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """p_m ← m·p_m + (1 − m)·p for every momentum parameter."""
+        m = self.config.momentum
+        for online, momentum in self.model_pairs():
+            for p, p_m in zip(online.parameters(), momentum.parameters(), strict=True):
+                p_m.mul_(m).add_(p.detach(), alpha=1.0 - m)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        """Write the features of every process's batch into the queues, wrapping around."""
+        image_feat = concat_all_gather(image_feat)  # (B_all, E)
+        text_feat = concat_all_gather(text_feat)  # (B_all, E)
+        size = self.config.queue_size
+        n = min(image_feat.shape[0], size)
+        image_feat, text_feat = image_feat[-n:], text_feat[-n:]
+        ptr = int(self.queue_ptr)
+        slots = (ptr + torch.arange(n, device=self.image_queue.device)) % size
+        self.image_queue[:, slots] = image_feat.T.to(self.image_queue.dtype)
+        self.text_queue[:, slots] = text_feat.T.to(self.text_queue.dtype)
+        self.queue_ptr[0] = (ptr + n) % size
+
+    # encoders -------------------------------------------------------------------------------
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state  # (B, P, V)
+
+    def text_embeds(self, input_ids, attention_mask, encoder=None) -> torch.Tensor:
+        encoder = encoder or self.text_encoder
+        return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def grounded_cls(self, input_ids, attention_mask, image_embeds) -> torch.Tensor:
+        """Image-grounded text encoding ([ENC] first, cross-attention on); first token's state."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.config.enc_token_id
+        image_atts = torch.ones(
+            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
+        )  # (B, P)
+        out = self.text_encoder(
+            input_ids=ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+        )
+        return out.last_hidden_state[:, 0, :]  # (B, D)
+
+    def itm_logits(self, pixel_values, input_ids, attention_mask) -> torch.Tensor:
+        """(B, 2) image-text matching logits; column 1 is 'matches'."""
+        return self.itm_head(
+            self.grounded_cls(input_ids, attention_mask, self.image_embeds(pixel_values))
+        )
+
+    # losses ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values,
+        input_ids,
+        attention_mask,
+        alpha: float | None = None,
+        losses: tuple[str, ...] = ("itc", "itm", "lm"),
+        prompt_length: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """The requested loss terms (`itc`, `itm`, `lm`) of one batch, as a dict of scalars.
+
+        `input_ids` start with [CLS] (the tokenizer's usual output); ITM swaps in [ENC] and LM
+        [DEC]. `alpha` overrides the config's ITC distillation weight (BLIP ramps it in).
+        With `itc` the momentum encoders are updated and the queues advance.
+        """
+        alpha = self.config.alpha if alpha is None else alpha
+        image_embeds = self.image_embeds(pixel_values)  # (B, P, V)
+        out: dict[str, torch.Tensor] = {}
+        sim_i2t = sim_t2i = None
+        if "itc" in losses or "itm" in losses:
+            out_itc, sim_i2t, sim_t2i = self._itc(
+                pixel_values, image_embeds, input_ids, attention_mask, alpha
+            )
+            if "itc" in losses:
+                out["itc"] = out_itc
+        if "itm" in losses:
+            out["itm"] = self._itm(image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i)
+        if "lm" in losses:
+            out["lm"] = self._lm(image_embeds, input_ids, attention_mask, prompt_length)
+        return out
+
+    def _itc(self, pixel_values, image_embeds, input_ids, attention_mask, alpha):
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)  # (B, E)
+        text_cls = self.text_embeds(input_ids, attention_mask)[:, 0, :]  # (B, D)
+        text_feat = F.normalize(self.text_proj(text_cls), dim=-1)  # (B, E)
+
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m = self.vision_model_m(pixel_values=pixel_values).last_hidden_state
+            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+            text_m = self.text_embeds(input_ids, attention_mask, self.text_encoder_m)[:, 0, :]
+            text_feat_m = F.normalize(self.text_proj_m(text_m), dim=-1)  # (B, E)
+            # The batch's own momentum features first, then the queue: (E, B + Q).
+            image_feat_all = torch.cat([image_feat_m.T, self.image_queue.clone().detach()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.T, self.text_queue.clone().detach()], dim=1)
+
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp  # (B, B + Q)
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp  # (B, B + Q)
+            one_hot = torch.zeros_like(sim_i2t_m)
+            one_hot.fill_diagonal_(1)
+            i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * one_hot
+            t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * one_hot
+
+        sim_i2t = image_feat @ text_feat_all.to(image_feat.dtype) / self.temp  # (B, B + Q)
+        sim_t2i = text_feat @ image_feat_all.to(text_feat.dtype) / self.temp  # (B, B + Q)
+        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * i2t_targets).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t2i_targets).sum(dim=1).mean()
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m)
+        return (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i
+
+    def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i):
+        batch = input_ids.shape[0]
+        neg_image, neg_text = sample_hard_negatives(sim_i2t[:, :batch], sim_t2i[:, :batch])
+        ids_all = torch.cat([input_ids, input_ids, input_ids[neg_text]], dim=0)  # (3B, T)
+        atts_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
+        images_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
+        vl = self.grounded_cls(ids_all, atts_all, images_all)  # (3B, D)
+        logits = self.itm_head(vl)  # (3B, 2)
+        labels = torch.cat(
+            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
+        ).to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+    def _lm(self, image_embeds, input_ids, attention_mask, prompt_length: int):
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.config.bos_token_id
+        targets = decoder_ids.masked_fill(decoder_ids == self.config.pad_token_id, -100)
+        if prompt_length:
+            targets[:, :prompt_length] = -100
+        logits = self.text_decoder(
+            input_ids=decoder_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            return_logits=True,
+        )  # (B, T-1, vocab): predicts tokens 1..T-1
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets[:, 1:].reshape(-1),
+            ignore_index=-100,
+            label_smoothing=self.config.label_smoothing,
+        )
+
+    # weights to and from Hugging Face BLIP ----------------------------------------------------
+    def decoder_own_keys(self) -> list[str]:
+        """State-dict keys of `text_decoder` that are not shared with the encoder."""
+        return [
+            k
+            for k in self.text_decoder.state_dict()
+            if ".attention." in k or (k.startswith("cls.") and "decoder.weight" not in k)
+        ]
+
+    @torch.no_grad()
+    def load_blip(self, captioner=None, filter=None) -> None:
+        """Copy weights from HF BLIP models (either or both), then reset the momentum encoders.
+
+        MED has one image encoder and one set of shared text weights: the filter
+        (BlipForImageTextRetrieval) supplies them when given, the captioner
+        (BlipForConditionalGeneration) supplies the decoder's self-attention and LM head.
+        A missing side's self-attention starts as a copy of the other's, as both started from
+        BERT's in BLIP.
+        """
+        if captioner is None and filter is None:
+            raise ValueError("load_blip needs a captioner, a filter or both")
+        if filter is not None:
+            self.vision_model.load_state_dict(filter.vision_model.state_dict())
+            self.text_encoder.load_state_dict(filter.text_encoder.state_dict())
+            self.vision_proj.load_state_dict(filter.vision_proj.state_dict())
+            self.text_proj.load_state_dict(filter.text_proj.state_dict())
+            self.itm_head.load_state_dict(filter.itm_head.state_dict())
+        if captioner is not None:
+            source = captioner.text_decoder.state_dict()
+            if filter is None:
+                self.vision_model.load_state_dict(captioner.vision_model.state_dict())
+                self.text_decoder.load_state_dict(source)
+            else:
+                own = {k: source[k] for k in self.decoder_own_keys()}
+                self.text_decoder.load_state_dict(own, strict=False)
+        for enc_layer, dec_layer in zip(
+            self.text_encoder.encoder.layer, self.text_decoder.bert.encoder.layer, strict=True
+        ):
+            if captioner is None:
+                dec_layer.attention.load_state_dict(enc_layer.attention.state_dict())
+            elif filter is None:
+                enc_layer.attention.load_state_dict(dec_layer.attention.state_dict())
+        self.copy_to_momentum()
+
+    @torch.no_grad()
+    def to_blip(self, kind: str):
+        """A transformers BlipForConditionalGeneration ('captioner') or BlipForImageTextRetrieval
+        ('filter') holding copies of this model's weights."""
+        from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+        config = self.config.blip_config()
+        if kind == "captioner":
+            model = BlipForConditionalGeneration(config)
+            model.vision_model.load_state_dict(self.vision_model.state_dict())
+            model.text_decoder.load_state_dict(self.text_decoder.state_dict())
+        elif kind == "filter":
+            model = BlipForImageTextRetrieval(config)
+            for name in ("vision_model", "text_encoder", "vision_proj", "text_proj", "itm_head"):
+                getattr(model, name).load_state_dict(getattr(self, name).state_dict())
+        else:
+            raise ValueError(f"kind must be 'captioner' or 'filter', not {kind!r}")
+        return model.eval()

@@ -1,0 +1,229 @@
+"""The MED model: parameter sharing, momentum encoders, queues, and the three losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import COLORS, SHAPES, draw_scene
+
+from capfilt.models.med import MED, med_config, sample_hard_negatives
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread; more only contend with parallel test workers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_med(tokenizer, seed: int = 0, **overrides) -> MED:
+    torch.manual_seed(seed)
+    return MED(med_config("tiny", tokenizer, **overrides))
+
+
+def toy_batch(tokenizer, n: int = 8, seed: int = 0):
+    """n random toy scenes with their true captions, as MED inputs."""
+    import random
+
+    rng = random.Random(seed)
+    return scene_batch(
+        tokenizer, [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(n)]
+    )
+
+
+def scene_batch(tokenizer, scenes, size: int = 64):
+    from capfilt.train import to_pixels
+
+    pixels = torch.stack([to_pixels(draw_scene(c, s, size=size)) for c, s in scenes])
+    tokens = tokenizer([f"a {c} {s}" for c, s in scenes], padding="longest", return_tensors="pt")
+    return pixels, tokens["input_ids"], tokens["attention_mask"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return tiny_med(tiny_tokenizer, queue_size=16)
+
+
+def test_decoder_shares_every_parameter_but_self_attention(model):
+    encoder, decoder = model.text_encoder, model.text_decoder.bert
+    assert decoder.embeddings.word_embeddings.weight is encoder.embeddings.word_embeddings.weight
+    assert (
+        decoder.embeddings.position_embeddings.weight
+        is encoder.embeddings.position_embeddings.weight
+    )
+    # The LM head's output matrix is the shared word-embedding matrix.
+    assert (
+        model.text_decoder.cls.predictions.decoder.weight
+        is encoder.embeddings.word_embeddings.weight
+    )
+    for enc_layer, dec_layer in zip(encoder.encoder.layer, decoder.encoder.layer, strict=True):
+        for name in ("crossattention", "intermediate", "output"):
+            enc_params = list(getattr(enc_layer, name).parameters())
+            dec_params = list(getattr(dec_layer, name).parameters())
+            assert enc_params and all(a is b for a, b in zip(enc_params, dec_params, strict=True))
+        enc_self = set(map(id, enc_layer.attention.parameters()))
+        dec_self = set(map(id, dec_layer.attention.parameters()))
+        assert enc_self and not enc_self & dec_self
+
+    # The only decoder tensors not also in the encoder: self-attention and the LM head transform.
+    encoder_ids = {id(p) for p in encoder.parameters()}
+    own = [n for n, p in model.text_decoder.named_parameters() if id(p) not in encoder_ids]
+    assert own and all(".attention." in n or n.startswith("cls.predictions.") for n in own)
+
+
+def test_sharing_survives_a_gradient_step(tiny_tokenizer):
+    med = tiny_med(tiny_tokenizer, queue_size=16)
+    pixels, ids, mask = toy_batch(tiny_tokenizer, 4)
+    opt = torch.optim.SGD([p for p in med.parameters() if p.requires_grad], lr=0.1)
+    sum(med(pixels, ids, mask, losses=("lm",)).values()).backward()
+    before = med.text_encoder.encoder.layer[0].intermediate.dense.weight.clone()
+    opt.step()
+    # An LM-only step moves the shared FFN, and the encoder sees the move (same tensor).
+    after = med.text_encoder.encoder.layer[0].intermediate.dense.weight
+    assert not torch.equal(before, after)
+    assert after is med.text_decoder.bert.encoder.layer[0].intermediate.dense.weight
+
+
+def test_momentum_update_formula(tiny_tokenizer):
+    med = tiny_med(tiny_tokenizer, queue_size=16)
+    with torch.no_grad():
+        for p in med.vision_proj.parameters():
+            p.add_(1.0)  # online and momentum differ now
+    online = [p.clone() for p in med.vision_proj.parameters()]
+    momentum = [p.clone() for p in med.vision_proj_m.parameters()]
+    med.momentum_update()
+    m = med.config.momentum
+    assert m == 0.995
+    for p, p_m, new in zip(online, momentum, med.vision_proj_m.parameters(), strict=True):
+        torch.testing.assert_close(new, m * p_m + (1 - m) * p)
+        assert not new.requires_grad
+
+
+def test_queue_pointer_wraps_and_holds_the_enqueued_features(tiny_tokenizer):
+    med = tiny_med(tiny_tokenizer, queue_size=6)
+    first = torch.nn.functional.normalize(torch.randn(4, 256), dim=1)
+    second = torch.nn.functional.normalize(torch.randn(4, 256), dim=1)
+    med.dequeue_and_enqueue(first, -first)
+    assert int(med.queue_ptr) == 4
+    torch.testing.assert_close(med.image_queue[:, :4], first.T)
+    torch.testing.assert_close(med.text_queue[:, :4], -first.T)
+    med.dequeue_and_enqueue(second, -second)
+    assert int(med.queue_ptr) == 2  # 4 + 4 wraps around a queue of 6
+    torch.testing.assert_close(med.image_queue[:, [4, 5, 0, 1]], second.T)
+    torch.testing.assert_close(med.image_queue[:, [2, 3]], first[2:].T)  # not yet overwritten
+
+
+def test_forward_advances_the_queue_with_momentum_features(tiny_tokenizer):
+    med = tiny_med(tiny_tokenizer, queue_size=16)
+    pixels, ids, mask = toy_batch(tiny_tokenizer, 4)
+    med(pixels, ids, mask, losses=("itc",))
+    assert int(med.queue_ptr) == 4
+    with torch.no_grad():
+        embeds = med.vision_model_m(pixel_values=pixels).last_hidden_state
+        expected = torch.nn.functional.normalize(med.vision_proj_m(embeds[:, 0]), dim=-1)
+    torch.testing.assert_close(med.image_queue[:, :4], expected.T, atol=1e-5, rtol=1e-4)
+
+
+def test_temperature_is_clamped(tiny_tokenizer):
+    med = tiny_med(tiny_tokenizer, queue_size=16)
+    assert med.temp.item() == pytest.approx(0.07)
+    with torch.no_grad():
+        med.temp.fill_(2.0)
+    med(*toy_batch(tiny_tokenizer, 2), losses=("itc",))
+    assert med.temp.item() == pytest.approx(0.5)
+
+
+def test_hard_negatives_are_never_the_pair_itself_and_follow_similarity():
+    torch.manual_seed(0)
+    batch = 5
+    # Text i is most similar to image (i + 1) % B, apart from its own image.
+    sim = torch.full((batch, batch), -10.0)
+    sim.fill_diagonal_(10.0)
+    for i in range(batch):
+        sim[i, (i + 1) % batch] = 9.0
+    hits = 0
+    for _ in range(50):
+        neg_image, neg_text = sample_hard_negatives(sim, sim)
+        assert (neg_image != torch.arange(batch)).all() and (neg_text != torch.arange(batch)).all()
+        hits += int((neg_image == (torch.arange(batch) + 1) % batch).sum())
+    assert hits > 0.9 * 50 * batch
+
+
+def test_itm_reads_enc_and_lm_starts_from_dec(tiny_tokenizer, monkeypatch):
+    med = tiny_med(tiny_tokenizer, queue_size=16)
+    seen = {"encoder": [], "decoder": []}
+    encoder_forward, decoder_forward = med.text_encoder.forward, med.text_decoder.forward
+
+    def spy_encoder(*args, **kwargs):
+        if kwargs.get("encoder_hidden_states") is not None:
+            seen["encoder"].append(kwargs["input_ids"][:, 0].clone())
+        return encoder_forward(*args, **kwargs)
+
+    def spy_decoder(*args, **kwargs):
+        seen["decoder"].append(kwargs["input_ids"][:, 0].clone())
+        return decoder_forward(*args, **kwargs)
+
+    monkeypatch.setattr(med.text_encoder, "forward", spy_encoder)
+    monkeypatch.setattr(med.text_decoder, "forward", spy_decoder)
+    pixels, ids, mask = toy_batch(tiny_tokenizer, 4)
+    assert (ids[:, 0] == tiny_tokenizer.cls_token_id).all()
+    med(pixels, ids, mask)
+    enc_id = tiny_tokenizer.convert_tokens_to_ids("[ENC]")
+    dec_id = tiny_tokenizer.convert_tokens_to_ids("[DEC]")
+    assert seen["encoder"] and all((first == enc_id).all() for first in seen["encoder"])
+    assert seen["decoder"] and all((first == dec_id).all() for first in seen["decoder"])
+    assert (ids[:, 0] == tiny_tokenizer.cls_token_id).all()  # the caller's ids are untouched
+
+
+def test_lm_loss_smooths_labels_and_ignores_padding_and_prompt(tiny_tokenizer):
+    med = tiny_med(tiny_tokenizer, queue_size=16).eval()
+    pixels, ids, mask = toy_batch(tiny_tokenizer, 3)
+    loss = med(pixels, ids, mask, losses=("lm",))["lm"]
+
+    # The reference: transformers' own BLIP decoder loss (label smoothing 0.1, -100 ignored).
+    decoder_ids = ids.clone()
+    decoder_ids[:, 0] = tiny_tokenizer.convert_tokens_to_ids("[DEC]")
+    labels = decoder_ids.masked_fill(decoder_ids == tiny_tokenizer.pad_token_id, -100)
+    embeds = med.vision_model(pixel_values=pixels).last_hidden_state
+    reference = med.text_decoder(
+        input_ids=decoder_ids, attention_mask=mask, encoder_hidden_states=embeds, labels=labels
+    ).loss
+    assert med.text_decoder.label_smoothing == 0.1
+    torch.testing.assert_close(loss, reference)
+
+    # Extra padding changes nothing: padded positions carry no loss.
+    pad = torch.full((3, 4), tiny_tokenizer.pad_token_id)
+    padded = med(
+        pixels,
+        torch.cat([ids, pad], 1),
+        torch.cat([mask, torch.zeros_like(pad)], 1),
+        losses=("lm",),
+    )["lm"]
+    torch.testing.assert_close(padded, loss, atol=1e-5, rtol=1e-5)
+
+    # With the prompt ignored, only later tokens count: the loss moves.
+    prompted = med(pixels, ids, mask, losses=("lm",), prompt_length=2)["lm"]
+    assert not torch.isclose(prompted, loss)
+
+
+def test_each_loss_is_finite_and_falls_on_toy_data(tiny_tokenizer):
+    # Two batches of six different scenes each, so that the queue (one batch long) never
+    # holds a copy of a positive pair as a negative.
+    scenes = [(c, s) for c in COLORS for s in SHAPES]
+    med = tiny_med(tiny_tokenizer, seed=1, queue_size=6)
+    batches = [scene_batch(tiny_tokenizer, scenes[:6]), scene_batch(tiny_tokenizer, scenes[6:])]
+    optimizer = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], lr=2e-3)
+    history = []
+    for step in range(24):
+        terms = med(*batches[step % 2], alpha=0.4)
+        assert all(torch.isfinite(v) for v in terms.values())
+        sum(terms.values()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append({k: v.item() for k, v in terms.items()})
+    for name in ("itc", "itm", "lm"):
+        first = sum(h[name] for h in history[:4]) / 4
+        last = sum(h[name] for h in history[-4:]) / 4
+        assert last < 0.9 * first, f"{name} did not fall: {first:.3f} → {last:.3f}"

@@ -1,0 +1,388 @@
+"""pretrain/finetune: data, schedule, checkpoints, resume, and a 2-process Accelerate run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_images_dataset
+
+from capfilt.errors import CapfiltError
+from capfilt.io import CURATED_SCHEMA, rows_to_table
+from capfilt.layout import Dataset
+from capfilt.train import (
+    PairDataset,
+    TrainConfig,
+    itc_alpha,
+    latest_checkpoint,
+    learning_rate,
+    load_pairs,
+    load_run,
+    read_log,
+    read_metadata,
+    save_checkpoint,
+    train,
+)
+
+# A toy pretraining run: 20 usable pairs, batches of 4 → 5 batches per epoch, so the
+# checkpoint at step 3 is in the middle of epoch 0 and the one at step 6 in epoch 1.
+TOY = dict(
+    preset="tiny",
+    vocab_size=200,
+    batch_size=4,
+    max_steps=8,
+    save_every=3,
+    keep_last=3,
+    queue_size=16,
+    lr=1e-3,
+    warmup_steps=2,
+    num_workers=0,
+    progress=False,
+    seed=7,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train") / "ds"
+    write_images_dataset(root, n_shards=2, per_shard=12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight_run(toy_dataset, tmp_path_factory):
+    """8 uninterrupted steps, checkpoints at 3, 6 and 8."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    result = train(TrainConfig(datasets=(str(toy_dataset),), out=str(out), **TOY))
+    return out, result
+
+
+# --- schedule ----------------------------------------------------------------------------
+def test_learning_rate_warms_up_then_decays_to_the_minimum():
+    lr = [
+        learning_rate(
+            s, base_lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10, total_steps=110
+        )
+        for s in range(111)
+    ]
+    assert lr[0] == pytest.approx(1e-6)
+    assert all(a < b for a, b in zip(lr[:10], lr[1:11], strict=False))  # warm-up rises
+    assert lr[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:], strict=False))  # cosine falls
+    assert lr[60] == pytest.approx((1e-3 + 1e-5) / 2)  # half way down at half the decay
+    assert lr[110] == pytest.approx(1e-5)
+
+
+def test_itc_alpha_ramps_in_over_the_first_epoch():
+    assert itc_alpha(0.4, 0, 0, 100) == 0.0
+    assert itc_alpha(0.4, 0, 50, 100) == pytest.approx(0.2)
+    assert itc_alpha(0.4, 0, 100, 100) == pytest.approx(0.4)
+    assert itc_alpha(0.4, 1, 0, 100) == pytest.approx(0.4)
+
+
+# --- data --------------------------------------------------------------------------------
+def test_curated_pairs_join_their_images_and_skips_are_counted(tmp_path):
+    root = tmp_path / "ds"
+    truths = write_images_dataset(root, n_shards=1, per_shard=6)
+    (k0, c0), (k1, _) = truths[0], truths[1]
+    failed_key = "000000004"  # every 5th row is a failed download
+    rows = [
+        dict(key=k0, text_id=0, source="web", text=c0, itm_score=0.9),
+        dict(key=k0, text_id=1, source="synthetic", text="A RED thing!", itm_score=0.8),
+        dict(key=k1, text_id=1, source="synthetic", text="another", itm_score=0.7),
+        dict(key=failed_key, text_id=0, source="web", text="lost", itm_score=0.9),
+        dict(key="nope", text_id=0, source="web", text="orphan", itm_score=0.9),
+    ]
+    Dataset(str(root)).write_shard("curated", 0, rows_to_table(rows, CURATED_SCHEMA))
+
+    pairs = load_pairs((str(root),))
+    assert pairs.keys == [k0, k0, k1]
+    assert pairs.texts[1] == "a red thing"  # BLIP's pre_caption: lower case, no punctuation
+    # Both texts of k0 point at the same image bytes, the ones stored for k0.
+    images = Dataset(str(root)).read_shard("images", 0, ["key", "jpg"]).to_pylist()
+    jpg = {r["key"]: r["jpg"] for r in images}
+    assert pairs.image_index[0] == pairs.image_index[1]
+    assert pairs.images[pairs.image_index[2]] == jpg[k1]
+    assert pairs.skipped == {"image not downloaded": 1, "no image with this key": 1}
+
+    synthetic = load_pairs((str(root),), source="synthetic")
+    assert synthetic.keys == [k0, k1]
+
+
+def test_unfiltered_datasets_train_on_web_captions(tmp_path):
+    root = tmp_path / "ds"
+    truths = write_images_dataset(root, n_shards=2, per_shard=5, bad_keys=("000010001",))
+    pairs = load_pairs((str(root), str(root)))  # the same dataset twice: twice the pairs
+    ok = [(k, c) for k, c in truths if k != "000010001"]
+    assert list(zip(pairs.keys, pairs.texts, strict=False)) == ok + ok
+    assert pairs.skipped == {"image not downloaded": 4, "image not decodable": 2}
+    with pytest.raises(CapfiltError, match="capfilt caption"):
+        load_pairs((str(root),), source="synthetic")
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_example(toy_dataset):
+    pairs = load_pairs((str(toy_dataset),))
+    data = PairDataset(pairs, 64, seed=1)
+    first, text = data[3]
+    assert first.shape == (3, 64, 64) and text == pairs.texts[3]
+    assert torch.equal(data[3][0], first)
+    data.set_epoch(1)
+    assert not torch.equal(data[3][0], first)
+    plain = PairDataset(pairs, 64, seed=1, augment=False)
+    assert torch.equal(plain[3][0], plain[3][0])
+
+
+# --- checkpoints -------------------------------------------------------------------------
+def test_checkpoints_count_only_with_metadata_and_the_last_k_are_kept(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in range(1, 5):
+        save_checkpoint(accelerator, tmp_path, step, {"step": step}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3", "step-4"]
+    (tmp_path / "step-5").mkdir()  # a save that was killed before its metadata
+    (tmp_path / "step-5" / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-4"
+    assert read_metadata(tmp_path / "step-4") == {"step": 4}
+    del model
+
+
+def test_a_run_logs_every_step_and_stores_its_config(straight_run):
+    out, result = straight_run
+    assert result.step == result.total_steps == 8
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert all(set(r) >= {"loss_itc", "loss_itm", "loss_lm", "lr", "images_per_s"} for r in log)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-3", "step-6", "step-8"]
+    meta = read_metadata(out / "step-3")
+    assert (meta["epoch"], meta["batches_in_epoch"], meta["steps_per_epoch"]) == (0, 3, 5)
+    assert meta["train_config"]["batch_size"] == 4 and meta["model_config"]["queue_size"] == 16
+    assert json.loads((out / "config.json").read_text())["total_steps"] == 8
+    model, tokenizer, _ = load_run(out)
+    assert int(model.queue_ptr) == (8 * 4) % 16
+    assert tokenizer.convert_tokens_to_ids("[ENC]") == model.config.enc_token_id
+
+
+def resume_from(straight, step: int, dataset, out, options):
+    """Resume in `out` from the state a run killed after `step` leaves behind."""
+    out.mkdir()
+    shutil.copytree(straight / "tokenizer", out / "tokenizer")
+    shutil.copytree(straight / f"step-{step}", out / f"step-{step}")
+    (out / f"step-{step + 1}").mkdir()  # a checkpoint killed before its metadata is ignored
+    return train(TrainConfig(datasets=(str(dataset),), out=str(out), **options))
+
+
+def assert_same_trajectory(straight, resumed, first_step: int) -> None:
+    want = {r["step"]: r for r in read_log(straight)}
+    got = read_log(resumed)
+    assert [r["step"] for r in got] == list(range(first_step, max(want) + 1))
+    for record in got:
+        for term in ("loss_itc", "loss_itm", "loss_lm"):
+            assert record[term] == pytest.approx(want[record["step"]][term], abs=1e-5), record
+    a, _, _ = load_run(straight)
+    b, _, _ = load_run(resumed)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_resume_mid_epoch_follows_the_uninterrupted_run(straight_run, toy_dataset, tmp_path):
+    straight, _ = straight_run
+    result = resume_from(straight, 3, toy_dataset, tmp_path / "resumed", TOY)  # mid-epoch 0
+    assert result.resumed_from == 3 and result.step == 8
+    assert_same_trajectory(straight, tmp_path / "resumed", 4)
+
+    with pytest.raises(CapfiltError, match="batch_size"):
+        train(
+            TrainConfig(
+                datasets=(str(toy_dataset),),
+                out=str(tmp_path / "resumed"),
+                **dict(TOY, batch_size=2),
+            )
+        )
+
+
+def test_resume_with_gradient_accumulation(toy_dataset, tmp_path):
+    # 5 batches per epoch in steps of 2: the third step of each epoch takes its last batch only.
+    options = dict(TOY, grad_accum=2, max_steps=4, save_every=2)
+    straight = tmp_path / "straight"
+    result = train(TrainConfig(datasets=(str(toy_dataset),), out=str(straight), **options))
+    assert result.total_steps == 4
+    assert read_metadata(straight / "step-2")["batches_in_epoch"] == 4
+    resume_from(straight, 2, toy_dataset, tmp_path / "resumed", options)
+    assert_same_trajectory(straight, tmp_path / "resumed", 3)
+
+
+def test_finetune_caption_trains_the_decoder_and_leaves_itm_parts_alone(
+    straight_run, toy_dataset, tmp_path
+):
+    straight, _ = straight_run
+    out = tmp_path / "cap"
+    options = dict(TOY, max_steps=2, save_every=2, lr=1e-2)
+    del options["preset"]
+    result = train(
+        TrainConfig(
+            datasets=(str(toy_dataset),),
+            out=str(out),
+            task="caption",
+            init=(str(straight),),
+            **options,
+        )
+    )
+    assert result.losses.keys() == {"lm"}
+    before, _, _ = load_run(straight)
+    after, _, _ = load_run(out)
+    enc_before = before.text_encoder.encoder.layer[0].attention.self.query.weight
+    enc_after = after.text_encoder.encoder.layer[0].attention.self.query.weight
+    dec_before = before.text_decoder.bert.encoder.layer[0].attention.self.query.weight
+    dec_after = after.text_decoder.bert.encoder.layer[0].attention.self.query.weight
+    assert torch.equal(enc_before, enc_after)  # ITC/ITM-only: frozen
+    assert torch.equal(before.itm_head.weight, after.itm_head.weight)
+    assert not torch.equal(dec_before, dec_after)
+    assert not torch.equal(
+        before.vision_model.post_layernorm.weight, after.vision_model.post_layernorm.weight
+    )
+
+
+def test_pretrain_can_start_from_hf_blip_checkpoints(
+    tiny_captioner, tiny_filter, toy_dataset, tmp_path
+):
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    # One step at learning rate 0: the run's weights are exactly the initial ones.
+    options = dict(TOY, max_steps=1, save_every=1, lr=0.0, min_lr=0.0, warmup_steps=0)
+    del options["preset"]
+    out = tmp_path / "from-hf"
+    init = (str(tiny_captioner), str(tiny_filter))
+    train(TrainConfig(datasets=(str(toy_dataset),), out=str(out), init=init, **options))
+    model, tokenizer, meta = load_run(out)
+    captioner = BlipForConditionalGeneration.from_pretrained(str(tiny_captioner))
+    itm = BlipForImageTextRetrieval.from_pretrained(str(tiny_filter))
+    assert meta["model_config"]["vision"]["image_size"] == itm.config.vision_config.image_size
+    # The filter gives the image encoder and the shared text weights ...
+    torch.testing.assert_close(
+        model.vision_model.state_dict(), itm.vision_model.state_dict(), atol=0, rtol=0
+    )
+    torch.testing.assert_close(model.itm_head.weight, itm.itm_head.weight, atol=0, rtol=0)
+    # ... the captioner its decoder's self-attention; the tokenizer comes from the checkpoint.
+    torch.testing.assert_close(
+        model.text_decoder.bert.encoder.layer[1].attention.state_dict(),
+        captioner.text_decoder.bert.encoder.layer[1].attention.state_dict(),
+        atol=0,
+        rtol=0,
+    )
+    assert len(tokenizer) == captioner.config.text_config.vocab_size
+
+
+def test_cli_export_writes_loadable_checkpoints(straight_run, tmp_path):
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    straight, _ = straight_run
+    result = CliRunner().invoke(app, ["export", str(straight), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "captioner" in result.output and "filter" in result.output
+    BlipForConditionalGeneration.from_pretrained(str(tmp_path / "m" / "captioner"))
+    BlipForImageTextRetrieval.from_pretrained(str(tmp_path / "m" / "filter"))
+
+    missing = CliRunner().invoke(app, ["export", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert missing.exit_code == 2 and "no complete checkpoint" in missing.output
+
+
+def test_cli_pretrain_reports_bad_input_in_one_line(toy_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            str(toy_dataset),
+            "--out",
+            str(tmp_path / "r"),
+            "--source",
+            "synthetic",
+            "--preset",
+            "tiny",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "no curated/ shards" in result.output and "Traceback" not in result.output
+
+
+# --- several processes -------------------------------------------------------------------
+def test_two_process_accelerate_run(toy_dataset, tmp_path):
+    """`accelerate launch` with 2 CPU processes: DDP, gathered queues, per-process RNG state."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # `--cpu` makes accelerate 1.x start a single process; `--multi_gpu` on a machine without
+    # CUDA starts N processes and capfilt picks gloo (MULTI_CPU) for them.
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "capfilt",
+        "pretrain",
+        str(toy_dataset),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--save-every",
+        "2",
+        "--queue-size",
+        "32",
+        "--num-workers",
+        "0",
+        "--warmup-steps",
+        "0",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("✓ 3/3 steps") == 1  # the summary comes from the main process only
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_processes"] == 2
+    # 5 batches of 4 between two processes: 2 full rounds each (drop_last drops the odd one).
+    assert config["steps_per_epoch"] == 2
+    assert {p.name for p in (out / "step-3").iterdir()} >= {
+        "metadata.json",
+        "model.safetensors",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    model, _, _ = load_run(out)
+    # Each step enqueues both processes' batches: 3 steps × 2 × 4 features.
+    assert int(model.queue_ptr) == (3 * 2 * 4) % 32
+    assert not torch.allclose(model.image_queue[:, :24], model.image_queue[:, :24].mean(1, True))
