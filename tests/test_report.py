@@ -1,5 +1,5 @@
 """capfilt report: figures against a dataset whose scores are set by hand, the HTML, the CLI,
-and the SQL examples of docs/sql.md."""
+and the SQL examples of the README."""
 
 from __future__ import annotations
 
@@ -239,13 +239,14 @@ def test_cli_report_prints_tables_and_opens_the_browser(scored, monkeypatch):
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
-# --- docs/sql.md ---------------------------------------------------------------------------
-SQL_DOC = Path(__file__).resolve().parent.parent / "docs" / "sql.md"
+# --- the README's SQL examples ------------------------------------------------------------
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def sql_examples() -> dict[str, str]:
-    """The ```sql blocks of docs/sql.md by the heading above them."""
-    text = SQL_DOC.read_text()
+    """The ```sql blocks of the README's curator section, by the heading above them."""
+    text = README.read_text().split("## SQL a curator runs", 1)[1]
+    text = re.split(r"^## ", text, flags=re.M)[0]
     found = {}
     for heading, body in re.findall(r"^### (.+?)\n.*?```sql\n(.*?)```", text, re.S | re.M):
         found[heading.strip()] = body

@@ -1,0 +1,62 @@
+"""The command line as a whole: documented commands, fast start, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from capfilt.cli import app
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+COMMANDS = get_command(app).commands
+
+
+def test_every_command_has_an_example_and_documented_options():
+    runner = CliRunner()
+    for name, command in COMMANDS.items():
+        assert command.help and "Example:" in command.help, f"{name} has no Example: in its help"
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help, f"capfilt {name} {param.opts[0]} has no help text"
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, result.output
+
+
+def test_readme_documents_every_command():
+    for name in COMMANDS:
+        assert f"`capfilt {name}" in README, f"README does not document `capfilt {name}`"
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    first_lines = README.splitlines()[:5]
+    assert any(line.strip().startswith("make demo") for line in first_lines)
+    assert any(line.strip().startswith("make test") for line in first_lines)
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys; from capfilt.cli import main; sys.argv = ['capfilt', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'img2dataset', 'pyarrow', 'duckdb', 'PIL')"
+        " if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    result = CliRunner().invoke(app, ["query", str(tmp_path / "missing"), "select 1"])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_python_dash_m_capfilt_works():
+    out = subprocess.run([sys.executable, "-m", "capfilt", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("capfilt ")
