@@ -49,7 +49,9 @@ class Dataset:
 
     @property
     def is_local(self) -> bool:
-        return "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        return "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
 
     # paths ---------------------------------------------------------------------------------
     def join(self, *parts: str) -> str:
@@ -111,13 +113,11 @@ class Dataset:
     def require_stage(self, stage: str, hint: str) -> list[int]:
         shards = self.shards(stage)
         if not shards:
-            raise StageNotRunError(
-                f"{self.root!r} has no {stage}/ shards yet; {hint}"
-            )
+            raise StageNotRunError(f"{self.root!r} has no {stage}/ shards yet; {hint}")
         return shards
 
     def pending(self, source: str, target: str, overwrite: bool = False) -> list[int]:
-        """Shards present in `source` whose `target` shard is missing (all of them with overwrite)."""
+        """Shards of `source` whose `target` shard is missing (all of them with overwrite)."""
         done = set() if overwrite else set(self.shards(target))
         return [s for s in self.shards(source) if s not in done]
 
@@ -206,7 +206,9 @@ class Dataset:
         return self.update_manifest(change)
 
 
-def package_versions(names: Iterable[str] = ("capfilt", "torch", "transformers", "img2dataset", "pyarrow", "duckdb")) -> dict:
+def package_versions(
+    names: Iterable[str] = ("capfilt", "torch", "transformers", "img2dataset", "pyarrow", "duckdb"),
+) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}

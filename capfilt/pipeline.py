@@ -16,9 +16,10 @@ exactly the options `capfilt COMMAND --help` lists.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from capfilt.errors import CapfiltError
 
@@ -73,13 +74,15 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
         raw = dict(raw)
         command = raw.pop("command", None)
         if not isinstance(command, str):
-            raise CapfiltError(f"{path}: stage {i} has no `command = \"...\"`")
+            raise CapfiltError(f'{path}: stage {i} has no `command = "..."`')
         args = raw.pop("args", ["{dataset}"])
         if not isinstance(args, list):
             raise CapfiltError(f"{path}: stage {i} ({command}): `args` must be a list")
         try:
             args = tuple(_expand(str(a), variables) for a in args)
-            options = {k: _expand(v, variables) if isinstance(v, str) else v for k, v in raw.items()}
+            options = {
+                k: _expand(v, variables) if isinstance(v, str) else v for k, v in raw.items()
+            }
         except KeyError as e:
             raise CapfiltError(
                 f"{path}: stage {i} ({command}) uses {{{e.args[0]}}}, which [pipeline] does not set"

@@ -14,7 +14,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (230, 210, 40),
+}
 SHAPES = ("circle", "square", "triangle")
 
 
@@ -59,7 +64,9 @@ def tiny_captioner(tmp_path_factory, tiny_tokenizer):
     """Local directory of a random tiny BlipForConditionalGeneration checkpoint."""
     from capfilt.models.tiny import build_tiny_blip
 
-    return build_tiny_blip(tmp_path_factory.mktemp("captioner"), tiny_tokenizer, "captioner", seed=0)
+    return build_tiny_blip(
+        tmp_path_factory.mktemp("captioner"), tiny_tokenizer, "captioner", seed=0
+    )
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +77,9 @@ def tiny_filter(tmp_path_factory, tiny_tokenizer):
     return build_tiny_blip(tmp_path_factory.mktemp("filter"), tiny_tokenizer, "filter", seed=1)
 
 
-def write_images_dataset(root, n_shards: int = 2, per_shard: int = 6, seed: int = 0,
-                         bad_keys: tuple[str, ...] = ()):
+def write_images_dataset(
+    root, n_shards: int = 2, per_shard: int = 6, seed: int = 0, bad_keys: tuple[str, ...] = ()
+):
     """Write DATASET/images/ shards in img2dataset's parquet schema with toy scenes.
 
     Keys in `bad_keys` get bytes that are not an image (status stays success, as when an
@@ -94,22 +102,61 @@ def write_images_dataset(root, n_shards: int = 2, per_shard: int = 6, seed: int 
             color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
             caption = f"a {color} {shape}"
             if i % 5 == 4:
-                rows.append(dict(key=key, url=f"http://127.0.0.1/{key}.jpg", caption=caption,
-                                 status="failed_to_download", error_message="HTTP Error 404",
-                                 width=None, height=None, original_width=None,
-                                 original_height=None, exif=None, sha256=None, jpg=None))
+                rows.append(
+                    dict(
+                        key=key,
+                        url=f"http://127.0.0.1/{key}.jpg",
+                        caption=caption,
+                        status="failed_to_download",
+                        error_message="HTTP Error 404",
+                        width=None,
+                        height=None,
+                        original_width=None,
+                        original_height=None,
+                        exif=None,
+                        sha256=None,
+                        jpg=None,
+                    )
+                )
                 continue
-            data = b"<html>not an image</html>" if key in bad_keys else jpeg_bytes(draw_scene(color, shape))
-            rows.append(dict(key=key, url=f"http://127.0.0.1/{key}.jpg", caption=caption,
-                             status="success", error_message=None, width=96, height=96,
-                             original_width=96, original_height=96, exif="{}",
-                             sha256=hashlib.sha256(data).hexdigest(), jpg=data))
+            data = (
+                b"<html>not an image</html>"
+                if key in bad_keys
+                else jpeg_bytes(draw_scene(color, shape))
+            )
+            rows.append(
+                dict(
+                    key=key,
+                    url=f"http://127.0.0.1/{key}.jpg",
+                    caption=caption,
+                    status="success",
+                    error_message=None,
+                    width=96,
+                    height=96,
+                    original_width=96,
+                    original_height=96,
+                    exif="{}",
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    jpg=data,
+                )
+            )
             truths.append((key, caption))
-        schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
-                            ("status", pa.string()), ("error_message", pa.string()),
-                            ("width", pa.int64()), ("height", pa.int64()),
-                            ("original_width", pa.int64()), ("original_height", pa.int64()),
-                            ("exif", pa.string()), ("sha256", pa.string()), ("jpg", pa.binary())])
+        schema = pa.schema(
+            [
+                ("key", pa.string()),
+                ("url", pa.string()),
+                ("caption", pa.string()),
+                ("status", pa.string()),
+                ("error_message", pa.string()),
+                ("width", pa.int64()),
+                ("height", pa.int64()),
+                ("original_width", pa.int64()),
+                ("original_height", pa.int64()),
+                ("exif", pa.string()),
+                ("sha256", pa.string()),
+                ("jpg", pa.binary()),
+            ]
+        )
         table = pa.table({n: [r[n] for r in rows] for n in schema.names}, schema=schema)
         ds.write_shard("images", shard, table)
     return truths

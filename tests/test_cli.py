@@ -57,6 +57,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
 
 
 def test_python_dash_m_capfilt_works():
-    out = subprocess.run([sys.executable, "-m", "capfilt", "--version"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "capfilt", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("capfilt ")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from capfilt.cli import app
@@ -17,26 +17,46 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_stage_argv_spells_options_like_the_cli():
-    stage = Stage("caption", ("ds",), {"num_captions": 3, "overwrite": True, "seed": 0,
-                                       "fp16": False, "tag": ["a", "b"]})
-    assert stage.argv() == ["caption", "ds", "--num-captions", "3", "--overwrite", "--seed", "0",
-                            "--no-fp16", "--tag", "a", "--tag", "b"]
+    stage = Stage(
+        "caption",
+        ("ds",),
+        {"num_captions": 3, "overwrite": True, "seed": 0, "fp16": False, "tag": ["a", "b"]},
+    )
+    assert stage.argv() == [
+        "caption",
+        "ds",
+        "--num-captions",
+        "3",
+        "--overwrite",
+        "--seed",
+        "0",
+        "--no-fp16",
+        "--tag",
+        "a",
+        "--tag",
+        "b",
+    ]
 
 
 def test_variables_expand_and_overrides_win(tmp_path):
     path = tmp_path / "p.toml"
-    path.write_text('[pipeline]\ndataset = "a"\n[[stage]]\ncommand = "report"\nout = "{dataset}/r"\n')
+    path.write_text(
+        '[pipeline]\ndataset = "a"\n[[stage]]\ncommand = "report"\nout = "{dataset}/r"\n'
+    )
     pipeline = load_pipeline(path, {"dataset": "b"})
     assert pipeline.stages[0].args == ("b",)
     assert pipeline.stages[0].options == {"out": "b/r"}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("not toml [", "not valid TOML"),
-    ("[pipeline]\n", "no [[stage]]"),
-    ("[[stage]]\nargs = []\n", "no `command"),
-    ("[[stage]]\ncommand = 'query'\n", "does not set"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("not toml [", "not valid TOML"),
+        ("[pipeline]\n", "no [[stage]]"),
+        ("[[stage]]\nargs = []\n", "no `command"),
+        ("[[stage]]\ncommand = 'query'\n", "does not set"),
+    ],
+)
 def test_bad_pipeline_files_are_clear_errors(tmp_path, text, message):
     path = tmp_path / "p.toml"
     path.write_text(text)
@@ -49,7 +69,7 @@ def test_run_executes_stages_in_order_and_stops_at_a_failure(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(f'''
 [pipeline]
-dataset = "{tmp_path / 'ds'}"
+dataset = "{tmp_path / "ds"}"
 [[stage]]
 command = "query"
 args = ["{{dataset}}", "select 41 + 1 as answer"]

@@ -32,7 +32,9 @@ TINY_VISION = dict(
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, out_dir: str | Path | None = None):
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1000, out_dir: str | Path | None = None
+):
     """Train a lower-cased WordPiece tokenizer with the BLIP specials; save it if `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import WordPieceTrainer
@@ -100,9 +102,15 @@ def image_processor(image_size: int):
         return BlipImageProcessorPil(size={"height": image_size, "width": image_size})
 
 
-def build_tiny_blip(out_dir: str | Path, tokenizer, kind: str = "captioner", seed: int = 0,
-                    text: dict | None = None, vision: dict | None = None) -> Path:
-    """Save a randomly initialised BLIP captioner or filter (ITM) with its processor to `out_dir`."""
+def build_tiny_blip(
+    out_dir: str | Path,
+    tokenizer,
+    kind: str = "captioner",
+    seed: int = 0,
+    text: dict | None = None,
+    vision: dict | None = None,
+) -> Path:
+    """Save a random BLIP captioner or filter (ITM) with its processor to `out_dir`."""
     import torch
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipProcessor
 
