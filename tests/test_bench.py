@@ -1,0 +1,142 @@
+"""`capfilt bench`: a smoke run of each workload on the tiny architecture, and the FLOP counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from capfilt.cli import app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy CI machine their barriers cost."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_bench_cli(*args: str) -> dict:
+    result = CliRunner().invoke(app, ["bench", *args, "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def test_bench_caption_end_to_end_json():
+    report = run_bench_cli("caption", "--arch", "tiny", "--images", "4", "--new-tokens", "6")
+    assert report["workload"] == "caption"
+    assert report["level"].startswith("end to end")
+    assert report["model"] == "random-weights BLIP tiny"
+    assert report["images"] == 4 and report["new_tokens"] == 6
+    for side in ("plain_hf", "capfilt"):
+        assert report[side]["error"] is None
+        assert report[side]["images_per_s"] > 0
+        assert report[side]["tflops"] > 0
+    assert report["speedup"] == pytest.approx(
+        report["capfilt"]["images_per_s"] / report["plain_hf"]["images_per_s"]
+    )
+    assert report["gflops_per_image"] > 0 and report["bound_tflops"] > 0
+
+
+def test_bench_filter_of_a_checkpoint_counts_pairs(tiny_filter):
+    report = run_bench_cli(
+        "filter",
+        "--model",
+        str(tiny_filter),
+        "--level",
+        "model",
+        "--images",
+        "4",
+        "--captions-per-image",
+        "3",
+        "--batch-size",
+        "2",
+    )
+    assert report["level"].startswith("model")
+    assert report["model"].startswith(str(tiny_filter))
+    assert report["texts_per_image"] == 4
+    for side in ("plain_hf", "capfilt"):
+        assert report[side]["pairs_per_s"] == pytest.approx(4 * report[side]["images_per_s"])
+
+
+def test_bench_rejects_bad_options():
+    result = CliRunner().invoke(app, ["bench", "caption", "--arch", "huge"])
+    assert result.exit_code == 2
+    assert "--arch must be one of tiny, base, large" in result.output
+
+
+@pytest.mark.parametrize(
+    "arch, bound_images_per_s",
+    # DESIGN.md's FLOP bounds at 790 TFLOP/s with 20 new tokens per caption.
+    [("base", 5900), ("large", 1900)],
+)
+def test_caption_flops_agree_with_the_design_bounds(arch, bound_images_per_s):
+    from transformers import BlipConfig
+
+    from capfilt.bench import ARCH_SHAPES, BLIP_VOCAB, caption_flops
+
+    shapes = ARCH_SHAPES[arch]
+    config = BlipConfig(
+        text_config=dict(shapes["text"], vocab_size=BLIP_VOCAB),
+        vision_config=shapes["vision"],
+    )
+    flops = caption_flops(config, captions=1, prompt_len=1, new_tokens=20)
+    assert 790e12 / flops == pytest.approx(bound_images_per_s, rel=0.05)
+
+
+def test_stage_models_on_the_fast_path_write_the_same_rows(
+    images_dataset, tiny_captioner, tiny_filter
+):
+    """The caption and filter stages give the same rows with the fast path inside them."""
+    import dataclasses
+
+    import torch
+
+    from capfilt.bench import fast_stage_classes
+    from capfilt.caption import CaptionConfig, caption_shard
+    from capfilt.filter import FilterConfig, score_shard
+    from capfilt.layout import Dataset
+    from capfilt.models.blip import Captioner, ItmScorer
+
+    FastPathCaptioner, FastPathScorer = fast_stage_classes()
+    images = Dataset(str(images_dataset)).read_shard("images", 0)
+    fast_captioner = FastPathCaptioner.load(str(tiny_captioner), "fp32", "cpu")
+    greedy = CaptionConfig(
+        model=str(tiny_captioner), decoding="greedy", batch_size=4, num_workers=0
+    )
+    plain = caption_shard(Captioner.load(str(tiny_captioner), "fp32", "cpu"), images, greedy)
+    assert plain.num_rows > 0
+    assert caption_shard(fast_captioner, images, greedy).equals(plain)
+
+    # Nucleus sampling on the fast path: keyed by the stage's per-caption seeds, so the
+    # captions do not depend on the batch size.
+    nucleus = dataclasses.replace(greedy, decoding="nucleus", num_captions=3, seed=5)
+    sampled = caption_shard(fast_captioner, images, nucleus)
+    assert sampled.num_rows == 3 * plain.num_rows
+    rebatched = dataclasses.replace(nucleus, batch_size=3)
+    assert caption_shard(fast_captioner, images, rebatched).equals(sampled)
+    assert len(set(sampled["text"].to_pylist())) > 1
+
+    filter_config = FilterConfig(
+        threshold=0.5, model=str(tiny_filter), batch_size=4, num_workers=0, itm_token="enc"
+    )
+    expected = score_shard(
+        ItmScorer.load(str(tiny_filter), "fp32", "cpu", "enc"), images, plain, filter_config
+    ).to_pydict()
+    got = score_shard(
+        FastPathScorer.load(str(tiny_filter), "fp32", "cpu", "enc"), images, plain, filter_config
+    ).to_pydict()
+    for column in ("key", "text_id", "source", "text"):
+        assert got[column] == expected[column]
+    assert "synthetic" in got["source"]
+    for column in ("itm_score", "itc_score"):
+        assert [v is None for v in got[column]] == [v is None for v in expected[column]]
+        pairs = [
+            (g, e) for g, e in zip(got[column], expected[column], strict=True) if e is not None
+        ]
+        assert torch.allclose(torch.tensor(pairs)[:, 0], torch.tensor(pairs)[:, 1], atol=1e-4)
