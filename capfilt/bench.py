@@ -401,93 +401,6 @@ def write_bench_dataset(root: Path, jpegs: list[bytes], web: list[str], syntheti
 # --- capfilt's stage models on the fast path --------------------------------------------------
 
 
-def fast_stage_classes(top_k: int = 50, **fast_options):
-    """Subclasses of the stage models (`Captioner`, `ItmScorer`) whose math runs on the fast path.
-
-    The stage functions (`caption_shard`, `score_shard`) take them unchanged. Nucleus
-    sampling uses the fast path's own seeded sampler with `generate`'s semantics (top-k, then
-    top-p; top-k 50 is `generate`'s default, which BLIP's released code sampled with), keyed by
-    the stage's per-caption seeds. `fast_options` go to `FastCaptioner` (cuda_graphs, compile).
-    """
-    import torch
-
-    from capfilt.models.blip import Captioner, ImageFeatures, ItmScorer
-    from capfilt.models.fast import FastCaptioner, FastItm
-
-    class FastPathCaptioner(Captioner):
-        def generate_ids(
-            self,
-            pixel_values,
-            *,
-            prompt,
-            decoding="nucleus",
-            num_captions=1,
-            top_p=0.9,
-            min_length=5,
-            max_length=20,
-            repetition_penalty=1.0,
-            num_beams=3,
-            row_seeds=None,
-        ):
-            if decoding == "beam":
-                return super().generate_ids(
-                    pixel_values,
-                    prompt=prompt,
-                    decoding=decoding,
-                    num_captions=num_captions,
-                    top_p=top_p,
-                    min_length=min_length,
-                    max_length=max_length,
-                    repetition_penalty=repetition_penalty,
-                    num_beams=num_beams,
-                )
-            fast = getattr(self, "_fast", None) or FastCaptioner(self.network, **fast_options)
-            self._fast = fast
-            nucleus = decoding == "nucleus"
-            ids = fast.generate(
-                pixel_values,
-                num_captions=num_captions if nucleus else 1,
-                prompt_ids=self.prompt_ids(prompt)[0],
-                max_length=max_length,
-                min_length=min_length,
-                repetition_penalty=repetition_penalty,
-                do_sample=nucleus,
-                top_p=top_p,
-                top_k=top_k,
-                # one seed per caption: the same captions at any batch size
-                seeds=torch.as_tensor(row_seeds, dtype=torch.long) if nucleus else None,
-            )
-            if decoding == "greedy" and num_captions > 1:
-                ids = ids.repeat_interleave(num_captions, dim=0)
-            return ids
-
-    class FastPathScorer(ItmScorer):
-        def _fast_itm(self):
-            fast = getattr(self, "_fast", None) or FastItm(self.network)
-            self._fast = fast
-            return fast
-
-        def encode_images(self, pixel_values):
-            fast = self._fast_itm()
-            embeds = fast.encode_images(pixel_values)
-            return ImageFeatures(embeds, fast.image_features(embeds))
-
-        def score(self, images, image_index, texts):
-            fast = self._fast_itm()
-            index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
-            input_ids, attention_mask = self.tokenize(texts)
-            itm_ids = input_ids
-            if self.itm_token_id is not None:
-                itm_ids = input_ids.clone()
-                itm_ids[:, 0] = self.itm_token_id
-            itm = fast.itm(images.embeds, index, itm_ids, attention_mask)
-            text_feats = fast.text_features(input_ids, attention_mask)
-            itc = (images.itc[index] * text_feats).sum(dim=-1)
-            return itm.cpu(), itc.float().cpu()
-
-    return FastPathCaptioner, FastPathScorer
-
-
 # --- timing --------------------------------------------------------------------------------
 
 
@@ -580,7 +493,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
         from capfilt.caption import CaptionConfig, caption_shard
         from capfilt.data import decode_image
         from capfilt.io import CAPTIONS_SCHEMA, rows_to_table
-        from capfilt.models.blip import ModelSource
+        from capfilt.models.blip import Captioner, ModelSource
 
         workers = config.workers if config.workers is not None else _default_workers(device)
         jpegs = random_jpegs(images, config.seed)
@@ -615,9 +528,10 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
                     )
             ds.write_shard("captions", 0, rows_to_table(rows, CAPTIONS_SCHEMA))
 
-        FastPathCaptioner, _ = fast_stage_classes(**fast_options)
         source = ModelSource(label, Path("."), "bench")
-        captioner = FastPathCaptioner(network, processor, source, device, dtype)
+        captioner = Captioner(
+            network, processor, source, device, dtype, engine="fast", fast_options=fast_options
+        )
         stage_config = CaptionConfig(
             model=label,
             num_captions=n,
@@ -713,7 +627,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
         from capfilt.data import decode_image
         from capfilt.filter import FilterConfig, score_shard
         from capfilt.io import SCORES_SCHEMA, rows_to_table
-        from capfilt.models.blip import ModelSource
+        from capfilt.models.blip import ItmScorer, ModelSource
 
         workers = config.workers if config.workers is not None else _default_workers(device)
         ds = write_bench_dataset(scratch / "ds", random_jpegs(images, config.seed), web, synthetic)
@@ -754,9 +668,10 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
                     )
             ds.write_shard("scores", 0, rows_to_table(rows, SCORES_SCHEMA))
 
-        _, FastPathScorer = fast_stage_classes()
         source = ModelSource(label, Path("."), "bench")
-        scorer = FastPathScorer(network, processor, source, device, dtype, itm_token="cls")
+        scorer = ItmScorer(
+            network, processor, source, device, dtype, itm_token="cls", engine="fast"
+        )
         stage_config = FilterConfig(
             threshold=0.5,
             model=label,

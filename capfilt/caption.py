@@ -23,7 +23,7 @@ from capfilt.data import (
 )
 from capfilt.errors import CapfiltError
 from capfilt.layout import Dataset
-from capfilt.models.blip import DEFAULT_CAPTIONER, PRECISIONS, model_record
+from capfilt.models.blip import DEFAULT_CAPTIONER, PRECISIONS, check_engine, model_record
 
 DECODINGS = ("nucleus", "beam", "greedy")
 
@@ -48,9 +48,11 @@ class CaptionConfig:
     device: str = "auto"
     seed: int = 0
     num_workers: int = 2
+    engine: str = "fast"
     overwrite: bool = False
 
     def __post_init__(self):
+        check_engine(self.engine)
         if self.decoding not in DECODINGS:
             raise CapfiltError(
                 f"--decoding must be one of {', '.join(DECODINGS)}, not {self.decoding!r}"
@@ -185,7 +187,7 @@ def caption_dataset(
     if mine and captioner is None:
         from capfilt.models.blip import Captioner
 
-        captioner = Captioner.load(config.model, config.precision, config.device)
+        captioner = Captioner.load(config.model, config.precision, config.device, config.engine)
     if mine:
         total = count_successful(ds, mine)
         with image_progress(total, "caption", enabled=progress and processes.is_main) as bar:

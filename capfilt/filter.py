@@ -23,7 +23,13 @@ from capfilt.data import (
 )
 from capfilt.errors import CapfiltError
 from capfilt.layout import Dataset
-from capfilt.models.blip import DEFAULT_FILTER, ITM_TOKENS, PRECISIONS, model_record
+from capfilt.models.blip import (
+    DEFAULT_FILTER,
+    ITM_TOKENS,
+    PRECISIONS,
+    check_engine,
+    model_record,
+)
 
 SOURCES = ("web", "synthetic")
 
@@ -41,9 +47,11 @@ class FilterConfig:
     num_workers: int = 2
     # BLIP's ITM reads at most 35 text tokens.
     max_text_tokens: int = 35
+    engine: str = "fast"
     overwrite: bool = False
 
     def __post_init__(self):
+        check_engine(self.engine)
         if not 0 <= self.threshold <= 1:
             raise CapfiltError(
                 f"--threshold is an ITM probability and must be in [0, 1], got {self.threshold}"
@@ -239,6 +247,7 @@ def filter_dataset(
             config.device,
             itm_token=config.itm_token,
             max_text_tokens=config.max_text_tokens,
+            engine=config.engine,
         )
     if mine:
         has_captions = set(ds.shards("captions"))

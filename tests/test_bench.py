@@ -97,19 +97,19 @@ def test_stage_models_on_the_fast_path_write_the_same_rows(
 
     import torch
 
-    from capfilt.bench import fast_stage_classes
     from capfilt.caption import CaptionConfig, caption_shard
     from capfilt.filter import FilterConfig, score_shard
     from capfilt.layout import Dataset
     from capfilt.models.blip import Captioner, ItmScorer
 
-    FastPathCaptioner, FastPathScorer = fast_stage_classes()
     images = Dataset(str(images_dataset)).read_shard("images", 0)
-    fast_captioner = FastPathCaptioner.load(str(tiny_captioner), "fp32", "cpu")
+    fast_captioner = Captioner.load(str(tiny_captioner), "fp32", "cpu", engine="fast")
     greedy = CaptionConfig(
         model=str(tiny_captioner), decoding="greedy", batch_size=4, num_workers=0
     )
-    plain = caption_shard(Captioner.load(str(tiny_captioner), "fp32", "cpu"), images, greedy)
+    plain = caption_shard(
+        Captioner.load(str(tiny_captioner), "fp32", "cpu", engine="hf"), images, greedy
+    )
     assert plain.num_rows > 0
     assert caption_shard(fast_captioner, images, greedy).equals(plain)
 
@@ -126,10 +126,16 @@ def test_stage_models_on_the_fast_path_write_the_same_rows(
         threshold=0.5, model=str(tiny_filter), batch_size=4, num_workers=0, itm_token="enc"
     )
     expected = score_shard(
-        ItmScorer.load(str(tiny_filter), "fp32", "cpu", "enc"), images, plain, filter_config
+        ItmScorer.load(str(tiny_filter), "fp32", "cpu", "enc", engine="hf"),
+        images,
+        plain,
+        filter_config,
     ).to_pydict()
     got = score_shard(
-        FastPathScorer.load(str(tiny_filter), "fp32", "cpu", "enc"), images, plain, filter_config
+        ItmScorer.load(str(tiny_filter), "fp32", "cpu", "enc", engine="fast"),
+        images,
+        plain,
+        filter_config,
     ).to_pydict()
     for column in ("key", "text_id", "source", "text"):
         assert got[column] == expected[column]

@@ -16,14 +16,19 @@ SCENES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow
 TEXTS = ["a red circle", "a photo of a blue square on a white background", "a green", "yellow"]
 
 
-@pytest.fixture(scope="session")
-def captioner(tiny_captioner):
-    return blip.Captioner.load(str(tiny_captioner), precision="fp32", device="cpu")
+# Every parity test runs on both engines: `fast` (the default) and `hf` (plain modules).
+@pytest.fixture(scope="session", params=blip.ENGINES)
+def captioner(tiny_captioner, request):
+    return blip.Captioner.load(
+        str(tiny_captioner), precision="fp32", device="cpu", engine=request.param
+    )
 
 
-@pytest.fixture(scope="session")
-def scorer_cls(tiny_filter):
-    return blip.ItmScorer.load(str(tiny_filter), precision="fp32", device="cpu", itm_token="cls")
+@pytest.fixture(scope="session", params=blip.ENGINES)
+def scorer_cls(tiny_filter, request):
+    return blip.ItmScorer.load(
+        str(tiny_filter), precision="fp32", device="cpu", itm_token="cls", engine=request.param
+    )
 
 
 @pytest.fixture(scope="session")

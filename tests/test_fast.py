@@ -170,7 +170,7 @@ def test_keyed_sampler_of_the_caption_stage_gives_the_same_captions(tiny_caption
     exactly the captions of the stage's transformers path."""
     from capfilt.models.blip import Captioner, KeyedNucleusSampler
 
-    captioner = Captioner.load(str(tiny_captioner), "fp32", "cpu")
+    captioner = Captioner.load(str(tiny_captioner), "fp32", "cpu", engine="hf")
     pv = pixels(3)
     seeds = list(range(100, 106))
     options = dict(min_length=5, max_length=18, repetition_penalty=1.1)

@@ -5,6 +5,11 @@
 encoder runs once per image: the captioner shares its image embeddings between all sampled
 captions, the scorer between the web caption and every synthetic caption.
 
+Two engines compute the same thing: `fast` (the default; `capfilt.models.fast`: SDPA
+attention, each image's cross-attention keys/values computed once for all its captions, a
+static decoding cache without per-token host syncs) and `hf` (the transformers modules as they
+are; the reference the parity tests hold `fast` to). Beam search always runs on `hf`.
+
 Checkpoints load from safetensors only (pickled `.bin` weights can run code) and never with
 remote code.
 """
@@ -22,6 +27,17 @@ DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_FILTER = "Salesforce/blip-itm-large-coco"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ITM_TOKENS = ("auto", "enc", "cls")
+ENGINES = ("fast", "hf")
+# Sampling on the fast engine keeps the top 50 tokens before the nucleus, as BLIP's released
+# code did through `generate`'s default top_k.
+FAST_TOP_K = 50
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise CapfiltError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    return engine
+
 
 _ARCHITECTURES = {
     "captioner": "BlipForConditionalGeneration",
@@ -184,6 +200,7 @@ def model_record(model, model_id: str) -> dict:
         revision=model.source.revision,
         device=str(model.device),
         dtype=dtype_name(model.dtype),
+        engine=model.engine,
     )
 
 
@@ -267,17 +284,44 @@ def uniform_hash(seeds, step: int):
 class Captioner:
     """A BLIP captioner: image embeddings once per image, then batched decoding from a prompt."""
 
-    def __init__(self, network, processor, source: ModelSource, device, dtype):
+    def __init__(
+        self,
+        network,
+        processor,
+        source: ModelSource,
+        device,
+        dtype,
+        engine: str = "fast",
+        fast_options: dict | None = None,
+    ):
         self.network = network
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.source = source
         self.device = device
         self.dtype = dtype
+        self.engine = check_engine(engine)
+        self.fast_options = fast_options or {}
+        self._fast = None
 
     @classmethod
-    def load(cls, model: str = DEFAULT_CAPTIONER, precision: str = "auto", device: str = "auto"):
-        return cls(*_load("captioner", model, precision, device))
+    def load(
+        cls,
+        model: str = DEFAULT_CAPTIONER,
+        precision: str = "auto",
+        device: str = "auto",
+        engine: str = "fast",
+        fast_options: dict | None = None,
+    ):
+        return cls(*_load("captioner", model, precision, device), engine, fast_options)
+
+    def fast(self):
+        """The fast-path decoder over this network's weights (built once)."""
+        if self._fast is None:
+            from capfilt.models.fast import FastCaptioner
+
+            self._fast = FastCaptioner(self.network, **self.fast_options)
+        return self._fast
 
     @property
     def model_id(self) -> str:
@@ -320,6 +364,18 @@ class Captioner:
         import torch
         from transformers import LogitsProcessorList
 
+        if self.engine == "fast" and decoding != "beam":
+            return self._fast_generate_ids(
+                pixel_values,
+                prompt=prompt,
+                decoding=decoding,
+                num_captions=num_captions,
+                top_p=top_p,
+                min_length=min_length,
+                max_length=max_length,
+                repetition_penalty=repetition_penalty,
+                row_seeds=row_seeds,
+            )
         with torch.inference_mode():
             image_embeds = self.encode_images(pixel_values)  # (N, L, D)
             n_images = image_embeds.shape[0]
@@ -364,6 +420,42 @@ class Captioner:
         assert ids.shape[0] == n_images * num_captions
         return ids
 
+    def _fast_generate_ids(
+        self,
+        pixel_values,
+        *,
+        prompt,
+        decoding,
+        num_captions,
+        top_p,
+        min_length,
+        max_length,
+        repetition_penalty,
+        row_seeds,
+    ):
+        import torch
+
+        nucleus = decoding == "nucleus"
+        if nucleus and (row_seeds is None or len(row_seeds) != len(pixel_values) * num_captions):
+            raise ValueError("nucleus decoding needs one seed per caption")
+        with torch.inference_mode():
+            ids = self.fast().generate(
+                pixel_values.to(self.device, self.dtype, non_blocking=True),
+                num_captions=num_captions if nucleus else 1,
+                prompt_ids=self.prompt_ids(prompt)[0],
+                max_length=max_length,
+                min_length=min_length,
+                repetition_penalty=repetition_penalty,
+                do_sample=nucleus,
+                top_p=top_p,
+                top_k=FAST_TOP_K,
+                # one seed per caption: the same captions at any batch size
+                seeds=torch.as_tensor(row_seeds, dtype=torch.long) if nucleus else None,
+            )
+        if decoding == "greedy" and num_captions > 1:
+            ids = ids.repeat_interleave(num_captions, dim=0)
+        return ids
+
     def generate_captions(
         self, pixel_values, *, prompt: str, num_captions: int = 1, **options
     ) -> list[list[str]]:
@@ -396,7 +488,10 @@ class ItmScorer:
         dtype,
         itm_token: str = "auto",
         max_text_tokens: int = 35,
+        engine: str = "fast",
     ):
+        self.engine = check_engine(engine)
+        self._fast = None
         if itm_token not in ITM_TOKENS:
             raise CapfiltError(f"unknown --itm-token {itm_token!r}; use auto, enc or cls")
         self.network = network
@@ -428,9 +523,20 @@ class ItmScorer:
         device: str = "auto",
         itm_token: str = "auto",
         max_text_tokens: int = 35,
+        engine: str = "fast",
     ):
         network, processor, source, torch_device, dtype = _load("filter", model, precision, device)
-        return cls(network, processor, source, torch_device, dtype, itm_token, max_text_tokens)
+        return cls(
+            network, processor, source, torch_device, dtype, itm_token, max_text_tokens, engine
+        )
+
+    def fast(self):
+        """The fast-path scorer over this network's weights (built once)."""
+        if self._fast is None:
+            from capfilt.models.fast import FastItm
+
+            self._fast = FastItm(self.network)
+        return self._fast
 
     @property
     def model_id(self) -> str:
@@ -443,6 +549,9 @@ class ItmScorer:
 
         with torch.inference_mode():
             pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+            if self.engine == "fast":
+                embeds = self.fast().encode_images(pixel_values)
+                return ImageFeatures(embeds, self.fast().image_features(embeds))
             embeds = self.network.vision_model(pixel_values=pixel_values).last_hidden_state
             itc = normalize(self.network.vision_proj(embeds[:, 0, :]), dim=-1)
         return ImageFeatures(embeds, itc)
@@ -472,6 +581,12 @@ class ItmScorer:
             if self.itm_token_id is not None:
                 itm_ids = input_ids.clone()
                 itm_ids[:, 0] = self.itm_token_id
+            if self.engine == "fast":
+                # each image's keys/values serve all of its captions
+                itm = self.fast().itm(images.embeds, index, itm_ids, attention_mask)
+                text_feat = self.fast().text_features(input_ids, attention_mask)  # (P, E)
+                itc = (images.itc.index_select(0, index) * text_feat).float().sum(dim=-1)
+                return itm.float().cpu(), itc.cpu()
             pair_embeds = images.embeds.index_select(0, index)  # (P, L, D)
             image_mask = torch.ones(pair_embeds.shape[:-1], dtype=torch.long, device=self.device)
             fused = self.network.text_encoder(
