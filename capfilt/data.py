@@ -7,6 +7,7 @@ DataLoader runs decoding and preprocessing, in worker processes when asked.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -30,34 +31,107 @@ class DecodedImage:
 
 def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:
     """Decode image bytes to an upright RGB PIL image; failures come back as `error`."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     if not data:
         return DecodedImage(None, "no image bytes")
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between max_pixels and twice that; any bomb should be a row error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img = ImageOps.exif_transpose(img)
-                # Palette and alpha images go through RGBA so transparency becomes a colour
-                # rather than a palette index; CMYK, L, I;16 … convert directly.
-                if img.mode in ("P", "PA", "LA") or (img.mode == "RGBA"):
-                    img = img.convert("RGBA")
-                    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                    img = Image.alpha_composite(background, img)
-                rgb = img.convert("RGB")
-                rgb.load()
-        return DecodedImage(rgb)
-    except Image.UnidentifiedImageError:
-        return DecodedImage(None, "cannot decode image: not an image format PIL recognises")
-    except Image.DecompressionBombError as e:
-        return DecodedImage(None, f"image too large: {e}")
-    except Image.DecompressionBombWarning as e:
-        return DecodedImage(None, f"image too large: {e}")
+        with _open_image(data, max_pixels) as img:
+            return DecodedImage(upright_rgb(img))
+    except _ImageRefused as e:
+        return DecodedImage(None, str(e))
     except Exception as e:  # noqa: BLE001 - any decoder failure is this row's error, not the run's
-        return DecodedImage(None, f"cannot decode image: {type(e).__name__}: {e}")
+        return DecodedImage(None, _decode_error(e))
+
+
+def prepare_for_resize(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Bytes that OpenCV (img2dataset's resizer) decodes to the right upright RGB picture.
+
+    OpenCV ignores EXIF orientation, turns 16-bit images white when it writes them as JPEG,
+    and decodes an image of any size: so the size is checked from the header first (a
+    decompression bomb is refused before a pixel is decoded), a plain RGB or greyscale JPEG
+    passes through untouched (the common case, no extra cost), and anything else is decoded by
+    PIL (first frame, upright, alpha on white, 8-bit RGB) and handed on as an uncompressed BMP.
+    Returns (bytes, None) or (None, the reason it cannot be used).
+    """
+    if not data:
+        return None, "no image bytes"
+    try:
+        with _open_image(data, max_pixels) as img:
+            orientation = img.getexif().get(_EXIF_ORIENTATION) if img.format == "JPEG" else None
+            if img.format == "JPEG" and img.mode in ("RGB", "L") and orientation in (None, 1):
+                return data, None
+            out = io.BytesIO()
+            upright_rgb(img).save(out, "BMP")
+            return out.getvalue(), None
+    except _ImageRefused as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this row's error
+        return None, _decode_error(e)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class _ImageRefused(Exception):
+    """An image capfilt will not decode (too many pixels)."""
+
+
+@contextlib.contextmanager
+def _open_image(data: bytes, max_pixels: int):
+    """PIL's lazy open (header only), refusing images above `max_pixels` before decoding."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between its limit and twice that, and raises above: capfilt's own
+            # check below decides, so neither may escape as a warning or a traceback.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise _ImageRefused(f"image too large: {e}") from e
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise _ImageRefused(
+                f"image too large: {width}x{height} pixels is more than the limit of "
+                f"{max_pixels:,} (a decompression bomb?)"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield img
+
+
+def _decode_error(e: Exception) -> str:
+    from PIL import Image
+
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "cannot decode image: not an image format PIL recognises"
+    return f"cannot decode image: {type(e).__name__}: {e}"
+
+
+def upright_rgb(img):
+    """The first frame of a PIL image as 8-bit RGB, turned upright by its EXIF orientation.
+
+    Transparency becomes white (web images with alpha are drawn on white pages); 16-bit
+    greyscale is scaled to 8 bits rather than clipped, which would turn it white.
+    """
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        levels = np.asarray(img).astype(np.uint32) >> 8
+        img = Image.fromarray(levels.clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("P", "PA", "LA", "RGBA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    rgb = img.convert("RGB")
+    rgb.load()
+    return rgb
 
 
 def successful_images(table):

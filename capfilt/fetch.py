@@ -28,8 +28,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 
+from capfilt import io
 from capfilt.errors import CapfiltError
 from capfilt.layout import Dataset
+from capfilt.safe_fetch import DEFAULT_IMAGE_DEADLINE, DEFAULT_MAX_IMAGE_BYTES
 
 URL_LIST_FORMATS = ("csv", "tsv", "parquet", "jsonl", "json", "txt")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
@@ -65,6 +67,10 @@ class FetchOptions:
     encode_quality: int = 95
     min_image_size: int = 0
     overwrite: bool = False
+    # Safety of the download itself (capfilt.safe_fetch): what may be reached, how much, how long.
+    allow_private_addresses: bool = False
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    image_deadline: float = DEFAULT_IMAGE_DEADLINE
 
     def validate(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -87,6 +93,20 @@ class FetchOptions:
                 raise CapfiltError(f"--{name.replace('_', '-')} must be at least 1")
         if self.retries < 0:
             raise CapfiltError("--retries must be 0 or more")
+        if self.max_image_bytes < 1:
+            raise CapfiltError("--max-image-bytes must be at least 1")
+        if not (self.image_deadline > 0 and math.isfinite(self.image_deadline)):
+            raise CapfiltError("--image-deadline must be a number of seconds more than 0")
+
+    def download_policy(self):
+        """The capfilt.safe_fetch policy these options ask for."""
+        from capfilt.safe_fetch import DownloadPolicy
+
+        return DownloadPolicy(
+            allow_private_addresses=self.allow_private_addresses,
+            max_image_bytes=self.max_image_bytes,
+            image_deadline=float(self.image_deadline),
+        )
 
 
 def options_from_manifest(path: str | os.PathLike, **overrides) -> tuple[FetchOptions, dict]:
@@ -105,17 +125,36 @@ def options_from_manifest(path: str | os.PathLike, **overrides) -> tuple[FetchOp
                 else ""
             )
         )
-    known = {f.name for f in fields(FetchOptions)}
-    settings = {k: v for k, v in table.items() if k in known}
-    for key in ("column_names", "opt_out_directives"):
-        if settings.get(key) is not None:
-            settings[key] = tuple(settings[key])
+    # A manifest may come from anyone: it cannot open the way to private networks.
+    known = {f.name for f in fields(FetchOptions)} - {"allow_private_addresses"}
+    settings = {k: _manifest_setting(path, k, v) for k, v in table.items() if k in known}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        options = FetchOptions(**settings)
-    except TypeError as e:
-        raise CapfiltError(f"{path}: bad [fetch] table: {e}") from e
-    return options, dict(manifest.get("source", {}))
+    source = manifest.get("source", {})
+    if not isinstance(source, dict):
+        raise CapfiltError(f"{path}: [source] must be a table, not {type(source).__name__}")
+    return FetchOptions(**settings), dict(source)
+
+
+def _manifest_setting(path, key: str, value):
+    """A [fetch] value checked against FetchOptions' type (fuzzing found the traceback)."""
+    annotation = next(f.type for f in fields(FetchOptions) if f.name == key)
+    annotation = str(annotation)
+    if annotation.startswith("tuple"):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        wanted = "a list of strings"
+        value = tuple(value) if ok else value
+    elif annotation.startswith("bool"):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif annotation.startswith("int"):
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif annotation.startswith("float"):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        wanted = "a number"
+    else:  # str, or str | None
+        ok, wanted = isinstance(value, str), "a string"
+    if not ok:
+        raise CapfiltError(f"{path}: [fetch] {key} must be {wanted}, not {value!r}")
+    return value
 
 
 def load_manifest(path: str | os.PathLike) -> dict:
@@ -132,8 +171,9 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise CapfiltError(
             f"data manifest {str(path)!r} not found; see data_manifests/ for the known sources"
         ) from e
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise CapfiltError(f"cannot read data manifest {str(path)!r}: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise CapfiltError(f"cannot read data manifest {str(path)!r}: {why}") from e
 
 
 # --- the URL list ----------------------------------------------------------------------------
@@ -151,6 +191,7 @@ class UrlList:
     extra_columns: list[str]
     skipped_columns: list[str] = field(default_factory=list)
     temp_dir: str | None = None
+    invalid_utf8_values: int = 0  # text values whose invalid UTF-8 bytes became U+FFFD
 
     @property
     def rows(self) -> int:
@@ -211,6 +252,7 @@ def read_url_list(url_list: str, options: FetchOptions) -> UrlList:
 
     temp_dir = None
     out_files, rows_per_file, columns = [], [], None
+    invalid_utf8 = 0
     try:
         for i, file in enumerate(files):
             if fmt == "parquet":
@@ -222,12 +264,20 @@ def read_url_list(url_list: str, options: FetchOptions) -> UrlList:
                     raise CapfiltError(f"cannot read URL list {file!r} as Parquet: {e}") from e
                 out_files.append(fs.unstrip_protocol(file) if fs.protocol != "file" else file)
             else:
-                table = _read_table(fs, file, fmt, options)
+                table, repaired = utf8_text_columns(_read_table(fs, file, fmt, options))
+                invalid_utf8 += repaired
                 file_columns, rows = table.column_names, table.num_rows
                 if temp_dir is None:
                     temp_dir = tempfile.mkdtemp(prefix="capfilt-urls-")
                 out = os.path.join(temp_dir, f"{i:05d}.parquet")
-                pq.write_table(table, out)
+                try:
+                    pq.write_table(table, out)
+                except Exception as e:  # found by fuzzing: e.g. a column of empty JSON objects
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise CapfiltError(
+                        f"cannot read URL list {file!r}: its columns cannot be stored as "
+                        f"Parquet ({first}); give every column plain text or numbers"
+                    ) from e
                 out_files.append(out)
             if columns is None:
                 columns = file_columns
@@ -244,6 +294,7 @@ def read_url_list(url_list: str, options: FetchOptions) -> UrlList:
 
     listing = UrlList(url_list, fmt, out_files, rows_per_file, columns or [], "url", None, [])
     listing.temp_dir = temp_dir
+    listing.invalid_utf8_values = invalid_utf8
     try:
         _choose_columns(listing, options)
         if listing.rows == 0:
@@ -272,6 +323,8 @@ def _read_table(fs, file: str, fmt: str, options: FetchOptions):
                     convert_options=pa_csv.ConvertOptions(strings_can_be_null=True),
                 )
             elif fmt == "jsonl":
+                _check_jsonl_lines(f)
+                f.seek(0)
                 table = pa_json.read_json(f)
             elif fmt == "json":
                 records = json.load(f)
@@ -291,10 +344,61 @@ def _read_table(fs, file: str, fmt: str, options: FetchOptions):
         raise CapfiltError(f"cannot read URL list {file!r} as {fmt}: {first}") from e
     # A column with no value at all has Arrow's null type; make it a string column so
     # every shard of images/ gets the same schema.
+    try:
+        table.column_names  # noqa: B018 - decodes the names
+    except UnicodeDecodeError as e:  # found by fuzzing: a header line that is not UTF-8
+        raise CapfiltError(
+            f"cannot read URL list {file!r} as {fmt}: its column names are not valid UTF-8"
+        ) from e
     for i, column in enumerate(table.schema):
         if pa.types.is_null(column.type):
             table = table.set_column(i, column.name, table.column(i).cast(pa.string()))
     return table
+
+
+def utf8_text_columns(table):
+    """`table` with its binary columns as text, and how many values had invalid UTF-8.
+
+    pyarrow reads a csv column holding bytes that are not UTF-8 (a Latin-1 caption in a web
+    dump) as binary; such a value keeps its row, with U+FFFD for each invalid byte, rather than
+    failing the whole list or reaching images/ as bytes.
+    """
+    import pyarrow as pa
+
+    repaired = 0
+    for i, column in enumerate(table.schema):
+        if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            continue
+        texts = []
+        for value in table.column(i).to_pylist():
+            if value is None:
+                texts.append(None)
+                continue
+            try:
+                texts.append(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                texts.append(value.decode("utf-8", errors="replace"))
+                repaired += 1
+        table = table.set_column(i, column.name, pa.array(texts, pa.string()))
+    return table, repaired
+
+
+def _names(columns: list[str]) -> str:
+    """Column names for a one-line message (a name may hold a newline: found by fuzzing)."""
+    return ", ".join(c if c.isprintable() else repr(c) for c in columns)
+
+
+def _check_jsonl_lines(f) -> None:
+    """Raise ValueError unless every non-blank line of a JSONL list is a JSON object.
+
+    pyarrow's JSON reader crashes the interpreter (segmentation fault, pyarrow 26) on a line
+    that is a bare value such as `null`; found by fuzzing. This pass streams, so it adds no
+    memory, only a read of the file.
+    """
+    for number, line in enumerate(f, start=1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith(b"{"):
+            raise ValueError(f"line {number} is not a JSON object; each line must be one")
 
 
 def _choose_columns(listing: UrlList, options: FetchOptions) -> None:
@@ -302,13 +406,13 @@ def _choose_columns(listing: UrlList, options: FetchOptions) -> None:
     if options.url_col not in columns:
         raise CapfiltError(
             f"URL list {listing.source!r} has no column {options.url_col!r} (its columns: "
-            f"{', '.join(columns) or 'none'}); pass --url-col with the column of image URLs"
+            f"{_names(columns) or 'none'}); pass --url-col with the column of image URLs"
         )
     caption_col = options.caption_col
     if caption_col is not None and caption_col not in columns:
         raise CapfiltError(
             f"URL list {listing.source!r} has no column {caption_col!r} (its columns: "
-            f"{', '.join(columns)}); pass --caption-col with the column of captions"
+            f"{_names(columns)}); pass --caption-col with the column of captions"
         )
     if caption_col is None and "caption" in columns and options.url_col != "caption":
         caption_col = "caption"
@@ -333,6 +437,7 @@ class FetchResult:
     errors: dict  # this run: error message -> rows
     skipped_columns: list[str]
     log_path: str | None = None
+    invalid_utf8_values: int = 0  # list values whose invalid UTF-8 bytes became U+FFFD
 
     @property
     def success_rate(self) -> float:
@@ -418,7 +523,11 @@ class _Staging:
         self.fs.makedirs(self.path, exist_ok=True)
         self.sweep()
         done = set(self.dataset.shards("images"))
-        for entry in self.fs.ls(self.path, detail=False):
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:  # an object store has no empty folders
+            entries = []
+        for entry in entries:
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             shard = _shard_of(name)
             if name.endswith("_stats.json") and shard not in done:
@@ -463,11 +572,19 @@ class _Staging:
                 if parquet not in names:
                     continue
                 stats_file = f"{self.path}/{name}"
-                with self.fs.open(stats_file, "r") as f:
-                    self.stats[shard] = json.load(f)
+                with self.fs.open(stats_file, "rb") as f:
+                    data = f.read()
+                try:
+                    stats = json.loads(data)
+                except ValueError:
+                    # img2dataset is still writing it, or was killed while it did: a later
+                    # sweep retries, and a re-run's prepare() fetches the shard again.
+                    continue
+                # Copy, not move (img2dataset's logger may still be reading the stats file),
+                # and before the parquet, so a shard in images/ always has its stats.
+                io.write_bytes_atomic(self.fs, self.dataset.stats_path("images", shard), data)
                 self.fs.mv(f"{self.path}/{parquet}", self.dataset.shard_path("images", shard))
-                # Copy, not move: img2dataset's logger may still be reading the stats file.
-                self.fs.copy(stats_file, self.dataset.stats_path("images", shard))
+                self.stats[shard] = stats
                 self.moved.add(shard)
                 found.append(shard)
             return found
@@ -560,6 +677,8 @@ def _describe_source(listing: UrlList, options: FetchOptions, source: dict | Non
         "rows": listing.rows,
         "shard_size": options.shard_size,
     }
+    if listing.invalid_utf8_values:
+        described["invalid_utf8_values"] = listing.invalid_utf8_values
     if source:
         described["manifest"] = source
     return described
@@ -578,10 +697,10 @@ def _download_here(listing: UrlList, staging: _Staging, options: FetchOptions) -
     logger process, each importing img2dataset again (seconds on a laptop, more than the
     download of a small list); the same reader, downloader and writer run here instead.
     """
-    from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader
-    from img2dataset.resizer import Resizer
     from img2dataset.writer import ParquetSampleWriter
+
+    from capfilt.safe_fetch import SafeDownloader, SafeResizer
 
     tmp_path = f"{staging.path}/_tmp"
     staging.fs.makedirs(tmp_path, exist_ok=True)
@@ -599,14 +718,17 @@ def _download_here(listing: UrlList, staging: _Staging, options: FetchOptions) -
         staging.dataset.url("images", STAGING, "_tmp"),
         0,
     )
-    resizer = Resizer(
+    policy = options.download_policy()
+    resizer = SafeResizer.wrapping(
+        max_pixels=policy.max_image_pixels,
         image_size=options.image_size,
         resize_mode=options.resize_mode,
         resize_only_if_bigger=False,
         encode_quality=options.encode_quality,
         min_image_size=options.min_image_size,
     )
-    downloader = Downloader(
+    downloader = SafeDownloader.wrapping(
+        policy=policy,
         sample_writer_class=ParquetSampleWriter,
         resizer=resizer,
         thread_count=options.threads,
@@ -627,7 +749,8 @@ def _download_here(listing: UrlList, staging: _Staging, options: FetchOptions) -
     failed = [shard for ok, shard in map(downloader, reader) if not ok]
     if failed:  # img2dataset's distributors retry a failed shard once
         failed = [shard for ok, shard in map(downloader, failed) if not ok]
-    staging.fs.rm(tmp_path, recursive=True)
+    if staging.fs.exists(tmp_path):  # on an object store it vanished with its last file
+        staging.fs.rm(tmp_path, recursive=True)
 
 
 # --- the stage -------------------------------------------------------------------------------
@@ -677,7 +800,10 @@ def _download(listing, dataset, options, on_progress) -> FetchResult:
 
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            with engine:
+            from capfilt.safe_fetch import guarded_img2dataset
+
+            # Worker processes get the guard with the pickled downloader (SafeDownloader).
+            with engine, guarded_img2dataset(options.download_policy()):
                 if options.processes == 1 and options.distributor == "multiprocessing":
                     _download_here(listing, staging, options)
                 else:
@@ -739,6 +865,7 @@ def _download(listing, dataset, options, on_progress) -> FetchResult:
         counts=counts,
         errors=dict(errors.most_common()),
         skipped_columns=listing.skipped_columns,
+        invalid_utf8_values=listing.invalid_utf8_values,
     )
     _record(dataset, listing, options, result)
     return result

@@ -81,6 +81,7 @@ class SourcePairs:
     pairs: list[Pair]
     unlisted_files: int = 0  # images in the folder that no caption row names
     skipped_columns: list[str] = field(default_factory=list)
+    invalid_utf8_values: int = 0  # caption-file values whose invalid UTF-8 bytes became U+FFFD
 
 
 @dataclass
@@ -94,6 +95,7 @@ class IngestResult:
     errors: dict
     unlisted_files: int
     skipped_columns: list[str]
+    invalid_utf8_values: int = 0
 
     @property
     def success_rate(self) -> float:
@@ -150,6 +152,10 @@ def _read_captions_file(path: str, root: str, options: IngestOptions) -> SourceP
 
     try:
         if path.lower().endswith(".jsonl"):
+            from capfilt.fetch import _check_jsonl_lines
+
+            with open(path, "rb") as f:
+                _check_jsonl_lines(f)  # pyarrow crashes on a line that is not an object
             table = pa_json.read_json(path)
         else:
             delimiter = "\t" if path.lower().endswith(".tsv") else ","
@@ -161,6 +167,9 @@ def _read_captions_file(path: str, root: str, options: IngestOptions) -> SourceP
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CapfiltError(f"cannot read captions file {path!r}: {first}") from e
+    from capfilt.fetch import utf8_text_columns
+
+    table, invalid_utf8 = utf8_text_columns(table)
     columns = table.column_names
     file_col = options.file_col or next((c for c in FILE_COLUMN_GUESSES if c in columns), None)
     if file_col is None or file_col not in columns:
@@ -190,7 +199,9 @@ def _read_captions_file(path: str, root: str, options: IngestOptions) -> SourceP
     if not pairs:
         raise CapfiltError(f"captions file {path!r} has no rows; nothing to ingest")
     skipped = [c for c in rest if c in RESERVED_COLUMNS]
-    return SourcePairs("captions_file", root, pairs, skipped_columns=skipped)
+    return SourcePairs(
+        "captions_file", root, pairs, skipped_columns=skipped, invalid_utf8_values=invalid_utf8
+    )
 
 
 def _read_annotation_json(path: str, options: IngestOptions) -> SourcePairs:
@@ -396,12 +407,19 @@ def ingest(
             "rows": len(found.pairs),
             "shard_size": options.shard_size,
             "extra_columns": extra_columns,
+            **(
+                {"invalid_utf8_values": found.invalid_utf8_values}
+                if found.invalid_utf8_values
+                else {}
+            ),
         }
     )
 
-    from img2dataset.resizer import Resizer
+    from capfilt.safe_fetch import SafeResizer
 
-    resizer = Resizer(
+    # Refuses decompression bombs, and turns EXIF-rotated, 16-bit, CMYK, alpha, palette and
+    # animated images into upright RGB before img2dataset's resizer (OpenCV) sees them.
+    resizer = SafeResizer.wrapping(
         image_size=options.image_size,
         resize_mode=options.resize_mode,
         resize_only_if_bigger=False,
@@ -458,6 +476,7 @@ def ingest(
         errors=dict(errors.most_common()),
         unlisted_files=found.unlisted_files,
         skipped_columns=found.skipped_columns,
+        invalid_utf8_values=found.invalid_utf8_values,
     )
     dataset.record_run(
         "ingest",

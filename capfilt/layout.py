@@ -153,13 +153,25 @@ class Dataset:
         try:
             with self.fs.open(path, "rb") as f:
                 manifest = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
             raise CapfiltError(
-                f"{path} is not valid JSON ({e}); restore it or delete it to start a new manifest"
+                f"{path} is not valid JSON ({why}); restore it or delete it to start a new manifest"
             ) from e
         if not isinstance(manifest, dict):
             raise CapfiltError(f"{path} must hold a JSON object; restore it or delete it")
         manifest.setdefault("runs", [])
+        # Stages read these two keys; a hand-edited or damaged file must not become a traceback.
+        runs, source = manifest["runs"], manifest.get("source")
+        if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+            raise CapfiltError(
+                f"{path}: 'runs' must be a list of objects; restore the file or delete it to "
+                "start a new manifest"
+            )
+        if source is not None and not isinstance(source, dict):
+            raise CapfiltError(
+                f"{path}: 'source' must be an object or null; restore the file or delete it"
+            )
         return manifest
 
     @contextmanager

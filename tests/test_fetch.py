@@ -16,7 +16,8 @@ from capfilt.cli import app
 from capfilt.fetch import FetchOptions, fetch, options_from_manifest, read_url_list
 from capfilt.layout import Dataset
 
-FAST = dict(image_size=32, threads=4, timeout=5)
+# The toy web is served on 127.0.0.1, which fetch refuses without the flag.
+FAST = dict(image_size=32, threads=4, timeout=5, allow_private_addresses=True)
 MANIFESTS = sorted((Path(__file__).parent.parent / "data_manifests").glob("*.toml"))
 
 
@@ -212,7 +213,15 @@ def test_cli_fetch_applies_a_manifest(web, tmp_path):
         "image_size = 24\nshard_size = 2\nthreads = 2\ntimeout = 5\n"
     )
     result = CliRunner().invoke(
-        app, ["fetch", str(url_list), str(tmp_path / "ds"), "--manifest", str(manifest)]
+        app,
+        [
+            "fetch",
+            str(url_list),
+            str(tmp_path / "ds"),
+            "--manifest",
+            str(manifest),
+            "--allow-private-addresses",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "3 ok (100.0%)" in result.output and "3 of 3 rows" in result.output

@@ -1,0 +1,293 @@
+"""Kill-anywhere harness: run a stage in a child process, SIGKILL it at seeded random moments,
+watch the dataset folder while it runs, and resume until a run finishes by itself.
+
+Children come from a fork server that has already imported torch, transformers, img2dataset
+and capfilt: a fresh interpreter spends ~15 s on those imports on a small machine, so killing
+CLI processes would mostly kill imports. A forked child runs exactly the code a `capfilt`
+command runs after parsing its options, and SIGKILL ends it the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRELOAD = [
+    "torch",
+    "transformers",
+    "transformers.models.blip.modeling_blip",
+    "accelerate",
+    "img2dataset.downloader",
+    "img2dataset.reader",
+    "img2dataset.writer",
+    "capfilt.caption",
+    "capfilt.filter",
+    "capfilt.fetch",
+    "capfilt.train",
+    "capfilt.models.blip",
+    "capfilt.models.med",
+]
+_SHARD = re.compile(r"^(\d{5,})\.parquet$")
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def context():
+    """The fork-server context every stage child starts from (preloads the heavy modules)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _child_setup() -> None:
+    import multiprocessing
+    import threading
+
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    # tqdm's bars take a multiprocessing lock, which a killed child leaves behind.
+    tqdm.set_lock(threading.RLock())
+    # Locks made under the forkserver method are registered with the resource tracker and
+    # leak (with a warning at exit) when the child is killed; under fork they are not.
+    multiprocessing.set_start_method("fork", force=True)
+    transformers.utils.logging.disable_progress_bar()
+
+    # One thread: the fork server never ran an OpenMP region, but two cores are shared with
+    # the watcher and the toy web server, and results must not depend on thread count.
+    torch.set_num_threads(1)
+
+
+# --- what the children run (the body of each CLI command) ------------------------------------
+def run_fetch(url_list: str, root: str, shard_size: int) -> None:
+    from capfilt.fetch import FetchOptions, fetch
+
+    _child_setup()
+    # The toy web is served on 127.0.0.1, which fetch refuses unless allowed.
+    options = FetchOptions(
+        shard_size=shard_size, image_size=32, threads=4, timeout=5, allow_private_addresses=True
+    )
+    fetch(url_list, root, options)
+
+
+def run_caption(root: str, model: str) -> None:
+    from capfilt.caption import CaptionConfig, caption_dataset
+
+    _child_setup()
+    config = CaptionConfig(model=model, batch_size=2, num_workers=0, max_length=12, seed=3)
+    caption_dataset(root, config, progress=False)
+
+
+def run_filter(root: str, model: str, threshold: float) -> None:
+    from capfilt.filter import FilterConfig, filter_dataset
+
+    _child_setup()
+    config = FilterConfig(threshold=threshold, model=model, batch_size=2, num_workers=0)
+    filter_dataset(root, config, progress=False)
+
+
+def run_pretrain(options: dict, resumes_log: str) -> None:
+    """`capfilt pretrain`, with a spy that notes which checkpoint `load_state` resumes from."""
+    from accelerate import Accelerator
+
+    from capfilt.train import TrainConfig, train
+
+    _child_setup()
+    load_state = Accelerator.load_state
+
+    def noting_load_state(self, input_dir=None, **kwargs):
+        with open(resumes_log, "a") as f:
+            f.write(f"{os.getpid()} {Path(input_dir).name}\n")
+        return load_state(self, input_dir, **kwargs)
+
+    Accelerator.load_state = noting_load_state
+    train_config = TrainConfig(**options)
+    train(train_config)
+
+
+# --- the watcher -----------------------------------------------------------------------------
+class ShardWatcher:
+    """Polls stage folders: every visible shard must read whole and hold the rows it should.
+
+    `expect(stage, shard, table)` raises AssertionError when a complete-looking file is wrong.
+    """
+
+    def __init__(self, root: Path, stages: tuple[str, ...], expect: Callable | None = None):
+        self.root, self.stages, self.expect = Path(root), stages, expect
+        self.seen: dict[Path, tuple] = {}  # file → (size, mtime) already checked
+        self.files_checked = 0
+        self.temp_files_seen = 0
+
+    def shards(self, stage: str) -> list[int]:
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in os.listdir(folder) if (m := _SHARD.match(p)))
+
+    def temp_files(self) -> list[str]:
+        found = []
+        for stage in self.stages:
+            folder = self.root / stage
+            if folder.is_dir():
+                found += [f"{stage}/{n}" for n in os.listdir(folder) if ".tmp-" in n]
+        return found
+
+    def check(self) -> None:
+        import pyarrow.parquet as pq
+
+        manifest = self.root / "capfilt.json"
+        try:
+            text = manifest.read_text()
+        except FileNotFoundError:
+            pass
+        else:
+            assert isinstance(json.loads(text), dict), "capfilt.json is not a JSON object"
+        if self.temp_files():
+            self.temp_files_seen += 1
+        for stage in self.stages:
+            for shard in self.shards(stage):
+                path = self.root / stage / f"{shard:05d}.parquet"
+                try:
+                    st = path.stat()
+                    signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+                    if self.seen.get(path) == signature:
+                        continue
+                    table = pq.read_table(path)
+                except FileNotFoundError:  # replaced or removed between listing and reading
+                    continue
+                except Exception as e:  # noqa: BLE001 - any unreadable file is the failure
+                    raise AssertionError(
+                        f"{stage}/{path.name} is visible but unreadable: {e}"
+                    ) from e
+                if self.expect is not None:
+                    self.expect(stage, shard, table)
+                self.seen[path] = signature
+                self.files_checked += 1
+
+
+def download_in_flight(root: Path) -> bool:
+    """Whether img2dataset is writing a shard (a staged parquet without its stats file yet)."""
+    try:
+        names = set(os.listdir(Path(root) / "images" / "_incoming"))
+    except FileNotFoundError:
+        return False
+    return any(n.endswith(".parquet") and f"{n[:-8]}_stats.json" not in names for n in names)
+
+
+def checkpoint_in_flight(run_dir: Path) -> bool:
+    """Whether a step-N folder is being written (it has no metadata.json yet)."""
+    try:
+        entries = list(os.scandir(run_dir))
+    except FileNotFoundError:
+        return False
+    return any(
+        _STEP.match(e.name) and not os.path.exists(os.path.join(e.path, "metadata.json"))
+        for e in entries
+    )
+
+
+def run_checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints of a run folder (step-N with metadata.json)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        int(m.group(1))
+        for p in run_dir.iterdir()
+        if (m := _STEP.match(p.name)) and (p / "metadata.json").is_file()
+    )
+
+
+# --- the loop --------------------------------------------------------------------------------
+@dataclass
+class KillLog:
+    """What the kill loop did: kills that landed on a live process, runs that finished."""
+
+    kills: int = 0
+    kills_in_flight: int = 0  # kills while a write was visibly under way
+    finished_runs: int = 0
+    progress_at_kill: list = field(default_factory=list)
+    pids: list = field(default_factory=list)  # of every child started, in order
+
+
+def kill_until_done(
+    ctx,
+    target: Callable,
+    args: tuple,
+    rng,
+    watcher: ShardWatcher,
+    progress: Callable[[], int],
+    log: KillLog,
+    max_delay: float,
+    max_kills: int,
+    timeout: float = 120.0,
+    before_start: Callable[[], None] | None = None,
+    in_flight: Callable[[], bool] | None = None,
+) -> None:
+    """Start `target`, SIGKILL it at a seeded random moment, restart, until a run finishes.
+
+    A third of the kills come a random delay after the start; a third wait for `progress()`
+    (shards written, steps logged) to move on first, so that they land while the stage works
+    rather than while it loads its model; a third fire as soon as `in_flight()` sees a write
+    under way (by default: a temporary file in a stage folder). After `max_kills` kills the
+    last run goes uninterrupted.
+    """
+    in_flight = in_flight or (lambda: bool(watcher.temp_files()))
+    # Each call ends with a finished run; a stage too fast for its delays would loop forever.
+    assert log.finished_runs < 30, "runs keep finishing before their kill: shorten max_delay"
+    kills_here = 0
+    while True:
+        if before_start is not None:
+            before_start()
+        child = ctx.Process(target=target, args=args, daemon=True)
+        started = time.monotonic()
+        progress_before = progress()
+        child.start()
+        log.pids.append(child.pid)
+        kill_now = kills_here < max_kills
+        mode = rng.choice(("delay", "progress", "in flight"))
+        delay = rng.uniform(0.0, max_delay)
+        kill_at = started + delay if mode == "delay" else None
+        checked = 0.0
+        while child.is_alive():
+            now = time.monotonic()
+            # Waiting for a write in flight, look often and read shards less often.
+            if mode != "in flight" or not kill_now or now - checked > 0.05:
+                watcher.check()
+                checked = now = time.monotonic()
+            if kill_now and kill_at is None:
+                if mode == "progress" and progress() > progress_before:
+                    kill_at = now + delay / 4
+                elif mode == "in flight" and in_flight():
+                    kill_at = now
+                elif now - started > 3 * max_delay:  # no write seen: fall back to a delay
+                    kill_at = now
+            if kill_now and kill_at is not None and now >= kill_at:
+                break
+            assert now - started < timeout, f"{target.__name__} ran for over {timeout} s"
+            time.sleep(0.0005 if mode == "in flight" and kill_now else 0.005)
+        if child.is_alive():
+            writing = in_flight()
+            child.kill()
+            child.join()
+            kills_here += 1
+            log.kills += 1
+            log.kills_in_flight += writing
+            log.progress_at_kill.append(progress())
+            watcher.check()
+            continue
+        child.join()
+        assert child.exitcode == 0, f"{target.__name__} failed with exit code {child.exitcode}"
+        watcher.check()
+        log.finished_runs += 1
+        return
+
+
+def temp_leftovers(root: Path) -> list[str]:
+    """Temporary files anywhere under a dataset folder."""
+    return [str(p.relative_to(root)) for p in Path(root).rglob("*") if ".tmp-" in p.name]

@@ -1,0 +1,224 @@
+"""capfilt fetch downloads safely: http(s) only, no private or metadata addresses (also after a
+redirect or a DNS answer), a size cap and a deadline per image, in this process and in workers.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from _hostile import drip_body, drip_headers, hostile_server, jpeg
+from _web import read_images, write_list
+from typer.testing import CliRunner
+
+from capfilt import safe_fetch
+from capfilt.cli import app
+from capfilt.fetch import FetchOptions, fetch, options_from_manifest
+
+IMAGE = jpeg((40, 20))
+BIG = 300_000
+FAST = dict(image_size=16, threads=4, timeout=5, shard_size=50)
+
+
+def _fetch(tmp_path, urls: list[str], **options) -> dict[str, dict]:
+    rows = [{"url": url, "caption": f"row {i}"} for i, url in enumerate(urls)]
+    url_list = write_list(rows, tmp_path / "urls.csv", "csv")
+    result = fetch(str(url_list), str(tmp_path / "ds"), FetchOptions(**{**FAST, **options}))
+    assert result.complete and result.rows_in_images == len(urls)
+    return {row["url"]: row for row in read_images(tmp_path / "ds")}
+
+
+# --- addresses -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "address, kind",
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("fd12:3456::1", "private"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1%eth0", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("100.64.0.1", "not a public"),
+        ("224.0.0.1", "multicast"),
+    ],
+)
+def test_private_addresses_are_refused_unless_allowed(address, kind):
+    assert kind in safe_fetch.refusal_for_address(address, allow_private=False)
+    assert safe_fetch.refusal_for_address(address, allow_private=True) is None
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "151.101.1.69", "2606:4700:4700::1111"])
+def test_public_addresses_are_allowed(address):
+    assert safe_fetch.refusal_for_address(address, allow_private=False) is None
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "fd00:ec2::254", "100.100.100.200"])
+def test_metadata_addresses_are_refused_even_when_private_ones_are_allowed(address):
+    for allow in (False, True):
+        assert "metadata" in safe_fetch.refusal_for_address(address, allow_private=allow)
+
+
+def test_refused_by_default_allowed_with_the_flag(tmp_path):
+    with hostile_server("127.0.0.1", {"/a.jpg": lambda p: p.body(IMAGE)}) as (base, pages):
+        url = base + "/a.jpg"
+        secure = url.replace("http://", "https://").replace("127.0.0.1", "localhost")
+        rows = _fetch(tmp_path / "default", [url, secure])
+        for listed in (url, secure):
+            assert rows[listed]["status"] == "failed_to_download"
+            message = rows[listed]["error_message"]
+            assert "is a loopback address" in message  # localhost may be ::1 first
+            assert "--allow-private-addresses" in message
+        assert pages.requests == []  # refused before a connection was made
+
+        rows = _fetch(tmp_path / "allowed", [url], allow_private_addresses=True)
+        assert rows[url]["status"] == "success" and pages.requests == ["/a.jpg"]
+
+
+def test_only_http_and_https_and_never_metadata(tmp_path):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(IMAGE)
+    urls = {
+        f"file://{secret}": "only http and https",
+        "ftp://ftp.example.com/a.jpg": "only http and https",
+        "data:image/jpeg;base64,/9j/4AAQ": "only http and https",
+        "javascript:alert(1)": "only http and https",
+        "not a url at all": "only http and https",
+        "http://169.254.169.254/latest/meta-data/iam/": "cloud metadata",
+        "http://[fd00:ec2::254]/latest/meta-data/": "cloud metadata",
+        "http://metadata.google.internal/computeMetadata/v1/": "cloud metadata",
+    }
+    rows = _fetch(tmp_path, list(urls), allow_private_addresses=True, timeout=2)
+    for url, reason in urls.items():
+        assert rows[url]["status"] == "failed_to_download", url
+        assert reason in rows[url]["error_message"], (url, rows[url]["error_message"])
+        assert "--allow-private-addresses" not in rows[url]["error_message"]
+
+
+def test_redirects_and_dns_answers_cannot_reach_loopback(tmp_path, monkeypatch):
+    """127.0.0.2 stands in for a public server; names resolve through a patched resolver."""
+    real_refusal, real_resolve = safe_fetch.refusal_for_address, safe_fetch._resolve
+    monkeypatch.setattr(
+        safe_fetch,
+        "refusal_for_address",
+        lambda address, allow: None if address == "127.0.0.2" else real_refusal(address, allow),
+    )
+    dns = {"cdn.example.test": "127.0.0.2", "rebind.example.test": "127.0.0.1"}
+
+    def resolve(host, port):
+        if host in dns:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (dns[host], port))]
+        return real_resolve(host, port)
+
+    monkeypatch.setattr(safe_fetch, "_resolve", resolve)
+    with hostile_server("127.0.0.1", {"/inside.jpg": lambda p: p.body(IMAGE)}) as (inside, seen):
+        port = inside.rsplit(":", 1)[1]
+        routes = {
+            "/ok.jpg": lambda p: p.body(IMAGE),
+            "/to-localhost": lambda p: p.redirect(f"http://localhost:{port}/inside.jpg"),
+            "/to-loopback-ip": lambda p: p.redirect(f"{inside}/inside.jpg"),
+            "/to-file": lambda p: p.redirect("file:///etc/passwd"),
+            "/to-ftp": lambda p: p.redirect("ftp://ftp.example.test/a.jpg"),
+            "/to-metadata": lambda p: p.redirect("http://169.254.169.254/latest/"),
+        }
+        with hostile_server("127.0.0.2", routes) as (outside, _):
+            public = outside.replace("127.0.0.2", "cdn.example.test")
+            expected = {
+                public + "/ok.jpg": ("success", None),
+                public + "/to-localhost": ("failed_to_download", "localhost resolves to 127.0"),
+                public + "/to-loopback-ip": ("failed_to_download", "127.0.0.1 is a loopback"),
+                # urllib refuses file: itself; capfilt refuses the schemes urllib allows.
+                public + "/to-file": ("failed_to_download", "'file:///etc/passwd' is not allowed"),
+                public + "/to-ftp": ("failed_to_download", "redirect to a non-http URL (ftp:"),
+                public + "/to-metadata": ("failed_to_download", "cloud metadata"),
+                outside.replace("127.0.0.2", "rebind.example.test") + "/ok.jpg": (
+                    "failed_to_download",
+                    "rebind.example.test resolves to 127.0.0.1 is a loopback address",
+                ),
+            }
+            rows = _fetch(tmp_path, list(expected))
+        assert seen.requests == []  # nothing reached the loopback server
+    for url, (status, reason) in expected.items():
+        assert rows[url]["status"] == status, rows[url]
+        if reason:
+            assert reason in rows[url]["error_message"], rows[url]
+
+
+# --- size and time ---------------------------------------------------------------------------
+def test_slow_drip_hits_the_deadline_and_big_images_the_cap(tmp_path):
+    routes = {
+        "/ok.jpg": lambda p: p.body(IMAGE),
+        "/drip-body.jpg": drip_body,
+        "/drip-headers.jpg": drip_headers,
+        "/big.jpg": lambda p: p.body(b"\xff" * BIG),
+        "/big-unannounced.jpg": lambda p: p.body(b"\xff" * BIG, length=False),
+    }
+    with hostile_server("127.0.0.2", routes) as (base, _):
+        start = time.monotonic()
+        rows = _fetch(
+            tmp_path,
+            [base + path for path in routes],
+            allow_private_addresses=True,
+            image_deadline=1.0,
+            max_image_bytes=100_000,
+        )
+        elapsed = time.monotonic() - start
+    assert rows[base + "/ok.jpg"]["status"] == "success"
+    for path in ("/drip-body.jpg", "/drip-headers.jpg"):
+        assert rows[base + path]["status"] == "failed_to_download"
+        assert "image deadline of 1 s exceeded" in rows[base + path]["error_message"]
+    assert (
+        "300,000 bytes is larger than --max-image-bytes 100,000"
+        in (rows[base + "/big.jpg"]["error_message"])
+    )
+    assert (
+        "larger than --max-image-bytes 100,000"
+        in (rows[base + "/big-unannounced.jpg"]["error_message"])
+    )
+    # Each drip would take 10 s; the per-read timeout (5 s) never fires on a drip.
+    assert elapsed < 6, elapsed
+
+
+def test_the_guard_holds_in_worker_processes(tmp_path):
+    """img2dataset.download() with spawned worker processes: the policy travels with them.
+
+    One run only: each spawned process imports img2dataset again (about 10 s here).
+    """
+    with hostile_server("127.0.0.1", {"/ok.jpg": lambda p: p.body(IMAGE)}) as (base, pages):
+        urls = [base + "/ok.jpg", "file:///etc/passwd"]
+        rows = _fetch(tmp_path, urls, processes=2)
+    assert pages.requests == []
+    assert "127.0.0.1 is a loopback address" in rows[urls[0]]["error_message"]
+    assert "only http and https" in rows[urls[1]]["error_message"]
+
+
+# --- options ---------------------------------------------------------------------------------
+def test_cli_options_and_their_errors(tmp_path):
+    with hostile_server("127.0.0.1", {"/a.jpg": lambda p: p.body(IMAGE)}) as (base, _):
+        url_list = write_list([{"url": base + "/a.jpg"}], tmp_path / "u.csv", "csv")
+        runner = CliRunner()
+        refused = runner.invoke(app, ["fetch", str(url_list), str(tmp_path / "a")])
+        assert refused.exit_code == 0, refused.output
+        assert "loopback" in refused.output and "--allow-private-addresses" in refused.output
+        allowed = runner.invoke(
+            app,
+            ["fetch", str(url_list), str(tmp_path / "b"), "--allow-private-addresses"]
+            + ["--max-image-bytes", "1000000", "--image-deadline", "5"],
+        )
+        assert allowed.exit_code == 0 and "1 ok" in allowed.output, allowed.output
+    for option, value in (("--max-image-bytes", "0"), ("--image-deadline", "0")):
+        bad = runner.invoke(app, ["fetch", str(url_list), str(tmp_path / "c"), option, value])
+        assert bad.exit_code == 2 and option in bad.output and "Traceback" not in bad.output
+
+
+def test_a_data_manifest_cannot_allow_private_addresses(tmp_path):
+    manifest = tmp_path / "m.toml"
+    manifest.write_text('[source]\nname = "m"\n[fetch]\nallow_private_addresses = true\n')
+    options, _ = options_from_manifest(manifest)
+    assert options.allow_private_addresses is False
+    options, _ = options_from_manifest(manifest, allow_private_addresses=True)
+    assert options.allow_private_addresses is True

@@ -1,0 +1,362 @@
+"""Killed at any moment, resumed exactly once: fetch, caption, filter and pretrain under SIGKILL.
+
+Each stage runs in a child process (forked from a server that preloaded the heavy modules, see
+tests/_kill.py) that is SIGKILLed at seeded random moments: a third after a random delay, a
+third just after it finished a shard or checkpoint, a third the moment a write is visibly under
+way (a temporary file, a staged shard, a checkpoint without metadata). It is restarted and
+killed again until a run finishes by itself. Meanwhile a watcher polls the folder: every
+visible shard must be whole and hold exactly the rows it should, and capfilt.json must parse.
+At the end every input row must appear exactly once in the stage's output, with the content an
+uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from _kill import (
+    KillLog,
+    ShardWatcher,
+    checkpoint_in_flight,
+    context,
+    download_in_flight,
+    kill_until_done,
+    run_caption,
+    run_checkpoints,
+    run_fetch,
+    run_filter,
+    run_pretrain,
+    temp_leftovers,
+)
+from conftest import write_images_dataset
+
+from capfilt.layout import Dataset
+
+KILLS = 10  # kills per stage that land on a live process
+THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return context()
+
+
+def run_uninterrupted(ctx, target, *args) -> None:
+    child = ctx.Process(target=target, args=args, daemon=True)
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == 0, f"{target.__name__} failed with exit code {child.exitcode}"
+
+
+def successful_keys(root: Path, shard: int) -> list[str]:
+    table = pq.read_table(Path(root) / "images" / f"{shard:05d}.parquet", columns=["key", "status"])
+    keys, statuses = table["key"].to_pylist(), table["status"].to_pylist()
+    return [k for k, s in zip(keys, statuses, strict=True) if s == "success"]
+
+
+def sorted_rows(root: Path, stage: str, order: tuple[str, ...]) -> list[dict]:
+    table = Dataset(str(root)).read_stage(stage)
+    rows = table.to_pylist() if table is not None else []
+    return sorted(rows, key=lambda r: tuple(r[c] for c in order))
+
+
+def assert_finished_cleanly(root: Path, stages: tuple[str, ...]) -> None:
+    assert not temp_leftovers(root), f"temporary files left behind: {temp_leftovers(root)}"
+    manifest = json.loads((root / "capfilt.json").read_text())
+    assert manifest["runs"], "the finished run was not recorded"
+    ds = Dataset(str(root))
+    for stage in stages:
+        assert ds.shards(stage) == ds.shards("images"), stage
+
+
+# --- caption and filter ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(ctx, tmp_path_factory, tiny_captioner, tiny_filter):
+    """Images (10 shards of 5 rows, one failed download each), captioned and filtered once."""
+    root = tmp_path_factory.mktemp("kill") / "reference"
+    write_images_dataset(root, n_shards=10, per_shard=5, seed=11)
+    run_uninterrupted(ctx, run_caption, str(root), str(tiny_captioner))
+    run_uninterrupted(ctx, run_filter, str(root), str(tiny_filter), THRESHOLD)
+    return root
+
+
+def expect_rows(images_root: Path, captions_root: Path | None = None):
+    """The watcher's check of one visible shard: exactly the rows this shard must hold."""
+    keys_of = {}
+
+    def expect(stage: str, shard: int, table) -> None:
+        if shard not in keys_of:
+            keys_of[shard] = successful_keys(images_root, shard)
+        keys = keys_of[shard]
+        if stage == "captions":
+            assert sorted(table["key"].to_pylist()) == sorted(keys), f"captions/{shard:05d}"
+        elif stage == "scores":
+            captions = pq.read_table(captions_root / "captions" / f"{shard:05d}.parquet")
+            synthetic = zip(
+                captions["key"].to_pylist(), captions["caption_id"].to_pylist(), strict=True
+            )
+            want = sorted([(k, 0) for k in keys] + [(k, c + 1) for k, c in synthetic])
+            got = sorted(zip(table["key"].to_pylist(), table["text_id"].to_pylist(), strict=True))
+            assert got == want, f"scores/{shard:05d}"
+        elif stage == "curated":
+            got = list(zip(table["key"].to_pylist(), table["text_id"].to_pylist(), strict=True))
+            assert len(got) == len(set(got)) and {k for k, _ in got} <= set(keys)
+
+    return expect
+
+
+def test_caption_killed_anywhere_writes_every_caption_once(
+    ctx, reference, tiny_captioner, tmp_path
+):
+    rng = random.Random(7)
+    root = tmp_path / "ds"
+    want = sorted_rows(reference, "captions", ("key", "caption_id"))
+    watcher = ShardWatcher(root, ("captions",), expect_rows(reference))
+    log = KillLog()
+    rounds = 0
+    while log.kills < KILLS:
+        shutil.rmtree(root, ignore_errors=True)  # each round starts from images/ alone
+        shutil.copytree(reference / "images", root / "images")
+        kill_until_done(
+            ctx,
+            run_caption,
+            (str(root), str(tiny_captioner)),
+            rng,
+            watcher,
+            progress=lambda: len(watcher.shards("captions")),
+            log=log,
+            max_delay=1.0,
+            max_kills=KILLS - log.kills,
+        )
+        rounds += 1
+        assert sorted_rows(root, "captions", ("key", "caption_id")) == want
+        assert_finished_cleanly(root, ("captions",))
+    print(
+        f"caption: {log} rounds={rounds} files checked={watcher.files_checked} "
+        f"polls with a temporary file={watcher.temp_files_seen}"
+    )
+    assert len(set(log.progress_at_kill)) > 1, "every kill landed at the same point"
+
+
+def test_filter_killed_anywhere_scores_every_pair_once(ctx, reference, tiny_filter, tmp_path):
+    rng = random.Random(8)
+    root = tmp_path / "ds"
+    want_scores = sorted_rows(reference, "scores", ("key", "text_id"))
+    want_curated = sorted_rows(reference, "curated", ("key", "text_id"))
+    watcher = ShardWatcher(root, ("scores", "curated"), expect_rows(reference, reference))
+    log = KillLog()
+    while log.kills < KILLS:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        for stage in ("images", "captions"):
+            shutil.copytree(reference / stage, root / stage)
+        kill_until_done(
+            ctx,
+            run_filter,
+            (str(root), str(tiny_filter), THRESHOLD),
+            rng,
+            watcher,
+            progress=lambda: len(watcher.shards("scores")),
+            log=log,
+            max_delay=1.0,
+            max_kills=KILLS - log.kills,
+        )
+        got = sorted_rows(root, "scores", ("key", "text_id"))
+        assert [(r["key"], r["text_id"], r["text"]) for r in got] == [
+            (r["key"], r["text_id"], r["text"]) for r in want_scores
+        ]
+        for row, ref in zip(got, want_scores, strict=True):
+            assert row["itm_score"] == pytest.approx(ref["itm_score"], abs=1e-5)
+        assert [
+            (r["key"], r["text_id"]) for r in sorted_rows(root, "curated", ("key", "text_id"))
+        ] == [(r["key"], r["text_id"]) for r in want_curated]
+        assert_finished_cleanly(root, ("scores", "curated"))
+    print(
+        f"filter: {log} files checked={watcher.files_checked} "
+        f"polls with a temporary file={watcher.temp_files_seen}"
+    )
+
+
+# --- fetch -----------------------------------------------------------------------------------
+FETCH_SHARD_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    from _web import local_web
+
+    with local_web(tmp_path_factory.mktemp("killweb"), n=24) as served:
+        yield served
+
+
+def test_fetch_killed_anywhere_downloads_every_row_once(ctx, web, tmp_path):
+    from _web import expected_status, write_list
+
+    listed = web.rows()  # 24 toy images and the 5 broken pages: 15 shards of 2 rows
+    url_list = write_list(listed, tmp_path / "urls.csv", "csv")
+    urls = [r["url"] for r in listed]
+    root = tmp_path / "ds"
+
+    def expect(stage: str, shard: int, table) -> None:
+        # img2dataset gives shard N the list's rows N*size ... N*size + size - 1.
+        want = urls[shard * FETCH_SHARD_SIZE : (shard + 1) * FETCH_SHARD_SIZE]
+        assert sorted(table["url"].to_pylist()) == sorted(want), f"images/{shard:05d}"
+
+    watcher = ShardWatcher(root, ("images",), expect)
+    rng = random.Random(9)
+    log = KillLog()
+    while log.kills < KILLS:
+        shutil.rmtree(root, ignore_errors=True)
+        kill_until_done(
+            ctx,
+            run_fetch,
+            (str(url_list), str(root), FETCH_SHARD_SIZE),
+            rng,
+            watcher,
+            progress=lambda: len(watcher.shards("images")),
+            log=log,
+            max_delay=0.6,
+            max_kills=KILLS - log.kills,
+            in_flight=lambda: download_in_flight(root) or bool(watcher.temp_files()),
+        )
+        rows = sorted_rows(root, "images", ("url",))
+        assert [r["url"] for r in rows] == sorted(urls)
+        assert len({r["key"] for r in rows}) == len(rows)
+        for row in rows:
+            assert row["status"] == expected_status(row["url"])[0], row
+        ds = Dataset(str(root))
+        assert ds.shards("images") == list(range(15))
+        for shard in ds.shards("images"):
+            stats = json.loads(Path(ds.stats_path("images", shard)).read_text())
+            assert stats["count"] == (FETCH_SHARD_SIZE if shard < 14 else 1)
+        assert not (root / "images" / "_incoming").exists()
+        assert not temp_leftovers(root), temp_leftovers(root)
+        # (A run killed after it recorded itself leaves a record too.)
+        run = json.loads((root / "capfilt.json").read_text())["runs"][-1]
+        assert run["counts"]["rows_in_images"] == len(urls)
+    print(f"fetch: {log} files checked={watcher.files_checked}")
+
+    # A kill inside img2dataset's write of a stats file leaves it empty beside a whole
+    # parquet: the re-run must fetch that shard again, not fail on the empty file.
+    staging = root / "images" / "_incoming"
+    staging.mkdir()
+    (root / "images" / "00003.parquet").rename(staging / "00003.parquet")
+    (root / "images" / "00003_stats.json").unlink()
+    (staging / "00003_stats.json").write_text("")
+    run_uninterrupted(ctx, run_fetch, str(url_list), str(root), FETCH_SHARD_SIZE)
+    assert [r["url"] for r in sorted_rows(root, "images", ("url",))] == sorted(urls)
+    assert json.loads((root / "images" / "00003_stats.json").read_text())["count"] == 2
+    assert not staging.exists()
+
+
+# --- pretrain --------------------------------------------------------------------------------
+def pretrain_options(dataset: Path, out: Path) -> dict:
+    # 32 pairs in batches of 4: 8 batches an epoch, so resumes land mid-epoch and across one.
+    return dict(
+        datasets=(str(dataset),),
+        out=str(out),
+        preset="tiny",
+        vocab_size=200,
+        batch_size=4,
+        max_steps=16,
+        save_every=2,
+        keep_last=2,
+        queue_size=16,
+        lr=1e-3,
+        warmup_steps=2,
+        num_workers=0,
+        progress=False,
+        seed=7,
+    )
+
+
+def test_pretrain_killed_anywhere_resumes_from_the_last_complete_checkpoint(
+    ctx, reference, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from capfilt.train import read_log
+
+    dataset = tmp_path / "ds"
+    shutil.copytree(reference / "images", dataset / "images")  # web captions: 32 pairs
+    straight = tmp_path / "straight"
+    run_uninterrupted(ctx, run_pretrain, pretrain_options(dataset, straight), str(tmp_path / "x"))
+    want = {r["step"]: r for r in read_log(straight)}
+    assert sorted(want) == list(range(1, 17))
+
+    out = tmp_path / "run"
+    resumes = tmp_path / "resumes.txt"
+    expected_resume: list[int | None] = []  # per child started, the newest complete step
+
+    def before_start() -> None:
+        steps = run_checkpoints(out)
+        expected_resume.append(steps[-1] if steps else None)
+
+    watcher = ShardWatcher(out, ())
+    rng = random.Random(10)
+    log = KillLog()
+    while log.kills < KILLS:
+        shutil.rmtree(out, ignore_errors=True)
+        resumes.unlink(missing_ok=True)
+        expected_resume.clear()
+        first_pid = len(log.pids)
+        kill_until_done(
+            ctx,
+            run_pretrain,
+            (pretrain_options(dataset, out), str(resumes)),
+            rng,
+            watcher,
+            progress=lambda: (run_checkpoints(out) or [0])[-1],
+            log=log,
+            max_delay=1.0,
+            max_kills=KILLS - log.kills,
+            before_start=before_start,
+            in_flight=lambda: checkpoint_in_flight(out),
+        )
+        # Every run resumed from the newest complete checkpoint there was when it started.
+        loaded = {}
+        if resumes.exists():
+            for line in resumes.read_text().splitlines():
+                pid, folder = line.split()
+                assert int(pid) not in loaded, "a run loaded two checkpoints"
+                loaded[int(pid)] = folder
+        for pid, expected in zip(log.pids[first_pid:], expected_resume, strict=True):
+            if expected is None:
+                assert pid not in loaded, f"resumed from {loaded[pid]} with no complete checkpoint"
+            elif pid in loaded:  # (a run killed before it loaded noted nothing)
+                assert loaded[pid] == f"step-{expected}"
+        last = expected_resume[-1]  # the run that finished resumed for sure
+        assert last is None or loaded.get(log.pids[-1]) == f"step-{last}"
+        # The log holds each step once, and the run followed the uninterrupted trajectory.
+        got = read_log(out)
+        assert [r["step"] for r in got] == list(range(1, 17))
+        for record in got:
+            for term in ("loss_itc", "loss_itm", "loss_lm"):
+                assert record[term] == pytest.approx(want[record["step"]][term], abs=1e-5)
+        steps = [p for p in out.iterdir() if p.name.startswith("step-")]
+        assert all((p / "metadata.json").is_file() for p in steps), "incomplete checkpoint left"
+        for path in [out / "config.json"] + [p / "metadata.json" for p in steps]:
+            assert isinstance(json.loads(path.read_text()), dict), path
+        assert run_checkpoints(out) == [14, 16]
+        final = load_file(str(out / "step-16" / "model.safetensors"))
+        reference_final = load_file(str(straight / "step-16" / "model.safetensors"))
+        for name, tensor in reference_final.items():
+            assert (final[name] - tensor).abs().max() < 1e-4, name
+    print(f"pretrain: {log}")
+
+
+def test_resume_drops_a_log_line_cut_short_by_a_kill(tmp_path):
+    from capfilt.train import _truncate_log, read_log
+
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "loss_lm": 1.0 / s}) for s in (1, 2, 3)]
+    log.write_text("\n".join(lines) + '\n{"step": 4, "loss_')  # killed inside a write
+    _truncate_log(log, 2)
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
+    _truncate_log(log, 0)  # a fresh start (no checkpoint) logs every step again
+    assert read_log(tmp_path) == []
