@@ -417,6 +417,9 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, metadata: dict, keep_
     if accelerator.is_main_process:
         write_json_atomic(folder / METADATA, metadata)
         for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+            # Metadata first: a kill half-way through the removal must not leave a folder
+            # that still counts as a complete checkpoint.
+            (old / METADATA).unlink(missing_ok=True)
             shutil.rmtree(old, ignore_errors=True)
         for entry in run_dir.iterdir():  # incomplete folders of earlier steps never resume
             m = CHECKPOINT_DIR.match(entry.name)
@@ -738,7 +741,9 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         write_json_atomic(run_dir / "config.json", resolved)
 
     log_file = run_dir / "log.jsonl"
-    if accelerator.is_main_process and metadata:
+    if accelerator.is_main_process:
+        # Lines past the checkpoint were logged by a killed run (all of them, when it was
+        # killed before its first checkpoint); this run logs those steps again.
         _truncate_log(log_file, step)
     images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
     sums: dict[str, float] = {}
@@ -870,12 +875,17 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from (a killed run logged them)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # a kill while truncating must not lose the kept lines
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

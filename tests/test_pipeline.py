@@ -96,3 +96,41 @@ def test_shipped_pipelines_parse_and_name_known_commands():
         tomllib.loads(path.read_text())
         for stage in load_pipeline(path).stages:
             assert stage.command in commands, f"{path.name}: unknown command {stage.command}"
+
+
+def _flags(command) -> set[str]:
+    """Every flag a click command accepts, `--no-x` forms included."""
+    flags = set()
+    for param in command.params:
+        flags.update(o for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
+    return flags
+
+
+def test_shipped_pipelines_use_only_real_options_of_each_command():
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    files = sorted((ROOT / "pipelines").glob("*.toml"))
+    assert {"demo.toml", "blip_base_cc3m_coco.toml", "blip_large.toml"} <= {p.name for p in files}
+    for path in files:
+        for i, stage in enumerate(load_pipeline(path).stages, 1):
+            command = commands[stage.command]
+            flags = _flags(command)
+            for option in stage.argv()[1 + len(stage.args) :]:
+                if option.startswith("--"):
+                    assert option in flags, f"{path.name} stage {i} ({stage.command}): {option}"
+            # The whole line parses: types, choices and the number of arguments are right.
+            ctx = command.make_context(stage.command, stage.argv()[1:])
+            assert set(stage.options) <= set(ctx.params), f"{path.name} stage {i}"
+
+
+def test_an_unknown_option_in_a_pipeline_is_caught(tmp_path):
+    from typer.main import get_command
+
+    path = tmp_path / "p.toml"
+    path.write_text('[[stage]]\ncommand = "caption"\nnum_caption = 3\n')
+    stage = load_pipeline(path, {"dataset": "ds"}).stages[0]
+    assert "--num-caption" not in _flags(get_command(app).commands["caption"])
+    result = CliRunner().invoke(app, ["run", str(path), "--set", "dataset=ds"])
+    assert result.exit_code == 2 and "--num-caption" in result.output
+    assert stage.argv() == ["caption", "ds", "--num-caption", "3"]

@@ -140,26 +140,3 @@ def test_cli_rejects_a_bad_fraction(tmp_path):
     result = CliRunner().invoke(app, ["toyweb", str(tmp_path), "--wrong-fraction", "1.5"])
     assert result.exit_code == 2 and "between 0 and 1" in result.output
     assert "Traceback" not in result.output
-
-
-def test_demo_fetches_the_toy_web_and_summarizes_it(tmp_path):
-    from capfilt.layout import Dataset
-    from capfilt.query import run_query
-
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", str(out), "--images", "20", "--seed", "1"])
-    assert result.exit_code == 0, result.output
-    text = " ".join(result.output.split())
-    assert "toy web: 20 pairs, 6 with a wrong caption" in text
-    assert "Rows by download status" in text and "Web captions of the fetched images" in text
-    assert "HTTP Error 404" in text and "X-Robots-Tag" in text
-    ds = Dataset(str(out / "web"))
-    _, rows = run_query(ds, "select status, count(*) from images group by 1 order by 1")
-    assert dict(rows) == {"failed_to_download": 2, "failed_to_resize": 2, "success": 21}
-    _, rows = run_query(ds, "select count(*) from images where caption_is_wrong")
-    assert rows == [(6,)]
-    # Run again: every shard is done, so nothing is downloaded twice.
-    again = CliRunner().invoke(app, ["demo", str(out), "--images", "20", "--seed", "1"])
-    assert again.exit_code == 0 and "nothing to do" in " ".join(again.output.split())
-    assert "25/25 rows · 21 ok" in again.output
-    assert run_query(ds, "select count(*) from images")[1] == [(25,)]

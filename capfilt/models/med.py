@@ -199,17 +199,25 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor):
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same: torch.Tensor | None = None
+):
     """For each text an image, for each image a text, drawn in proportion to softmax(ITC
     similarity) among the batch's other pairs (the own pair has weight 0).
 
-    `sim_i2t` and `sim_t2i` are (B, B): similarities within the batch. Returns
-    (neg_image, neg_text), each (B,) indices into the batch.
+    `sim_i2t` and `sim_t2i` are (B, B): similarities within the batch. `same` (B, B, bool)
+    marks other pairs that are positives too (identical texts, as web alt-text and toy
+    captions repeat): they are never drawn as negatives unless a row has nothing else.
+    Returns (neg_image, neg_text), each (B,) indices into the batch.
     """
+    others = ~torch.eye(sim_i2t.shape[0], dtype=torch.bool, device=sim_i2t.device)  # (B, B)
+    allowed = others if same is None else others & ~same
+    # A batch whose texts are all the same has no true negative: fall back to the others.
+    allowed = torch.where(allowed.any(dim=1, keepdim=True), allowed, others)
     weights_t2i = F.softmax(sim_t2i.float(), dim=1) + 1e-4  # (B, B); + ε: never all zero
-    weights_t2i.fill_diagonal_(0)
+    weights_t2i = weights_t2i * allowed
     weights_i2t = F.softmax(sim_i2t.float(), dim=1) + 1e-4  # (B, B)
-    weights_i2t.fill_diagonal_(0)
+    weights_i2t = weights_i2t * allowed
     neg_image = torch.multinomial(weights_t2i, 1).squeeze(1)  # (B,) an image for each text
     neg_text = torch.multinomial(weights_i2t, 1).squeeze(1)  # (B,) a text for each image
     return neg_image, neg_text
@@ -412,7 +420,10 @@ class MED(nn.Module):
 
     def _itm(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i):
         batch = input_ids.shape[0]
-        neg_image, neg_text = sample_hard_negatives(sim_i2t[:, :batch], sim_t2i[:, :batch])
+        same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # (B, B)
+        neg_image, neg_text = sample_hard_negatives(
+            sim_i2t[:, :batch], sim_t2i[:, :batch], same_text
+        )
         ids_all = torch.cat([input_ids, input_ids, input_ids[neg_text]], dim=0)  # (3B, T)
         atts_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
         images_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
