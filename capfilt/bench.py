@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from capfilt.errors import CapfiltError
+from capfilt.models.tiny import TINY_TEXT, TINY_VISION
 
 WORKLOADS = ("caption", "filter", "pretrain")
 ARCHS = ("tiny", "base", "large")
@@ -42,23 +43,8 @@ _BERT_BASE = dict(
     max_position_embeddings=512,
 )
 ARCH_SHAPES = {
-    "tiny": dict(
-        vision=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=64,
-            patch_size=16,
-        ),
-        text=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-        ),
-    ),
+    # the same shapes as the tiny checkpoints of the tests and the demo
+    "tiny": dict(vision=TINY_VISION, text=TINY_TEXT),
     "base": dict(
         vision=dict(
             hidden_size=768,
