@@ -111,6 +111,9 @@ def _decode_error(e: Exception) -> str:
     return f"cannot decode image: {type(e).__name__}: {e}"
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def upright_rgb(img):
     """The first frame of a PIL image as 8-bit RGB, turned upright by its EXIF orientation.
 
@@ -119,7 +122,9 @@ def upright_rgb(img):
     """
     from PIL import Image, ImageOps
 
-    img = ImageOps.exif_transpose(img)
+    # exif_transpose copies the image even when there is nothing to turn: ask first.
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         import numpy as np
 
@@ -228,7 +233,43 @@ class BatchPreprocessor:
 
 def preprocess(image_processor, images: list) -> object:
     """Resize and normalise a list of RGB PIL images into a float32 tensor (N, 3, H, W)."""
+    if _is_plain_pil_blip_processor(image_processor):
+        return _pil_preprocess(image_processor, images)
     return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def _is_plain_pil_blip_processor(image_processor) -> bool:
+    """True for transformers' PIL BLIP processor with its usual steps (no torchvision here).
+
+    Its per-image NumPy round trips cost as much as a small model's forward pass; the same
+    arithmetic in one batched tensor operation gives identical values (tests/test_data.py).
+    """
+    size = getattr(image_processor, "size", None)
+    return (
+        type(image_processor).__name__ == "BlipImageProcessorPil"
+        and image_processor.do_resize
+        and image_processor.do_rescale
+        and image_processor.do_normalize
+        and getattr(size, "height", None) is not None
+        and getattr(size, "width", None) is not None
+    )
+
+
+def _pil_preprocess(image_processor, images: list):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    size = (image_processor.size.width, image_processor.size.height)
+    resample = Image.Resampling(int(image_processor.resample))
+    resized = np.stack(
+        [np.asarray(img.convert("RGB").resize(size, resample=resample)) for img in images]
+    )  # (N, H, W, 3) uint8
+    pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
+    scale = float(image_processor.rescale_factor)
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((pixels * scale - mean) / std).contiguous()
 
 
 def image_batches(
