@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from capfilt.errors import CapfiltError
-from capfilt.models.tiny import TINY_TEXT, TINY_VISION
+from capfilt.models.tiny import BERT_BASE, TINY_TEXT, TINY_VISION, VIT_B16, VIT_L16
 
 WORKLOADS = ("caption", "filter", "pretrain")
 ARCHS = ("tiny", "base", "large")
@@ -35,38 +35,11 @@ LEVELS = ("e2e", "model")
 BLIP_VOCAB = 30524  # bert-base-uncased + [DEC] + [ENC]
 
 # The released BLIP checkpoints' shapes: ViT-B/16 or ViT-L/16 at 384 px, BERT-base text.
-_BERT_BASE = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=512,
-)
 ARCH_SHAPES = {
     # the same shapes as the tiny checkpoints of the tests and the demo
     "tiny": dict(vision=TINY_VISION, text=TINY_TEXT),
-    "base": dict(
-        vision=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=384,
-            patch_size=16,
-        ),
-        text=_BERT_BASE,
-    ),
-    "large": dict(
-        vision=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=16,
-        ),
-        text=_BERT_BASE,
-    ),
+    "base": dict(vision=VIT_B16, text=BERT_BASE),
+    "large": dict(vision=VIT_L16, text=BERT_BASE),
 }
 
 # Dense (no sparsity) tensor-core peaks from the vendors' data sheets, TFLOP/s, for reference.
@@ -129,8 +102,9 @@ def synthetic_bert_tokenizer():
     [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103, [DEC]=30522, [ENC]=30523, and made-up
     words elsewhere: enough to tokenize and decode whatever a randomly initialised BLIP says.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from capfilt.models.tiny import as_blip_tokenizer, bert_pipeline
 
     special = {
         0: "[PAD]",
@@ -147,24 +121,8 @@ def synthetic_bert_tokenizer():
     for index in range(BLIP_VOCAB):
         token = special.get(index) or next(filler)
         vocab[token] = index
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 101), ("[SEP]", 102)]
-    )
-    return BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        mask_token="[MASK]",
-        bos_token="[DEC]",
-        additional_special_tokens=["[ENC]"],
-        do_lower_case=True,
-    )
+    tok = bert_pipeline(Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]")))
+    return as_blip_tokenizer(tok)
 
 
 def random_blip(kind: str, arch: str, seed: int = 0):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capfilt.models import tiny as shapes
 from capfilt.models.tiny import TINY_TEXT, TINY_VISION
 
 # ---------------------------------------------------------------------------------------------
@@ -26,31 +27,9 @@ from capfilt.models.tiny import TINY_TEXT, TINY_VISION
 
 # BlipVisionConfig's default initializer_range (1e-10) suits loading released weights only:
 # trained from scratch, every image would start with the same features.
-VIT_B16 = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    image_size=224,
-    patch_size=16,
-    initializer_range=0.02,
-)
-VIT_L16 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=16,
-    initializer_range=0.02,
-)
-BERT_BASE = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=512,
-)
+VIT_B16 = dict(shapes.VIT_B16, image_size=224, initializer_range=0.02)
+VIT_L16 = dict(shapes.VIT_L16, image_size=224, initializer_range=0.02)
+BERT_BASE = shapes.BERT_BASE
 
 # At width 64, BERT's init (std 0.02) leaves every [CLS] feature of the tiny model nearly
 # the same vector: a saddle where ITC and ITM have almost no gradient for hundreds of steps.

@@ -31,28 +31,66 @@ TINY_VISION = dict(
     patch_size=16,
 )
 
+# The released BLIP architectures (as in Salesforce's checkpoints, at 384 px): ViT-B/16 or
+# ViT-L/16 vision, BERT-base text.
+VIT_B16 = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=384,
+    patch_size=16,
+)
+VIT_L16 = dict(
+    VIT_B16, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
+)
+BERT_BASE = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=512,
+)
+
 
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 1000, out_dir: str | Path | None = None
 ):
     """Train a lower-cased WordPiece tokenizer with the BLIP specials; save it if `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models
     from tokenizers.trainers import WordPieceTrainer
-    from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok = bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    tokenizer = as_blip_tokenizer(tok)
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def bert_pipeline(tok):
+    """Give a `tokenizers.Tokenizer` BERT's lower-casing normaliser, splitting and decoding."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    return tok
+
+
+def as_blip_tokenizer(tok):
+    """Wrap a WordPiece `tokenizers.Tokenizer` holding the BLIP specials as a transformers one."""
+    from tokenizers import processors
+    from transformers import BertTokenizerFast
+
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    tokenizer = BertTokenizerFast(
+    return BertTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",
         sep_token="[SEP]",
@@ -63,9 +101,6 @@ def train_tokenizer(
         additional_special_tokens=["[ENC]"],
         do_lower_case=True,
     )
-    if out_dir is not None:
-        tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
 
 
 def blip_config(tokenizer, text: dict | None = None, vision: dict | None = None):
