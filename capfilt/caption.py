@@ -131,6 +131,7 @@ def caption_shard(captioner, images_table, config: CaptionConfig, on_images=None
         config.batch_size,
         config.num_workers,
         pin_memory=captioner.device.type == "cuda",
+        device=captioner.device,
     ):
         captions = []
         if batch.pixel_values is not None:

@@ -1311,6 +1311,9 @@ def print_bench(result: dict) -> None:
     )
     if result.get("speedup"):
         out.print(f"[bold]capfilt / plain HF: {result['speedup']:.2f}x[/]")
+    if result.get("mfu") is not None:
+        basis = "data-sheet peak" if result.get("spec_peak_tflops") else "measured bound"
+        out.print(f"[bold]MFU {100 * result['mfu']:.1f} %[/] (of the {basis})")
 
 
 # --- query ---------------------------------------------------------------------------------

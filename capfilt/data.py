@@ -180,6 +180,33 @@ class ImageBatch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @staticmethod
+    def concat(parts: list[ImageBatch], device=None) -> ImageBatch:
+        """One batch from consecutive chunks; pixel values end up on `device` when given."""
+        import torch
+
+        if len(parts) == 1 and device is None:
+            return parts[0]
+        keys, pixel_index, errors, pixels = [], [], [], []
+        extra: dict[str, list] = {name: [] for name in parts[0].extra}
+        decoded = 0
+        for part in parts:
+            keys += part.keys
+            errors += part.errors
+            pixel_index += [None if i is None else decoded + i for i in part.pixel_index]
+            for name, values in part.extra.items():
+                extra[name] += values
+            if part.pixel_values is not None:
+                values = part.pixel_values
+                if device is not None:
+                    values = values.to(device, non_blocking=True)
+                pixels.append(values)
+                decoded += values.shape[0]
+        pixel_values = None
+        if pixels:
+            pixel_values = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
+        return ImageBatch(keys, pixel_values, pixel_index, errors, extra)
+
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader (pin_memory=True) so the copy to the GPU can overlap."""
         if self.pixel_values is not None:
@@ -279,25 +306,46 @@ def image_batches(
     num_workers: int = 0,
     max_pixels: int = MAX_IMAGE_PIXELS,
     pin_memory: bool = False,
+    device=None,
 ):
     """Iterate over `ImageBatch`es of `rows` in order; decoding runs in `num_workers` processes.
 
-    `pin_memory` (for a CUDA model) page-locks each batch so its copy to the GPU is async.
+    With workers, each batch is decoded as `num_workers` chunks in parallel (a whole batch per
+    worker would leave the model waiting for one process to decode it) and the chunks are put
+    together again, on `device` when given (each chunk's copy there starts as it arrives).
+    `pin_memory` (for a CUDA model) page-locks each chunk so its copy to the GPU is async.
     """
     from torch.utils.data import DataLoader
 
+    batches = [
+        list(range(s, min(len(rows), s + batch_size))) for s in range(0, len(rows), batch_size)
+    ]
+    parts = 1
+    if num_workers > 0:
+        parts = max(1, min(num_workers, batch_size // MIN_CHUNK))
+    chunks, chunks_per_batch = [], []
+    for indices in batches:
+        size = -(-len(indices) // parts)  # ceil
+        pieces = [indices[i : i + size] for i in range(0, len(indices), size)]
+        chunks.extend(pieces)
+        chunks_per_batch.append(len(pieces))
     loader = DataLoader(
         rows,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=chunks,
         num_workers=num_workers,
         collate_fn=BatchPreprocessor(rows, image_processor, max_pixels),
-        # Workers prefetch a couple of batches so the accelerator does not wait for JPEG decoding.
+        # Workers prefetch a couple of chunks each so the model does not wait for decoding.
         prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=pin_memory,
     )
-    yield from loader
+    decoded = iter(loader)
+    for count in chunks_per_batch:
+        yield ImageBatch.concat([next(decoded) for _ in range(count)], device)
+
+
+# A worker decodes at least this many images at a time (fewer chunks for small batches).
+MIN_CHUNK = 16
 
 
 def image_progress(total: int, description: str, enabled: bool = True):

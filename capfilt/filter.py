@@ -137,6 +137,7 @@ def score_shard(scorer, images_table, captions_table, config: FilterConfig, on_i
         config.batch_size,
         config.num_workers,
         pin_memory=scorer.device.type == "cuda",
+        device=scorer.device,
     ):
         features = None
         if batch.pixel_values is not None:

@@ -711,7 +711,13 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         )
 
     params = trainable_parameters(model, config.task)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # The fused kernel updates all parameters in a few launches instead of several per tensor.
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=accelerator.device.type == "cuda",
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     batches_per_epoch = len(loader)
@@ -784,13 +790,13 @@ def train(config: TrainConfig, console=None) -> TrainResult:
                     optimizer.step()
                     optimizer.zero_grad()
                 for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                    sums[name] = sums.get(name, 0.0) + value.detach()  # stays on device
                 micro += 1
                 batch_index += 1
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                losses = {name: total / micro for name, total in sums.items()}
+                losses = {name: float(total) / micro for name, total in sums.items()}
                 sums, micro = {}, 0
                 now = time.perf_counter()
                 if step > 1 or metadata:  # the first step pays for warm-up, not throughput

@@ -146,3 +146,28 @@ def test_stage_models_on_the_fast_path_write_the_same_rows(
             (g, e) for g, e in zip(got[column], expected[column], strict=True) if e is not None
         ]
         assert torch.allclose(torch.tensor(pairs)[:, 0], torch.tensor(pairs)[:, 1], atol=1e-4)
+
+
+def test_gpu_suite_dry_run_records_each_step(tmp_path, monkeypatch):
+    """The GPU suite's plumbing, on the tiny model and the CPU: parity and a bench step."""
+    import sys
+
+    from capfilt import bench_suite
+
+    out = tmp_path / "out"
+    argv = ["bench_suite", "--out", str(out), "--dry-run", "--only", "parity", "filter-large-model"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench_suite.main() == 0
+    records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps[0] == "environment"
+    assert "parity-caption" in steps and "parity-filter" in steps
+    for record in records:
+        assert "error" not in record, record.get("traceback")
+        if record["step"] == "parity-caption":
+            assert record["identical"]
+        if record["step"] == "parity-filter":
+            assert record["itm_max_abs_diff"] < 1e-4 and record["itc_max_abs_diff"] < 1e-4
+    (bench,) = [r for r in records if r["step"] == "filter-large-model"]
+    assert bench["result"]["model"] == "random-weights BLIP tiny"
+    assert bench["result"]["capfilt"]["images_per_s"] > 0

@@ -34,3 +34,32 @@ def test_images_without_orientation_are_decoded_unchanged():
     scene = draw_scene("green", "triangle")
     decoded = decode_image(jpeg_bytes(scene))
     assert decoded.ok and decoded.image.size == scene.size and decoded.image.mode == "RGB"
+
+
+@pytest.mark.parametrize("batch_size, workers", [(10, 2), (40, 2), (3, 2)])
+def test_batches_decoded_in_chunks_by_workers_equal_one_process(batch_size, workers):
+    """Each batch is split over the workers and put together again, in order, errors kept."""
+    from capfilt.data import ShardImages, image_batches
+    from capfilt.models.tiny import image_processor
+
+    rng = random.Random(1)
+    keys, blobs = [], []
+    for i in range(37):
+        keys.append(f"k{i:03d}")
+        if i % 9 == 4:
+            blobs.append(b"not an image")
+        else:
+            scene = draw_scene(rng.choice(["red", "blue"]), rng.choice(["circle", "square"]), 48)
+            blobs.append(jpeg_bytes(scene))
+    rows = ShardImages(keys, blobs, extra={"caption": [f"c{i}" for i in range(37)]})
+    processor = image_processor(32)
+    one = list(image_batches(rows, processor, batch_size, num_workers=0))
+    split = list(image_batches(rows, processor, batch_size, workers, device=torch.device("cpu")))
+    assert [len(b) for b in split] == [len(b) for b in one]
+    assert sum(len(b) for b in split) == 37
+    for a, b in zip(one, split, strict=True):
+        assert a.keys == b.keys and a.errors == b.errors and a.pixel_index == b.pixel_index
+        assert a.extra == b.extra
+        assert torch.equal(a.pixel_values, b.pixel_values)
+    errors = {k: e for b in split for k, e in zip(b.keys, b.errors, strict=True) if e}
+    assert sorted(errors) == ["k004", "k013", "k022", "k031"]

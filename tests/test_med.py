@@ -227,3 +227,51 @@ def test_each_loss_is_finite_and_falls_on_toy_data(tiny_tokenizer):
         first = sum(h[name] for h in history[:4]) / 4
         last = sum(h[name] for h in history[-4:]) / 4
         assert last < 0.9 * first, f"{name} did not fall: {first:.3f} → {last:.3f}"
+
+
+def test_fused_attention_gives_transformers_eager_losses_and_gradients(tiny_tokenizer):
+    """SDPA in the vision encoder, text encoder (padding mask), cross-attention and decoder
+    (causal mask) is the same computation as transformers' eager attention."""
+    from capfilt.models.med import use_fused_attention
+
+    config = med_config("tiny", tiny_tokenizer, queue_size=16)
+    results = []
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        med = MED(config, attention=attention)
+        fused = type(med.vision_model.encoder.layers[0].self_attn).__name__.startswith("Sdpa")
+        assert fused == (attention == "sdpa")
+        # Texts of different lengths, so padding masks matter.
+        pixels, ids, mask = scene_batch(
+            tiny_tokenizer, [("red", "circle"), ("blue", "square"), ("green", "triangle")]
+        )
+        ids = torch.cat([ids, ids[:, -1:].clone().fill_(tiny_tokenizer.pad_token_id)], dim=1)
+        mask = torch.cat([mask, torch.zeros_like(mask[:, -1:])], dim=1)
+        torch.manual_seed(1)  # the same hard negatives on both sides
+        losses = med(pixels, ids, mask)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in med.named_parameters() if p.grad is not None}
+        results.append((losses, grads, med))
+    (eager_losses, eager_grads, eager), (sdpa_losses, sdpa_grads, sdpa) = results
+    for name in ("itc", "itm", "lm"):
+        assert torch.allclose(eager_losses[name], sdpa_losses[name], atol=1e-5), name
+    assert eager_grads.keys() == sdpa_grads.keys() and len(eager_grads) > 50
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grad, sdpa_grads[name], atol=1e-5, rtol=1e-4), name
+    # The swap keeps every state-dict key, so checkpoints are interchangeable.
+    assert eager.state_dict().keys() == sdpa.state_dict().keys()
+    assert use_fused_attention(eager) is eager
+    assert type(eager.text_decoder.bert.encoder.layer[0].attention.self).__name__.startswith("Sdpa")
+    # Momentum encoders are copies made after the swap: fused too.
+    assert type(sdpa.text_encoder_m.encoder.layer[0].attention.self).__name__.startswith("Sdpa")
+
+
+def test_queue_pointer_wraps_on_the_device(tiny_tokenizer):
+    med = tiny_med(tiny_tokenizer, queue_size=8)
+    feats = torch.nn.functional.normalize(torch.randn(5, med.config.embed_dim), dim=-1)
+    med.dequeue_and_enqueue(feats, feats)
+    assert int(med.queue_ptr) == 5
+    med.dequeue_and_enqueue(feats, feats)
+    assert int(med.queue_ptr) == 2  # 10 mod 8
+    assert torch.allclose(med.image_queue[:, 0:2], feats[3:5].T)
+    assert torch.allclose(med.image_queue[:, 5:8], feats[0:3].T)

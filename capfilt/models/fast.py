@@ -467,7 +467,8 @@ class _GraphedDecodeStep:
                 step(self.tokens, self.position, cache, cross, group)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the DataLoader's pin-memory thread may allocate while this thread captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = step(self.tokens, self.position, cache, cross, group)
 
     def __call__(self, tokens, position, cache, cross, group):

@@ -13,6 +13,7 @@ E = `embed_dim` (the ITC space), Q = `queue_size`.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -216,14 +217,108 @@ def tie_encoder_decoder(encoder: nn.Module, decoder: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# fused attention for training
+
+ATTENTIONS = ("sdpa", "eager")
+
+
+def _sdpa_vision_attention(module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """BlipAttention's forward through scaled_dot_product_attention (same weights, same math)."""
+    batch, tokens, width = hidden_states.shape
+    qkv = module.qkv(hidden_states).view(batch, tokens, 3, module.num_heads, module.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, P, d)
+    dropout = module.dropout.p if module.training else 0.0
+    context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=module.scale)
+    return module.projection(context.transpose(1, 2).reshape(batch, tokens, width)), None
+
+
+def _sdpa_text_attention(
+    module, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_mask=None
+) -> tuple[torch.Tensor, None]:
+    """BlipTextSelfAttention's forward without a cache through scaled_dot_product_attention.
+
+    The masks are transformers' additive masks ((B, 1, 1, T) padding, or (B, 1, T, T) causal in
+    the decoder), cast to the compute dtype as SDPA wants; as in transformers, cross-attention
+    uses the encoder mask (None: every image token is visible).
+    """
+    cross = encoder_hidden_states is not None
+    mask = encoder_mask if cross else attention_mask
+    source = encoder_hidden_states if cross else hidden_states
+    heads, head_dim = module.num_attention_heads, module.attention_head_size
+    q = module.query(hidden_states)
+    batch, length, width = q.shape
+    q = q.view(batch, length, heads, head_dim).transpose(1, 2)  # (B, H, T, d)
+    k = module.key(source).view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, S, d)
+    v = module.value(source).view(batch, -1, heads, head_dim).transpose(1, 2)
+    if mask is not None:
+        mask = mask.to(device=q.device, dtype=q.dtype)
+    dropout = module.dropout.p if module.training else 0.0
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return context.transpose(1, 2).reshape(batch, length, width), None
+
+
+@functools.cache
+def _fused_attention_classes():
+    """Subclasses of transformers' BLIP attention modules whose forward runs SDPA.
+
+    transformers' BLIP has eager attention only; swapping an instance's class keeps its
+    parameters and state-dict keys. The text module falls back to transformers' own forward
+    when a generation cache is in use (never in training).
+    """
+    from transformers.models.blip.modeling_blip import BlipAttention
+    from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+    class SdpaBlipAttention(BlipAttention):
+        def forward(self, hidden_states, **kwargs):
+            return _sdpa_vision_attention(self, hidden_states)
+
+    class SdpaBlipTextSelfAttention(BlipTextSelfAttention):
+        def forward(
+            self,
+            hidden_states,
+            attention_mask=None,
+            encoder_hidden_states=None,
+            encoder_attention_mask=None,
+            cache=None,
+            **kwargs,
+        ):
+            if cache is not None or kwargs.get("past_key_values") is not None:
+                return super().forward(
+                    hidden_states,
+                    attention_mask=attention_mask,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_attention_mask=encoder_attention_mask,
+                    cache=cache,
+                    **kwargs,
+                )
+            return _sdpa_text_attention(
+                self, hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask
+            )
+
+    return {BlipAttention: SdpaBlipAttention, BlipTextSelfAttention: SdpaBlipTextSelfAttention}
+
+
+def use_fused_attention(model: nn.Module) -> nn.Module:
+    """Run every BLIP attention module of `model` through SDPA (in place); returns `model`."""
+    swaps = _fused_attention_classes()
+    for module in model.modules():
+        fused = swaps.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # the model
 
 
 class MED(nn.Module):
     """BLIP's multimodal mixture of encoder-decoder, with ITC, ITM and LM losses."""
 
-    def __init__(self, config: MEDConfig):
+    def __init__(self, config: MEDConfig, attention: str = "sdpa"):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}")
         from transformers import BlipTextConfig, BlipVisionConfig
         from transformers.models.blip.modeling_blip import BlipVisionModel
         from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
@@ -245,6 +340,8 @@ class MED(nn.Module):
         self.text_proj = nn.Linear(width, config.embed_dim)
         self.itm_head = nn.Linear(width, 2)
         self.temp = nn.Parameter(torch.tensor(float(config.temp)))
+        if attention == "sdpa":
+            use_fused_attention(self)
 
         # Momentum encoders: exponential moving averages of the unimodal encoders, never trained
         # by gradients; their features fill the queues and make ITC's soft targets.
@@ -287,9 +384,13 @@ class MED(nn.Module):
     def momentum_update(self) -> None:
         """p_m ← m·p_m + (1 − m)·p for every momentum parameter."""
         m = self.config.momentum
-        for online, momentum in self.model_pairs():
-            for p, p_m in zip(online.parameters(), momentum.parameters(), strict=True):
-                p_m.mul_(m).add_(p.detach(), alpha=1.0 - m)
+        online, momentum = [], []
+        for model, model_m in self.model_pairs():
+            online += [p.detach() for p in model.parameters()]
+            momentum += list(model_m.parameters())
+        # Two multi-tensor kernels for all parameters instead of two kernels per parameter.
+        torch._foreach_mul_(momentum, m)
+        torch._foreach_add_(momentum, online, alpha=1.0 - m)
 
     @torch.no_grad()
     def dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
@@ -299,11 +400,11 @@ class MED(nn.Module):
         size = self.config.queue_size
         n = min(image_feat.shape[0], size)
         image_feat, text_feat = image_feat[-n:], text_feat[-n:]
-        ptr = int(self.queue_ptr)
-        slots = (ptr + torch.arange(n, device=self.image_queue.device)) % size
+        # The pointer stays on the device: no host synchronisation in the training step.
+        slots = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % size
         self.image_queue[:, slots] = image_feat.T.to(self.image_queue.dtype)
         self.text_queue[:, slots] = text_feat.T.to(self.text_queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % size
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
     # encoders -------------------------------------------------------------------------------
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -408,9 +509,8 @@ class MED(nn.Module):
         images_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
         vl = self.grounded_cls(ids_all, atts_all, images_all)  # (3B, D)
         logits = self.itm_head(vl)  # (3B, 2)
-        labels = torch.cat(
-            [torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)]
-        ).to(logits.device)
+        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
+        labels[:batch] = 1
         return F.cross_entropy(logits.float(), labels)
 
     def _lm(self, image_embeds, input_ids, attention_mask, prompt_length: int):
