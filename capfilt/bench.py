@@ -733,7 +733,7 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
     import torch
 
     from capfilt.models.blip import dtype_name, resolve_device, resolve_dtype
-    from capfilt.models.med import MED, med_config
+    from capfilt.models.med import MED, compile_layers, med_config
 
     if config.model:
         raise CapfiltError("bench pretrain builds a MED from --arch; --model is not used here")
@@ -754,9 +754,11 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
     flops = pretrain_flops(med_cfg.blip_config(), config.text_tokens)
     images = steps * batch
 
-    def side(attention: str, fused: bool) -> SideResult:
+    def side(attention: str, fused: bool, compile: bool = False) -> SideResult:
         torch.manual_seed(config.seed)
         med = MED(med_cfg, attention=attention).to(device).train()
+        if compile:
+            compile_layers(med)
         params = [p for p in med.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
 
@@ -773,7 +775,7 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
     hf = side("eager", fused=False)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the eager side's model and optimizer are gone
-    ours = side("sdpa", fused=device.type == "cuda")
+    ours = side("sdpa", fused=device.type == "cuda", compile=config.compile)
     spec = spec_peak_tflops(device, dtype)
     return dict(
         workload="pretrain",
@@ -787,6 +789,7 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
         images=images,
         batch_size=batch,
         text_tokens=config.text_tokens,
+        compile=config.compile,
         gflops_per_image=flops / 1e9,
         bound_tflops=bound,
         bound_source="--peak-tflops" if config.peak_tflops else "measured matmul",

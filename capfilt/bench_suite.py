@@ -97,6 +97,17 @@ SUITE = [
         dict(workload="pretrain", arch="base", images=2048, batch_size=256, text_tokens=30),
     ),
     (
+        "pretrain-base-b256-compile",
+        dict(
+            workload="pretrain",
+            arch="base",
+            images=4096,
+            batch_size=256,
+            text_tokens=30,
+            compile=True,
+        ),
+    ),
+    (
         "caption-base-model-nographs",
         dict(workload="caption", arch="base", level="model", images=2048, batch_size=512),
     ),

@@ -790,6 +790,12 @@ def _train_summary(result) -> None:
         out.print(f"checkpoint: {result.checkpoint}")
 
 
+CompileOpt = Annotated[
+    bool,
+    typer.Option(help="torch.compile each transformer layer (GPU; the first steps compile)."),
+]
+
+
 @command()
 def pretrain(
     datasets: Annotated[list[str], typer.Argument(help="Dataset folders (curated/ or images/).")],
@@ -807,6 +813,7 @@ def pretrain(
     weight_decay: WeightDecayOpt = 0.05,
     queue_size: QueueOpt = None,
     precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
     flip: FlipOpt = True,
     seed: SeedOpt = 42,
     save_every: SaveEveryOpt = 1000,
@@ -841,6 +848,7 @@ def pretrain(
         weight_decay=weight_decay,
         queue_size=queue_size,
         precision=precision,
+        compile=compile,
         flip=flip,
         seed=seed,
         save_every=save_every,
@@ -872,6 +880,7 @@ def finetune(
     weight_decay: WeightDecayOpt = 0.05,
     queue_size: QueueOpt = None,
     precision: PrecisionOpt = "auto",
+    compile: CompileOpt = False,
     flip: FlipOpt = True,
     seed: SeedOpt = 42,
     save_every: SaveEveryOpt = 1000,
@@ -904,6 +913,7 @@ def finetune(
         weight_decay=weight_decay,
         queue_size=queue_size,
         precision=precision,
+        compile=compile,
         flip=flip,
         seed=seed,
         save_every=save_every,
@@ -1235,7 +1245,10 @@ def bench(
         bool, typer.Option(help="caption on GPU: replay capfilt's decode step as a CUDA graph.")
     ] = False,
     compile: Annotated[
-        bool, typer.Option(help="caption on GPU: torch.compile capfilt's decode step.")
+        bool,
+        typer.Option(
+            help="caption on GPU: torch.compile capfilt's decode step; pretrain: its layers."
+        ),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):

@@ -69,6 +69,7 @@ class TrainConfig:
     queue_size: int | None = None
     alpha: float | None = None
     precision: str = "auto"
+    compile: bool = False  # torch.compile each transformer layer
     seed: int = 42
     save_every: int = 1000
     keep_last: int = 2
@@ -710,6 +711,10 @@ def train(config: TrainConfig, console=None) -> TrainResult:
             f"{len(dataset)} pairs do not fill one batch of {config.batch_size}; lower --batch-size"
         )
 
+    if config.compile:
+        from capfilt.models.med import compile_layers
+
+        compile_layers(model)
     params = trainable_parameters(model, config.task)
     # The fused kernel updates all parameters in a few launches instead of several per tensor.
     optimizer = torch.optim.AdamW(

@@ -275,3 +275,29 @@ def test_queue_pointer_wraps_on_the_device(tiny_tokenizer):
     assert int(med.queue_ptr) == 2  # 10 mod 8
     assert torch.allclose(med.image_queue[:, 0:2], feats[3:5].T)
     assert torch.allclose(med.image_queue[:, 5:8], feats[0:3].T)
+
+
+def test_compiled_layers_train_like_eager_ones(tiny_tokenizer):
+    """compile_layers traces each layer (forward and backward) and changes no result; the
+    aot_eager backend checks the tracing without paying for code generation."""
+    from capfilt.models.med import compile_layers
+
+    config = med_config("tiny", tiny_tokenizer, queue_size=16)
+    pixels, ids, mask = toy_batch(tiny_tokenizer, n=6)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        med = MED(config)
+        keys = list(med.state_dict())
+        if compiled:
+            assert compile_layers(med, backend="aot_eager") == 10  # 2 layers x 5 stacks
+            assert list(med.state_dict()) == keys
+        torch.manual_seed(1)
+        losses = med(pixels, ids, mask)
+        sum(losses.values()).backward()
+        grad = med.vision_model.encoder.layers[0].self_attn.qkv.weight.grad.clone()
+        results.append((losses, grad))
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    for name in ("itc", "itm", "lm"):
+        assert torch.allclose(eager[name], compiled[name], atol=1e-5), name
+    assert torch.allclose(eager_grad, compiled_grad, atol=1e-5)

@@ -308,6 +308,22 @@ def use_fused_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile every transformer layer of `model` in place; returns how many.
+
+    Layers, not the whole model: the training step keeps its data-dependent parts (hard
+    negative sampling, the queues) in eager mode, while each layer's many small kernels
+    (bias, GELU, LayerNorm, residual) fuse and its Python overhead goes. Parameters and
+    state-dict keys are unchanged. The first steps pay for compilation.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in ("BlipEncoderLayer", "BlipTextLayer"):
+            module.compile(backend=backend)
+            count += 1
+    return count
+
+
 # ---------------------------------------------------------------------------------------------
 # the model
 
