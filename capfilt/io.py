@@ -62,10 +62,16 @@ def write_table_atomic(fs, path: str, table: pa.Table) -> None:
 
 
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old or the new file, never a part."""
     tmp = temp_name(path)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
 
 
 def read_table(fs, path: str, columns: list[str] | None = None) -> pa.Table:

@@ -196,8 +196,16 @@ class Dataset:
             change(manifest)
             data = json.dumps(manifest, indent=2, sort_keys=False, default=str).encode()
             self.fs.makedirs(self.path, exist_ok=True)
+            if self.is_local:  # under the lock, any other temp manifest is a killed writer's
+                self._remove_stale_manifests()
             io.write_bytes_atomic(self.fs, self.join(MANIFEST), data)
         return manifest
+
+    def _remove_stale_manifests(self) -> None:
+        prefix = f".{MANIFEST}.tmp-"
+        for entry in self.fs.ls(self.path, detail=False):
+            if entry.rsplit("/", 1)[-1].startswith(prefix):
+                self.fs.rm(entry)
 
     def record_run(self, stage: str, options: dict, counts: dict, **extra) -> dict:
         """Append one stage run (command, options, versions, time, counts) to the manifest."""

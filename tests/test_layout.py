@@ -94,3 +94,16 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CapfiltError, match="cannot write"):
         Dataset(str(blocker / "ds")).ensure_writable()
+
+
+def test_a_killed_manifest_writer_leaves_nothing_behind_after_the_next_run(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    ds.record_run("caption", {}, {"images": 1})
+    # What a writer killed between writing its temp file and renaming it leaves.
+    stale = tmp_path / "ds" / ".capfilt.json.tmp-deadbeef"
+    stale.write_text('{"runs": [')
+    other = tmp_path / "ds" / ".notes.tmp-1"
+    other.write_text("not ours")
+    ds.record_run("filter", {}, {"images": 1})
+    assert not stale.exists() and other.exists()
+    assert [r["stage"] for r in ds.read_manifest()["runs"]] == ["caption", "filter"]
