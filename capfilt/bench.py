@@ -70,6 +70,7 @@ class BenchConfig:
     top_p: float = 0.9
     itc: bool = True
     workers: int | None = None  # image decoding processes (e2e); None: 2 on GPU, 0 on CPU
+    fast_decode: bool = False  # e2e caption/filter: capfilt's JPEG draft decoding (approximate)
     repeats: int = 1
     peak_tflops: float | None = None
     threads: int | None = None  # torch CPU threads; None leaves torch's default
@@ -484,6 +485,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
             prompt=prompt,
             batch_size=config.batch_size,
             num_workers=workers,
+            fast_decode=config.fast_decode,
             **lengths,
         )
 
@@ -528,7 +530,11 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
         hf,
         ours,
         extra=dict(
-            prompt_tokens=prompt_len, new_tokens=tokens, captions_per_image=n, **fast_options
+            prompt_tokens=prompt_len,
+            new_tokens=tokens,
+            captions_per_image=n,
+            fast_decode=e2e and config.fast_decode,
+            **fast_options,
         ),
     )
 
@@ -622,6 +628,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
             itm_token="cls",
             batch_size=config.batch_size,
             num_workers=workers,
+            fast_decode=config.fast_decode,
         )
 
         def capfilt():
@@ -671,7 +678,12 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
         bound,
         hf,
         ours,
-        extra=dict(texts_per_image=texts_per_image, text_tokens=config.text_tokens, itc=config.itc),
+        extra=dict(
+            texts_per_image=texts_per_image,
+            text_tokens=config.text_tokens,
+            itc=config.itc,
+            fast_decode=e2e and config.fast_decode,
+        ),
     )
 
 
@@ -684,7 +696,9 @@ def _random_pixels(blip_config, images, seed, device, dtype):
 
 
 def _default_workers(device) -> int:
-    return 2 if device.type == "cuda" else 0
+    from capfilt.data import resolve_workers
+
+    return resolve_workers(None, device)
 
 
 def _report(config, label, device, dtype, flops, bound, hf, ours, extra) -> dict:

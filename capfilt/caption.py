@@ -19,6 +19,7 @@ from capfilt.data import (
     count_successful,
     image_batches,
     image_progress,
+    resolve_workers,
     successful_images,
 )
 from capfilt.errors import CapfiltError
@@ -47,8 +48,9 @@ class CaptionConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
-    num_workers: int = 2
+    num_workers: int | None = None  # decoding processes; None: 2 on GPU, 0 (threads) on CPU
     engine: str = "fast"
+    fast_decode: bool = False  # JPEGs decoded at a reduced scale: faster, not pixel-exact
     overwrite: bool = False
 
     def __post_init__(self):
@@ -78,7 +80,7 @@ class CaptionConfig:
             raise CapfiltError(f"--num-beams must be at least 1, got {self.num_beams}")
         if self.batch_size < 1:
             raise CapfiltError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise CapfiltError(f"--workers must be ≥ 0, got {self.num_workers}")
         if self.precision not in PRECISIONS:
             raise CapfiltError(f"--precision must be one of {', '.join(PRECISIONS)}")
@@ -129,9 +131,10 @@ def caption_shard(captioner, images_table, config: CaptionConfig, on_images=None
         rows,
         captioner.image_processor,
         config.batch_size,
-        config.num_workers,
+        resolve_workers(config.num_workers, captioner.device),
         pin_memory=captioner.device.type == "cuda",
         device=captioner.device,
+        fast_decode=config.fast_decode,
     ):
         captions = []
         if batch.pixel_values is not None:

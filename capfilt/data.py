@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 # A web image larger than this many pixels is a decompression bomb, or at least not worth
 # decoding for a 384 px model: it becomes an error row instead of eating the machine's memory.
 MAX_IMAGE_PIXELS = 100_000_000
+# Threads decoding ahead of the model when there are no worker processes (`image_batches`).
+DECODE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,18 @@ class DecodedImage:
         return self.image is not None
 
 
-def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedImage:
-    """Decode image bytes to an upright RGB PIL image; failures come back as `error`."""
+def decode_image(
+    data: bytes | None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> DecodedImage:
+    """Decode image bytes to an upright RGB PIL image; failures come back as `error`.
+
+    `draft_size` (width, height): let the JPEG decoder scale the image down by 1/2, 1/4 or 1/8
+    in the DCT domain, as far as it stays at least that size on both sides. Much cheaper than
+    a full decode, but the pixels differ slightly from a full decode resized (so it is opt-in:
+    `--fast-decode`). Other formats ignore it.
+    """
     from PIL import Image
 
     if not data:
@@ -38,6 +50,10 @@ def decode_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS) -> Deco
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with _open_image(data, max_pixels) as img:
+            if draft_size is not None and img.format == "JPEG":
+                # Either side may end up as the width once EXIF orientation turns the image.
+                side = max(draft_size)
+                img.draft("RGB", (side, side))
             return DecodedImage(upright_rgb(img))
     except _ImageRefused as e:
         return DecodedImage(None, str(e))
@@ -80,7 +96,11 @@ class _ImageRefused(Exception):
 
 @contextlib.contextmanager
 def _open_image(data: bytes, max_pixels: int):
-    """PIL's lazy open (header only), refusing images above `max_pixels` before decoding."""
+    """PIL's lazy open (header only), refusing images above `max_pixels` before decoding.
+
+    The image reads from the bytes in memory, so nothing needs closing: it is not closed on
+    the way out (closing would free the pixels of an image decoded inside the block).
+    """
     from PIL import Image
 
     try:
@@ -91,16 +111,15 @@ def _open_image(data: bytes, max_pixels: int):
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise _ImageRefused(f"image too large: {e}") from e
-    with img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise _ImageRefused(
-                f"image too large: {width}x{height} pixels is more than the limit of "
-                f"{max_pixels:,} (a decompression bomb?)"
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield img
+    width, height = img.size
+    if width * height > max_pixels:
+        raise _ImageRefused(
+            f"image too large: {width}x{height} pixels is more than the limit of "
+            f"{max_pixels:,} (a decompression bomb?)"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield img
 
 
 def _decode_error(e: Exception) -> str:
@@ -109,9 +128,6 @@ def _decode_error(e: Exception) -> str:
     if isinstance(e, Image.UnidentifiedImageError):
         return "cannot decode image: not an image format PIL recognises"
     return f"cannot decode image: {type(e).__name__}: {e}"
-
-
-_EXIF_ORIENTATION = 0x0112
 
 
 def upright_rgb(img):
@@ -134,6 +150,9 @@ def upright_rgb(img):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
+    if img.mode == "RGB":
+        img.load()  # decode now (errors belong to this image), without convert()'s copy
+        return img
     rgb = img.convert("RGB")
     rgb.load()
     return rgb
@@ -234,17 +253,28 @@ class ShardImages:
 
 
 class BatchPreprocessor:
-    """Collate function: decode a list of row indices and run the image processor on the batch."""
+    """Collate function: decode a list of row indices and run the image processor on the batch.
 
-    def __init__(self, rows: ShardImages, image_processor, max_pixels: int = MAX_IMAGE_PIXELS):
+    `fast_decode`: JPEGs are decoded straight at a reduced scale no smaller than the model's
+    input (`decode_image`'s `draft_size`); approximate, off by default.
+    """
+
+    def __init__(
+        self,
+        rows: ShardImages,
+        image_processor,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        fast_decode: bool = False,
+    ):
         self.rows = rows
         self.image_processor = image_processor
         self.max_pixels = max_pixels
+        self.draft_size = processor_size(image_processor) if fast_decode else None
 
     def __call__(self, indices: list[int]) -> ImageBatch:
         keys, pixel_index, errors, ok_images = [], [], [], []
         for i in indices:
-            decoded = decode_image(self.rows.images[i], self.max_pixels)
+            decoded = decode_image(self.rows.images[i], self.max_pixels, self.draft_size)
             keys.append(self.rows.keys[i])
             if decoded.ok:
                 pixel_index.append(len(ok_images))
@@ -256,6 +286,18 @@ class BatchPreprocessor:
         pixel_values = preprocess(self.image_processor, ok_images) if ok_images else None
         extra = {name: [values[i] for i in indices] for name, values in self.rows.extra.items()}
         return ImageBatch(keys, pixel_values, pixel_index, errors, extra)
+
+
+def processor_size(image_processor) -> tuple[int, int] | None:
+    """(width, height) the image processor resizes to, or None when it has no fixed size."""
+    size = getattr(image_processor, "size", None)
+    if isinstance(size, dict):
+        height, width = size.get("height"), size.get("width")
+    else:
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+    if height is None or width is None:
+        return None
+    return int(width), int(height)
 
 
 def preprocess(image_processor, images: list) -> object:
@@ -290,13 +332,17 @@ def _pil_preprocess(image_processor, images: list):
     size = (image_processor.size.width, image_processor.size.height)
     resample = Image.Resampling(int(image_processor.resample))
     resized = np.stack(
-        [np.asarray(img.convert("RGB").resize(size, resample=resample)) for img in images]
+        [np.asarray(_rgb(img).resize(size, resample=resample)) for img in images]
     )  # (N, H, W, 3) uint8
     pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
     scale = float(image_processor.rescale_factor)
     mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
     return ((pixels * scale - mean) / std).contiguous()
+
+
+def _rgb(img):
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even RGB
 
 
 def image_batches(
@@ -307,22 +353,39 @@ def image_batches(
     max_pixels: int = MAX_IMAGE_PIXELS,
     pin_memory: bool = False,
     device=None,
+    fast_decode: bool = False,
+    decode_threads: int = DECODE_THREADS,
 ):
-    """Iterate over `ImageBatch`es of `rows` in order; decoding runs in `num_workers` processes.
+    """Iterate over `ImageBatch`es of `rows` in order, decoded ahead of the caller.
 
-    With workers, each batch is decoded as `num_workers` chunks in parallel (a whole batch per
-    worker would leave the model waiting for one process to decode it) and the chunks are put
-    together again, on `device` when given (each chunk's copy there starts as it arrives).
-    `pin_memory` (for a CUDA model) page-locks each chunk so its copy to the GPU is async.
+    `num_workers` > 0: a DataLoader decodes in that many processes, each batch as
+    `num_workers` chunks in parallel (a whole batch per worker would leave the model waiting for
+    one process to decode it), put together again on `device` when given (each chunk's copy
+    there starts as it arrives). 0: `decode_threads` threads of this process decode the next
+    batches while the caller runs the model (PIL decodes and resizes without the GIL; no process
+    start-up or pickling per shard). `pin_memory` (for a CUDA model) page-locks each batch or
+    chunk so its copy to the GPU is async.
     """
+    collate = BatchPreprocessor(rows, image_processor, max_pixels, fast_decode=fast_decode)
+    if num_workers == 0:
+        index_batches = (
+            list(range(start, min(len(rows), start + batch_size)))
+            for start in range(0, len(rows), batch_size)
+        )
+
+        def prepare(indices):
+            batch = collate(indices)
+            return batch.pin_memory() if pin_memory else batch
+
+        yield from ordered_map(prepare, index_batches, decode_threads)
+        return
+
     from torch.utils.data import DataLoader
 
     batches = [
         list(range(s, min(len(rows), s + batch_size))) for s in range(0, len(rows), batch_size)
     ]
-    parts = 1
-    if num_workers > 0:
-        parts = max(1, min(num_workers, batch_size // MIN_CHUNK))
+    parts = max(1, min(num_workers, batch_size // MIN_CHUNK))
     chunks, chunks_per_batch = [], []
     for indices in batches:
         size = -(-len(indices) // parts)  # ceil
@@ -333,9 +396,9 @@ def image_batches(
         rows,
         batch_sampler=chunks,
         num_workers=num_workers,
-        collate_fn=BatchPreprocessor(rows, image_processor, max_pixels),
+        collate_fn=collate,
         # Workers prefetch a couple of chunks each so the model does not wait for decoding.
-        prefetch_factor=2 if num_workers > 0 else None,
+        prefetch_factor=2,
         persistent_workers=False,
         pin_memory=pin_memory,
     )
@@ -346,6 +409,54 @@ def image_batches(
 
 # A worker decodes at least this many images at a time (fewer chunks for small batches).
 MIN_CHUNK = 16
+
+
+def resolve_workers(num_workers: int | None, device) -> int:
+    """Decoding processes: as asked; by default 0 (threads) on the CPU and on a GPU most of
+    this process's share of the CPU cores (at least 2, at most 16).
+
+    On the CPU the model and the decoding share the same cores: worker processes cost their
+    start-up and the copies of every batch, and measured slower than threads (README, bench).
+    On a GPU decoding is the bottleneck: on an H200 with 16 cores one process decoded and
+    resized 393 images/s and 14 workers 853 images/s (README).
+    """
+    if num_workers is not None:
+        return num_workers
+    if device.type != "cuda":
+        return 0
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # set by accelerate/torchrun
+    return max(2, min(16, (cores or 1) // max(1, processes) - 2))
+
+
+def ordered_map(function, items, threads: int, ahead: int | None = None):
+    """`function(item)` for each item, in order, computed by `threads` background threads.
+
+    At most `ahead` results (default threads + 1) are in flight or waiting, so memory stays
+    bounded. With `threads` 0 it is a plain `map`. An exception in `function` is raised here,
+    at the item that raised it.
+    """
+    if threads < 1:
+        yield from map(function, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    ahead = max(1, ahead if ahead is not None else threads + 1)
+    pending = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="capfilt-decode") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # the caller stopped early: drop what has not started
+                future.cancel()
 
 
 def image_progress(total: int, description: str, enabled: bool = True):

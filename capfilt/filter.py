@@ -19,6 +19,8 @@ from capfilt.data import (
     count_successful,
     image_batches,
     image_progress,
+    ordered_map,
+    resolve_workers,
     successful_images,
 )
 from capfilt.errors import CapfiltError
@@ -44,10 +46,11 @@ class FilterConfig:
     batch_size: int = 32
     precision: str = "auto"
     device: str = "auto"
-    num_workers: int = 2
+    num_workers: int | None = None  # decoding processes; None: 2 on GPU, 0 (threads) on CPU
     # BLIP's ITM reads at most 35 text tokens.
     max_text_tokens: int = 35
     engine: str = "fast"
+    fast_decode: bool = False  # JPEGs decoded at a reduced scale: faster, not pixel-exact
     overwrite: bool = False
 
     def __post_init__(self):
@@ -60,7 +63,7 @@ class FilterConfig:
             raise CapfiltError(f"--itm-token must be one of {', '.join(ITM_TOKENS)}")
         if self.batch_size < 1:
             raise CapfiltError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise CapfiltError(f"--workers must be ≥ 0, got {self.num_workers}")
         if self.max_text_tokens < 3:
             raise CapfiltError(f"--max-text-tokens must be at least 3, got {self.max_text_tokens}")
@@ -123,6 +126,8 @@ def score_shard(scorer, images_table, captions_table, config: FilterConfig, on_i
     """Score the web and synthetic captions of one shard's images; return a SCORES_SCHEMA table.
 
     Pairs of an image that cannot be decoded, and a missing web caption, get null scores.
+    Images are decoded, and each batch's pairs tokenized, in background threads ahead of the
+    model (`image_batches`, `ordered_map`).
     """
     table = successful_images(images_table)
     keys = [str(k) for k in table["key"].to_pylist()]
@@ -130,19 +135,9 @@ def score_shard(scorer, images_table, captions_table, config: FilterConfig, on_i
     synthetic = synthetic_captions(captions_table)
     rows = ShardImages(keys, table["jpg"].to_pylist(), extra={"caption": web})
     model = scorer.model_id
-    out = []
-    for batch in image_batches(
-        rows,
-        scorer.image_processor,
-        config.batch_size,
-        config.num_workers,
-        pin_memory=scorer.device.type == "cuda",
-        device=scorer.device,
-    ):
-        features = None
-        if batch.pixel_values is not None:
-            features = scorer.encode_images(batch.pixel_values)
-        batch_rows, pair_rows, pair_images, pair_texts = [], [], [], []
+
+    def pairs_of(batch) -> BatchPairs:
+        pairs = BatchPairs(batch)
         for key, index, web_caption in zip(
             batch.keys, batch.pixel_index, batch.extra["caption"], strict=True
         ):
@@ -158,21 +153,50 @@ def score_shard(scorer, images_table, captions_table, config: FilterConfig, on_i
                     itc_score=None,
                     model=model,
                 )
-                batch_rows.append(row)
+                pairs.rows.append(row)
                 if index is not None and text is not None:
-                    pair_rows.append(row)
-                    pair_images.append(index)
-                    pair_texts.append(text)
-        if pair_rows:
-            itm, itc = scorer.score(features, pair_images, pair_texts)
+                    pairs.scored_rows.append(row)
+                    pairs.image_index.append(index)
+                    pairs.texts.append(text)
+        if pairs.texts:
+            pairs.tokens = scorer.tokenize_cpu(pairs.texts)
+        return pairs
+
+    batches = image_batches(
+        rows,
+        scorer.image_processor,
+        config.batch_size,
+        resolve_workers(config.num_workers, scorer.device),
+        pin_memory=scorer.device.type == "cuda",
+        device=scorer.device,
+        fast_decode=config.fast_decode,
+    )
+    out = []
+    for pairs in ordered_map(pairs_of, batches, threads=1):
+        batch = pairs.batch
+        if pairs.texts:
+            features = scorer.encode_images(batch.pixel_values)
+            itm, itc = scorer.score(features, pairs.image_index, pairs.texts, pairs.tokens)
             for row, itm_score, itc_score in zip(
-                pair_rows, itm.tolist(), itc.tolist(), strict=True
+                pairs.scored_rows, itm.tolist(), itc.tolist(), strict=True
             ):
                 row["itm_score"], row["itc_score"] = itm_score, itc_score
-        out.extend(batch_rows)
+        out.extend(pairs.rows)
         if on_images is not None:
             on_images(len(batch))
     return io.rows_to_table(out, io.SCORES_SCHEMA)
+
+
+@dataclass
+class BatchPairs:
+    """The score rows of one image batch, and the (image, text) pairs among them to score."""
+
+    batch: object  # ImageBatch
+    rows: list[dict] = field(default_factory=list)  # every row, scored or not, in order
+    scored_rows: list[dict] = field(default_factory=list)  # rows of a decoded image with text
+    image_index: list[int] = field(default_factory=list)  # pixel row of each scored pair
+    texts: list[str] = field(default_factory=list)
+    tokens: tuple | None = None  # (input_ids, attention_mask) CPU tensors of `texts`
 
 
 def curate(scores_table, threshold: float):

@@ -63,3 +63,104 @@ def test_batches_decoded_in_chunks_by_workers_equal_one_process(batch_size, work
         assert torch.equal(a.pixel_values, b.pixel_values)
     errors = {k: e for b in split for k, e in zip(b.keys, b.errors, strict=True) if e}
     assert sorted(errors) == ["k004", "k013", "k022", "k031"]
+
+
+def _scenes():
+    """Two 256 px scenes (JPEG scales 1/4 to 64 px) and a 300x200 one (only 1/2 fits 64 px)."""
+    return [
+        draw_scene("red", "circle", 256),
+        draw_scene("blue", "square", 256),
+        draw_scene("green", "triangle", 200).resize((300, 200)),
+    ]
+
+
+def test_default_decoding_is_the_full_decode_and_transformers_preprocessing():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from capfilt.data import BatchPreprocessor, ShardImages
+    from capfilt.models.tiny import image_processor
+
+    processor = image_processor(64)
+    data = [jpeg_bytes(scene) for scene in _scenes()]
+    full = [Image.open(io.BytesIO(d)).convert("RGB") for d in data]
+    decoded = [decode_image(d).image for d in data]
+    for got, want in zip(decoded, full, strict=True):
+        assert got.size == want.size and np.array_equal(np.asarray(got), np.asarray(want))
+    batch = BatchPreprocessor(ShardImages(["a", "b", "c"], data), processor)([0, 1, 2])
+    expected = processor(images=full, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(batch.pixel_values, expected, atol=1e-5)
+
+
+def test_fast_decode_scales_jpegs_down_while_decoding_and_stays_close():
+    from capfilt.data import BatchPreprocessor, ShardImages
+    from capfilt.models.tiny import image_processor
+
+    processor = image_processor(64)
+    data = [jpeg_bytes(scene) for scene in _scenes()]
+    drafted = [decode_image(d, draft_size=(64, 64)).image for d in data]
+    assert [img.size for img in drafted] == [(64, 64), (64, 64), (150, 100)]
+    assert all(img.mode == "RGB" for img in drafted)
+    png = io_bytes(_scenes()[0], "PNG")  # not a JPEG: decoded in full
+    assert decode_image(png, draft_size=(64, 64)).image.size == (256, 256)
+
+    rows = ShardImages(["a", "b", "c"], data)
+    exact = BatchPreprocessor(rows, processor)([0, 1, 2]).pixel_values
+    fast = BatchPreprocessor(rows, processor, fast_decode=True)([0, 1, 2]).pixel_values
+    assert fast.shape == exact.shape == (3, 3, 64, 64)
+    assert not torch.equal(fast, exact)
+    difference = (fast - exact).abs()
+    assert difference.mean() < 0.03 and difference.max() < 0.6  # normalised units (std ≈ 1)
+
+
+def io_bytes(img, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_image_batches_from_threads_and_from_worker_processes_are_the_same():
+    from capfilt.data import ShardImages, image_batches
+    from capfilt.models.tiny import image_processor
+
+    processor = image_processor(64)
+    data = [jpeg_bytes(scene) for scene in _scenes()] + [b"not an image", None]
+    rows = ShardImages([str(i) for i in range(len(data))], data, extra={"n": list(range(5))})
+    runs = [
+        list(image_batches(rows, processor, 2, num_workers=0, decode_threads=threads))
+        for threads in (0, 2)
+    ] + [list(image_batches(rows, processor, 2, num_workers=1))]
+    for batches in runs:
+        assert [b.keys for b in batches] == [["0", "1"], ["2", "3"], ["4"]]
+        assert [b.extra["n"] for b in batches] == [[0, 1], [2, 3], [4]]
+        assert batches[1].pixel_index == [0, None] and batches[2].pixel_values is None
+        assert batches[2].errors == ["no image bytes"]
+    for batches in runs[1:]:
+        for got, want in zip(batches[:2], runs[0][:2], strict=True):
+            assert torch.equal(got.pixel_values, want.pixel_values)
+
+
+def test_ordered_map_keeps_the_order_and_raises_at_the_failing_item():
+    import time
+
+    from capfilt.data import ordered_map
+
+    def square(i):
+        time.sleep(0.01 * (3 - i % 3))  # later items finish first
+        if i == 7:
+            raise ValueError("seven")
+        return i * i
+
+    got = []
+    with pytest.raises(ValueError, match="seven"):
+        for value in ordered_map(square, range(10), threads=2):
+            got.append(value)
+    assert got == [i * i for i in range(7)]
+    assert list(ordered_map(square, range(5), threads=0)) == [0, 1, 4, 9, 16]
+    stopped = ordered_map(square, range(100), threads=2)
+    assert next(stopped) == 0
+    stopped.close()  # stopping early cancels what has not started

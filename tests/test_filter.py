@@ -224,3 +224,54 @@ def test_scores_are_redone_when_captions_changed(captioned, tiny_filter, tiny_ca
 def test_filter_config_validation(options, message):
     with pytest.raises(CapfiltError, match=message):
         FilterConfig(**options)
+
+
+def test_fast_decode_is_recorded_and_scores_every_pair(captioned, tiny_filter, tmp_path):
+    import shutil
+
+    root = tmp_path / "ds"
+    shutil.copytree(captioned[0], root)
+    ds = Dataset(str(root))
+    exact_root = tmp_path / "exact"
+    shutil.copytree(captioned[0], exact_root)
+    exact = Dataset(str(exact_root))
+    base = dict(threshold=0.5, model=str(tiny_filter), num_workers=0)
+    filter_dataset(ds, FilterConfig(**base, fast_decode=True), progress=False)
+    filter_dataset(exact, FilterConfig(**base), progress=False)
+    assert ds.read_manifest()["runs"][-1]["options"]["fast_decode"] is True
+    assert exact.read_manifest()["runs"][-1]["options"]["fast_decode"] is False
+    fast_rows, exact_rows = (
+        ds.read_stage("scores").to_pylist(),
+        exact.read_stage("scores").to_pylist(),
+    )
+    assert [(r["key"], r["text_id"]) for r in fast_rows] == [
+        (r["key"], r["text_id"]) for r in exact_rows
+    ]
+    assert [r["itm_score"] is None for r in fast_rows] == [
+        r["itm_score"] is None for r in exact_rows
+    ]
+
+
+def test_ahead_tokenization_equals_the_tokenizer_call(tiny_filter):
+    import torch
+
+    from capfilt.models.blip import ItmScorer
+
+    scorer = ItmScorer.load(str(tiny_filter), precision="fp32", device="cpu", max_text_tokens=12)
+    texts = [
+        "a red circle",
+        "",
+        "A Photo of a BLUE square on a white background, taken outdoors at noon",
+        "naïve café – 東京 ü",
+        "x " * 40,
+    ]
+    want = scorer.tokenizer(
+        texts, padding="longest", truncation=True, max_length=12, return_tensors="pt"
+    )
+    input_ids, attention_mask = scorer.tokenize_cpu(texts)
+    assert scorer._backend  # the fast path was taken
+    assert torch.equal(input_ids, want.input_ids)
+    assert torch.equal(attention_mask, want.attention_mask)
+    assert input_ids.shape[1] == 12
+    one = scorer.tokenize_cpu(["a red circle"])[0]
+    assert torch.equal(one, scorer.tokenizer(["a red circle"], return_tensors="pt").input_ids)

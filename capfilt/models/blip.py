@@ -514,6 +514,7 @@ class ItmScorer:
         self.itm_token = itm_token
         # BLIP trained ITM with [ENC] in the first position; the released code feeds [CLS].
         self.itm_token_id = enc_id if itm_token == "enc" else None
+        self._backend = None  # the tokenizers.Tokenizer of `tokenize_cpu`, built on first use
 
     @classmethod
     def load(
@@ -557,18 +558,35 @@ class ItmScorer:
         return ImageFeatures(embeds, itc)
 
     def tokenize(self, texts: list[str]):
-        encoded = self.tokenizer(
-            texts,
-            padding="longest",
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
-        )
-        return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
+        """(input_ids, attention_mask) of `texts` on the model's device, padded to the longest."""
+        input_ids, attention_mask = self.tokenize_cpu(texts)
+        return input_ids.to(self.device), attention_mask.to(self.device)
 
-    def score(self, images: ImageFeatures, image_index, texts: list[str]):
+    def tokenize_cpu(self, texts: list[str]):
+        """The CPU tensors of `tokenize`; safe to call from another thread (to run ahead)."""
+        if self._backend is None:
+            self._backend = _padding_backend(self.tokenizer, self.max_text_tokens) or False
+        if self._backend is False:
+            encoded = self.tokenizer(
+                texts,
+                padding="longest",
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            )
+            return encoded.input_ids, encoded.attention_mask
+        import numpy as np
+        import torch
+
+        encodings = self._backend.encode_batch_fast(texts)
+        input_ids = np.array([e.ids for e in encodings], dtype=np.int64)  # (P, T)
+        attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+    def score(self, images: ImageFeatures, image_index, texts: list[str], tokens=None):
         """ITM probability and ITC similarity of pairs (images[image_index[i]], texts[i]).
 
+        `tokens`: `tokenize_cpu(texts)` when already done (ahead, in another thread).
         Returns two float32 CPU tensors of shape (P,).
         """
         import torch
@@ -576,7 +594,9 @@ class ItmScorer:
 
         with torch.inference_mode():
             index = torch.as_tensor(image_index, dtype=torch.long, device=self.device)
-            input_ids, attention_mask = self.tokenize(texts)  # (P, T)
+            if tokens is None:
+                tokens = self.tokenize_cpu(texts)
+            input_ids, attention_mask = (t.to(self.device) for t in tokens)  # (P, T)
             itm_ids = input_ids
             if self.itm_token_id is not None:
                 itm_ids = input_ids.clone()
@@ -603,3 +623,28 @@ class ItmScorer:
             text_feat = normalize(self.network.text_proj(text[:, 0, :]), dim=-1)  # (P, E)
             itc = (images.itc.index_select(0, index) * text_feat).float().sum(dim=-1)
         return itm.cpu(), itc.cpu()
+
+
+def _padding_backend(tokenizer, max_length: int):
+    """A copy of a fast tokenizer's Rust tokenizer that truncates and pads as `tokenize` asks.
+
+    Calling it directly gives the same ids and mask as `tokenizer(texts, padding="longest",
+    truncation=True, max_length=...)` without transformers' per-text Python conversion, which
+    costs as much as the tokenizing. None when the tokenizer is not a plain right-padding,
+    right-truncating fast one (then `tokenize_cpu` calls the tokenizer itself).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is None
+        or not hasattr(backend, "encode_batch_fast")
+        or tokenizer.padding_side != "right"
+        or tokenizer.truncation_side != "right"
+        or tokenizer.pad_token_id is None
+    ):
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())  # the shared one keeps its own settings
+    copy.enable_truncation(max_length)
+    copy.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    return copy

@@ -85,15 +85,20 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)  # (B, T, D)
 
 
-def _text_self_attention(attention, x, key_mask=None):
-    """A BlipTextAttention block (self-attention + output dense/LayerNorm) without a cache."""
+def _text_self_attention(attention, x, key_mask=None, first_only: bool = False):
+    """A BlipTextAttention block (self-attention + output dense/LayerNorm) without a cache.
+
+    `first_only`: the output of the first position only (M, 1, D), which still attends to
+    every position; each position's output depends on its own query alone, so it is the same.
+    """
     sa = attention.self
     heads = sa.num_attention_heads
-    q = _split_heads(sa.query(x), heads)
+    queries = x[:, :1] if first_only else x
+    q = _split_heads(sa.query(queries), heads)
     k = _split_heads(sa.key(x), heads)
     v = _split_heads(sa.value(x), heads)
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-    return attention.output(_merge_heads(context), x)
+    return attention.output(_merge_heads(context), queries)
 
 
 def _cross_kv(attention, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -498,15 +503,21 @@ class FastItm:
         return self.vision(pixel_values.to(device=device, dtype=dtype))
 
     def _encode_text(self, input_ids, attention_mask, cross=None, group=1):
-        """The text encoder (bidirectional); with `cross`, image-grounded. Returns (M, L, D)."""
+        """First-token output (M, D) of the text encoder (bidirectional); with `cross`,
+        image-grounded.
+
+        ITM and ITC read the first token only, so the last layer runs for that token alone
+        (its keys and values still come from every token).
+        """
         x = self.bert.embeddings(input_ids=input_ids)
         key_mask = attention_mask.bool()[:, None, None, :]  # (M, 1, 1, L)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = _text_self_attention(layer.attention, x, key_mask)
+            x = _text_self_attention(layer.attention, x, key_mask, first_only=i == last)
             if cross is not None:
                 x = _grouped_cross_attention(layer.crossattention, x, cross[i], group)
             x = layer.output(layer.intermediate(x), x)
-        return x
+        return x[:, 0]  # (M, D)
 
     @torch.inference_mode()
     def itm_hidden(self, image_embeds, image_index, input_ids, attention_mask) -> torch.Tensor:
@@ -534,7 +545,7 @@ class FastItm:
         grid_ids[dest] = input_ids[order]
         grid_mask[dest] = attention_mask[order]
         cross = [_cross_kv(layer.crossattention, image_embeds) for layer in self.layers]
-        hidden = self._encode_text(grid_ids, grid_mask, cross, per_image)[:, 0]  # (B*S, D)
+        hidden = self._encode_text(grid_ids, grid_mask, cross, per_image)  # (B*S, D)
         first = torch.empty((texts, hidden.shape[-1]), dtype=hidden.dtype, device=device)
         first[order] = hidden[dest]
         return first
@@ -554,7 +565,7 @@ class FastItm:
     def text_features(self, input_ids, attention_mask) -> torch.Tensor:
         """Normalised ITC text features (M, E) of the unimodal text encoder's first token."""
         device = next(self.model.parameters()).device
-        hidden = self._encode_text(input_ids.to(device), attention_mask.to(device))[:, 0]
+        hidden = self._encode_text(input_ids.to(device), attention_mask.to(device))
         return F.normalize(self.model.text_proj(hidden).float(), dim=-1)
 
     @torch.inference_mode()
