@@ -191,6 +191,7 @@ class ImageBatch:
     pixel_index: list[int | None]
     errors: list[str | None]
     extra: dict[str, list] = field(default_factory=dict)
+    normalized: bool = True  # False: uint8 resized pixels that `normalize_pixels` finishes
 
     @property
     def ok_keys(self) -> list[str]:
@@ -224,7 +225,8 @@ class ImageBatch:
         pixel_values = None
         if pixels:
             pixel_values = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
-        return ImageBatch(keys, pixel_values, pixel_index, errors, extra)
+        normalized = all(part.normalized for part in parts)
+        return ImageBatch(keys, pixel_values, pixel_index, errors, extra, normalized)
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader (pin_memory=True) so the copy to the GPU can overlap."""
@@ -265,11 +267,15 @@ class BatchPreprocessor:
         image_processor,
         max_pixels: int = MAX_IMAGE_PIXELS,
         fast_decode: bool = False,
+        resize_only: bool = False,
     ):
         self.rows = rows
         self.image_processor = image_processor
         self.max_pixels = max_pixels
         self.draft_size = processor_size(image_processor) if fast_decode else None
+        # Resized 8-bit pixels (a quarter of the bytes of float32 to pass between processes
+        # and copy to the GPU), normalised later by `normalize_pixels` (ImageBatch.normalized).
+        self.resize_only = resize_only and can_defer_normalization(image_processor)
 
     def __call__(self, indices: list[int]) -> ImageBatch:
         keys, pixel_index, errors, ok_images = [], [], [], []
@@ -283,9 +289,16 @@ class BatchPreprocessor:
             else:
                 pixel_index.append(None)
                 errors.append(decoded.error)
-        pixel_values = preprocess(self.image_processor, ok_images) if ok_images else None
+        pixel_values = None
+        if ok_images:
+            if self.resize_only:
+                pixel_values = resize_pixels(self.image_processor, ok_images)
+            else:
+                pixel_values = preprocess(self.image_processor, ok_images)
         extra = {name: [values[i] for i in indices] for name, values in self.rows.extra.items()}
-        return ImageBatch(keys, pixel_values, pixel_index, errors, extra)
+        batch = ImageBatch(keys, pixel_values, pixel_index, errors, extra)
+        batch.normalized = not self.resize_only
+        return batch
 
 
 def processor_size(image_processor) -> tuple[int, int] | None:
@@ -325,6 +338,11 @@ def _is_plain_pil_blip_processor(image_processor) -> bool:
 
 
 def _pil_preprocess(image_processor, images: list):
+    return normalize_pixels(image_processor, _pil_resize(image_processor, images))
+
+
+def _pil_resize(image_processor, images: list):
+    """The PIL processor's resize of every image, stacked: uint8 (N, 3, H, W)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -334,11 +352,49 @@ def _pil_preprocess(image_processor, images: list):
     resized = np.stack(
         [np.asarray(_rgb(img).resize(size, resample=resample)) for img in images]
     )  # (N, H, W, 3) uint8
-    pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float()  # (N, 3, H, W)
-    scale = float(image_processor.rescale_factor)
-    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((pixels * scale - mean) / std).contiguous()
+    return torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous()
+
+
+def _is_torchvision_processor(image_processor) -> bool:
+    """transformers' torchvision-backed image processor, whose steps can be run separately."""
+    return hasattr(image_processor, "rescale_and_normalize") and hasattr(
+        image_processor, "do_normalize"
+    )
+
+
+def can_defer_normalization(image_processor) -> bool:
+    """True when `resize_pixels` + `normalize_pixels` give exactly `preprocess`'s values."""
+    return _is_plain_pil_blip_processor(image_processor) or (
+        _is_torchvision_processor(image_processor)
+        and type(image_processor).__name__ == "BlipImageProcessor"
+        and not getattr(image_processor, "do_center_crop", False)
+        and not getattr(image_processor, "do_pad", False)
+    )
+
+
+def resize_pixels(image_processor, images: list):
+    """Resized, not yet rescaled or normalised pixels: uint8 (N, 3, H, W)."""
+    if _is_plain_pil_blip_processor(image_processor):
+        return _pil_resize(image_processor, images)
+    return image_processor(
+        images=images, do_rescale=False, do_normalize=False, return_tensors="pt"
+    )["pixel_values"]
+
+
+def normalize_pixels(image_processor, pixels):
+    """The processor's rescale and normalisation of `resize_pixels`' output, on its device."""
+    import torch
+
+    if _is_plain_pil_blip_processor(image_processor):
+        scale = float(image_processor.rescale_factor)
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32, device=pixels.device)
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32, device=pixels.device)
+        pixels = pixels.float()
+        return ((pixels * scale - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).contiguous()
+    p = image_processor
+    return p.rescale_and_normalize(
+        pixels, p.do_rescale, p.rescale_factor, p.do_normalize, p.image_mean, p.image_std
+    )
 
 
 def _rgb(img):
@@ -396,7 +452,10 @@ def image_batches(
         rows,
         batch_sampler=chunks,
         num_workers=num_workers,
-        collate_fn=collate,
+        # Workers send uint8 pixels; they are normalised here, on `device` when given.
+        collate_fn=BatchPreprocessor(
+            rows, image_processor, max_pixels, fast_decode=fast_decode, resize_only=True
+        ),
         # Workers prefetch a couple of chunks each so the model does not wait for decoding.
         prefetch_factor=2,
         persistent_workers=False,
@@ -404,7 +463,12 @@ def image_batches(
     )
     decoded = iter(loader)
     for count in chunks_per_batch:
-        yield ImageBatch.concat([next(decoded) for _ in range(count)], device)
+        batch = ImageBatch.concat([next(decoded) for _ in range(count)], device)
+        if not batch.normalized:
+            if batch.pixel_values is not None:
+                batch.pixel_values = normalize_pixels(image_processor, batch.pixel_values)
+            batch.normalized = True
+        yield batch
 
 
 # A worker decodes at least this many images at a time (fewer chunks for small batches).

@@ -164,3 +164,23 @@ def test_ordered_map_keeps_the_order_and_raises_at_the_failing_item():
     stopped = ordered_map(square, range(100), threads=2)
     assert next(stopped) == 0
     stopped.close()  # stopping early cancels what has not started
+
+
+@pytest.mark.parametrize("size", [64, 97])
+def test_eight_bit_pixels_normalised_later_equal_the_processor(size):
+    """Worker processes send resized uint8 pixels (a quarter of float32's bytes); normalising
+    them afterwards (on the GPU in a real run) gives the processor's own values."""
+    from capfilt.data import can_defer_normalization, normalize_pixels, resize_pixels
+    from capfilt.models.tiny import image_processor
+
+    processor = image_processor(size)
+    assert can_defer_normalization(processor)  # the PIL processor here; torchvision's on GPUs
+    rng = random.Random(2)
+    images = [
+        decode_image(jpeg_bytes(draw_scene("red", "circle", rng.choice([40, 130, 300])))).image
+        for _ in range(5)
+    ]
+    resized = resize_pixels(processor, images)
+    assert resized.dtype == torch.uint8 and resized.shape == (5, 3, size, size)
+    expected = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(normalize_pixels(processor, resized), expected, atol=1e-6)
