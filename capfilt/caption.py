@@ -19,6 +19,7 @@ from capfilt.data import (
     count_successful,
     image_batches,
     image_progress,
+    ordered_map,
     resolve_workers,
     successful_images,
 )
@@ -195,8 +196,9 @@ def caption_dataset(
     if mine:
         total = count_successful(ds, mine)
         with image_progress(total, "caption", enabled=progress and processes.is_main) as bar:
-            for shard in mine:
-                images_table = ds.read_shard("images", shard)
+            # The next shard is read while this one is captioned.
+            shards = ordered_map(lambda s: (s, ds.read_shard("images", s)), mine, threads=1)
+            for shard, images_table in shards:
                 captions = caption_shard(captioner, images_table, config, on_images=bar.advance)
                 ds.write_shard("captions", shard, captions)
                 errors = sum(1 for s in captions["status"].to_pylist() if s != "success")

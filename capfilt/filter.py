@@ -278,12 +278,14 @@ def filter_dataset(
         has_captions = set(ds.shards("captions"))
         total = count_successful(ds, mine)
         with image_progress(total, "filter", enabled=progress and processes.is_main) as bar:
-            for shard in mine:
-                images_table = ds.read_shard("images", shard)
-                captions_table = None
-                if shard in has_captions:
-                    captions_table = ds.read_shard("captions", shard)
-                else:
+
+            def read(shard: int):
+                captions = ds.read_shard("captions", shard) if shard in has_captions else None
+                return shard, ds.read_shard("images", shard), captions
+
+            # The next shard is read while this one is scored.
+            for shard, images_table, captions_table in ordered_map(read, mine, threads=1):
+                if captions_table is None:
                     counts["shards_without_captions"] += 1
                 scores = score_shard(
                     scorer, images_table, captions_table, config, on_images=bar.advance
