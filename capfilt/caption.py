@@ -8,7 +8,6 @@ already rows in images/ and get none.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from capfilt.data import (
     image_batches,
     image_progress,
     ordered_map,
+    recorded_options,
     resolve_workers,
     successful_images,
 )
@@ -216,7 +216,7 @@ def caption_dataset(
     if processes.is_main:
         ds.record_run(
             "caption",
-            options=dataclasses.asdict(config),
+            options=recorded_options(config, captioner),
             counts=dict(totals, shards_skipped=len(all_shards) - len(pending)),
             model=model_info,
             processes=processes.world_size,

@@ -495,6 +495,16 @@ def resolve_workers(num_workers: int | None, device) -> int:
     return max(2, min(16, (cores or 1) // max(1, processes) - 2))
 
 
+def recorded_options(config, model) -> dict:
+    """A caption/filter config for the manifest, with the decoding workers `model` used."""
+    import dataclasses
+
+    options = dataclasses.asdict(config)
+    if model is not None:
+        options["num_workers"] = resolve_workers(config.num_workers, model.device)
+    return options
+
+
 def ordered_map(function, items, threads: int, ahead: int | None = None):
     """`function(item)` for each item, in order, computed by `threads` background threads.
 

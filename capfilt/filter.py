@@ -9,7 +9,6 @@ curated/, without loading a model.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from capfilt.data import (
     image_batches,
     image_progress,
     ordered_map,
+    recorded_options,
     resolve_workers,
     successful_images,
 )
@@ -318,7 +318,7 @@ def filter_dataset(
     if processes.is_main:
         ds.record_run(
             "filter",
-            options=dataclasses.asdict(config),
+            options=recorded_options(config, scorer),
             counts=dict(
                 totals,
                 shards_skipped=len(all_shards) - len(pending),

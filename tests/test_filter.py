@@ -47,11 +47,9 @@ def scored(tmp_path_factory, captioned, tiny_filter):
         0.5,
         "--model",
         tiny_filter,
-        "--workers",
-        0,
         "--batch-size",
         3,
-    )
+    )  # --workers left at its default: threads on the CPU
     assert result.exit_code == 0, result.output
     return root, truths, result.output
 
@@ -99,6 +97,7 @@ def test_filter_scores_web_and_every_synthetic_caption(scored, tiny_filter):
     assert run["stage"] == "filter" and run["itm_token"] == "enc"
     assert run["model"]["revision"] == str(tiny_filter.resolve())
     assert run["options"]["threshold"] == 0.5
+    assert run["options"]["num_workers"] == 0  # the default, as resolved for the CPU
     assert run["counts"]["errors"] == 1
     assert "synthetic" in output and "ITM token" in output
 
