@@ -21,7 +21,39 @@ import traceback
 from pathlib import Path
 
 # (name, `capfilt bench` options). e2e = JPEG bytes in Parquet -> rows written.
+# In order of importance: end to end first (the targets), then model level,
+# pretraining, compile variants. `workers` is left to the default (the CPU cores less 2).
 SUITE = [
+    (
+        "caption-base-e2e",
+        dict(
+            workload="caption",
+            arch="base",
+            images=4096,
+            batch_size=512,
+            cuda_graphs=True,
+        ),
+    ),
+    (
+        "caption-large-e2e",
+        dict(
+            workload="caption",
+            arch="large",
+            images=2048,
+            batch_size=512,
+            cuda_graphs=True,
+        ),
+    ),
+    (
+        "filter-large-e2e",
+        dict(
+            workload="filter",
+            arch="large",
+            images=1536,
+            batch_size=512,
+            captions_per_image=1,
+        ),
+    ),
     (
         "caption-base-model",
         dict(
@@ -56,43 +88,6 @@ SUITE = [
         ),
     ),
     (
-        "pretrain-base-b128",
-        dict(workload="pretrain", arch="base", images=2048, batch_size=128, text_tokens=30),
-    ),
-    (
-        "caption-base-e2e",
-        dict(
-            workload="caption",
-            arch="base",
-            images=4096,
-            batch_size=512,
-            cuda_graphs=True,
-            workers=14,
-        ),
-    ),
-    (
-        "caption-large-e2e",
-        dict(
-            workload="caption",
-            arch="large",
-            images=2048,
-            batch_size=512,
-            cuda_graphs=True,
-            workers=14,
-        ),
-    ),
-    (
-        "filter-large-e2e",
-        dict(
-            workload="filter",
-            arch="large",
-            images=2048,
-            batch_size=512,
-            captions_per_image=1,
-            workers=14,
-        ),
-    ),
-    (
         "pretrain-base-b256",
         dict(workload="pretrain", arch="base", images=2048, batch_size=256, text_tokens=30),
     ),
@@ -104,6 +99,21 @@ SUITE = [
             images=4096,
             batch_size=256,
             text_tokens=30,
+            compile=True,
+        ),
+    ),
+    (
+        "pretrain-base-b128",
+        dict(workload="pretrain", arch="base", images=2048, batch_size=128, text_tokens=30),
+    ),
+    (
+        "caption-base-model-compile",
+        dict(
+            workload="caption",
+            arch="base",
+            level="model",
+            images=2048,
+            batch_size=512,
             compile=True,
         ),
     ),
@@ -138,17 +148,6 @@ SUITE = [
     (
         "pretrain-base-b64",
         dict(workload="pretrain", arch="base", images=1024, batch_size=64, text_tokens=30),
-    ),
-    (
-        "caption-base-model-compile",
-        dict(
-            workload="caption",
-            arch="base",
-            level="model",
-            images=2048,
-            batch_size=512,
-            compile=True,
-        ),
     ),
 ]
 
@@ -363,7 +362,7 @@ def main() -> int:
         ),
     ]
     steps = [(name, options) for name, options in SUITE]
-    plan = checks[:1] + steps[:7] + checks[1:] + steps[7:]
+    plan = checks[:1] + steps[:9] + checks[1:] + steps[9:]
     for name, options in plan:
         if args.only and name not in args.only:
             continue
