@@ -71,6 +71,7 @@ class BenchConfig:
     itc: bool = True
     workers: int | None = None  # image decoding processes (e2e); None: 2 on GPU, 0 on CPU
     fast_decode: bool = False  # e2e caption/filter: capfilt's JPEG draft decoding (approximate)
+    gpu_decode: bool = False  # e2e caption/filter: capfilt decodes plain JPEGs on the GPU
     repeats: int = 1
     peak_tflops: float | None = None
     threads: int | None = None  # torch CPU threads; None leaves torch's default
@@ -486,6 +487,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
             batch_size=config.batch_size,
             num_workers=workers,
             fast_decode=config.fast_decode,
+            gpu_decode=config.gpu_decode,
             **lengths,
         )
 
@@ -534,6 +536,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
             new_tokens=tokens,
             captions_per_image=n,
             fast_decode=e2e and config.fast_decode,
+            gpu_decode=e2e and config.gpu_decode,
             **fast_options,
         ),
     )
@@ -629,6 +632,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
             batch_size=config.batch_size,
             num_workers=workers,
             fast_decode=config.fast_decode,
+            gpu_decode=config.gpu_decode,
         )
 
         def capfilt():
@@ -683,6 +687,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
             text_tokens=config.text_tokens,
             itc=config.itc,
             fast_decode=e2e and config.fast_decode,
+            gpu_decode=e2e and config.gpu_decode,
         ),
     )
 

@@ -55,6 +55,28 @@ SUITE = [
         ),
     ),
     (
+        "caption-base-e2e-gpu-decode",
+        dict(
+            workload="caption",
+            arch="base",
+            images=4096,
+            batch_size=512,
+            cuda_graphs=True,
+            gpu_decode=True,
+        ),
+    ),
+    (
+        "filter-large-e2e-gpu-decode",
+        dict(
+            workload="filter",
+            arch="large",
+            images=1536,
+            batch_size=512,
+            captions_per_image=1,
+            gpu_decode=True,
+        ),
+    ),
+    (
         "caption-base-model",
         dict(
             workload="caption",
@@ -362,7 +384,7 @@ def main() -> int:
         ),
     ]
     steps = [(name, options) for name, options in SUITE]
-    plan = checks[:1] + steps[:9] + checks[1:] + steps[9:]
+    plan = checks[:1] + steps[:11] + checks[1:] + steps[11:]
     for name, options in plan:
         if args.only and name not in args.only:
             continue

@@ -52,6 +52,7 @@ class CaptionConfig:
     num_workers: int | None = None  # decoding processes; None: 2 on GPU, 0 (threads) on CPU
     engine: str = "fast"
     fast_decode: bool = False  # JPEGs decoded at a reduced scale: faster, not pixel-exact
+    gpu_decode: bool = False  # plain JPEGs decoded on the model's device (torchvision)
     overwrite: bool = False
 
     def __post_init__(self):
@@ -136,6 +137,7 @@ def caption_shard(captioner, images_table, config: CaptionConfig, on_images=None
         pin_memory=captioner.device.type == "cuda",
         device=captioner.device,
         fast_decode=config.fast_decode,
+        device_decode=config.gpu_decode,
     ):
         captions = []
         if batch.pixel_values is not None:

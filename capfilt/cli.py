@@ -473,6 +473,13 @@ FastDecodeOpt = Annotated[
         "much faster, pixels slightly different from the full decode + resize."
     ),
 ]
+GpuDecodeOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Decode plain JPEGs on the model's device with torchvision (nvJPEG on a GPU) and "
+        "resize them there; other images take the PIL path. Needs torchvision."
+    ),
+]
 OverwriteShardsOpt = Annotated[
     bool, typer.Option(help="Redo shards that are already done instead of skipping them.")
 ]
@@ -521,6 +528,7 @@ def caption(
     workers: DecodeWorkersOpt = None,
     engine: EngineOpt = Engine.fast,
     fast_decode: FastDecodeOpt = False,
+    gpu_decode: GpuDecodeOpt = False,
     overwrite: OverwriteShardsOpt = False,
 ):
     """Write synthetic captions of every downloaded image to captions/ (BLIP, nucleus sampling).
@@ -549,6 +557,7 @@ def caption(
         num_workers=workers,
         engine=engine.value,
         fast_decode=fast_decode,
+        gpu_decode=gpu_decode,
         overwrite=overwrite,
     )
     result = caption_dataset(dataset, config)
@@ -586,6 +595,7 @@ def filter_(
     workers: DecodeWorkersOpt = None,
     engine: EngineOpt = Engine.fast,
     fast_decode: FastDecodeOpt = False,
+    gpu_decode: GpuDecodeOpt = False,
     overwrite: OverwriteShardsOpt = False,
 ):
     """Score web and synthetic captions with BLIP ITM/ITC into scores/, keep the good ones.
@@ -608,6 +618,7 @@ def filter_(
         max_text_tokens=max_text_tokens,
         engine=engine.value,
         fast_decode=fast_decode,
+        gpu_decode=gpu_decode,
         overwrite=overwrite,
     )
     result = filter_dataset(dataset, config)
@@ -1253,6 +1264,9 @@ def bench(
     fast_decode: Annotated[
         bool, typer.Option(help="e2e caption/filter: capfilt decodes JPEGs at reduced scale.")
     ] = False,
+    gpu_decode: Annotated[
+        bool, typer.Option(help="e2e caption/filter: capfilt decodes plain JPEGs on the GPU.")
+    ] = False,
     repeats: Annotated[int, typer.Option(help="Timed runs per side; the best counts.")] = 1,
     peak_tflops: Annotated[
         float | None, typer.Option(help="FLOP bound in TFLOP/s (default: a measured matmul).")
@@ -1295,6 +1309,7 @@ def bench(
         itc=itc,
         workers=workers,
         fast_decode=fast_decode,
+        gpu_decode=gpu_decode,
         repeats=repeats,
         peak_tflops=peak_tflops,
         threads=threads,

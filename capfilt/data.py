@@ -12,6 +12,8 @@ import io
 import warnings
 from dataclasses import dataclass, field
 
+from capfilt.device_decode import jpeg_for_device
+
 # A web image larger than this many pixels is a decompression bomb, or at least not worth
 # decoding for a 384 px model: it becomes an error row instead of eating the machine's memory.
 MAX_IMAGE_PIXELS = 100_000_000
@@ -192,6 +194,10 @@ class ImageBatch:
     errors: list[str | None]
     extra: dict[str, list] = field(default_factory=dict)
     normalized: bool = True  # False: uint8 resized pixels that `normalize_pixels` finishes
+    # --gpu-decode: (pixel row, JPEG bytes) left for the device, and the pixel rows that
+    # `pixel_values` holds (device_decode.finish_on_device puts them together).
+    deferred: list[tuple[int, bytes]] = field(default_factory=list)
+    cpu_rows: list[int] = field(default_factory=list)
 
     @property
     def ok_keys(self) -> list[str]:
@@ -268,6 +274,7 @@ class BatchPreprocessor:
         max_pixels: int = MAX_IMAGE_PIXELS,
         fast_decode: bool = False,
         resize_only: bool = False,
+        device_decode: bool = False,
     ):
         self.rows = rows
         self.image_processor = image_processor
@@ -276,16 +283,27 @@ class BatchPreprocessor:
         # Resized 8-bit pixels (a quarter of the bytes of float32 to pass between processes
         # and copy to the GPU), normalised later by `normalize_pixels` (ImageBatch.normalized).
         self.resize_only = resize_only and can_defer_normalization(image_processor)
+        # Plain JPEGs are only checked here and decoded on the model's device (--gpu-decode).
+        self.device_decode = device_decode and self.resize_only
 
     def __call__(self, indices: list[int]) -> ImageBatch:
         keys, pixel_index, errors, ok_images = [], [], [], []
+        deferred, cpu_rows = [], []
         for i in indices:
-            decoded = decode_image(self.rows.images[i], self.max_pixels, self.draft_size)
+            data = self.rows.images[i]
             keys.append(self.rows.keys[i])
+            row = len(ok_images) + len(deferred)
+            if self.device_decode and jpeg_for_device(data, self.max_pixels):
+                pixel_index.append(row)
+                errors.append(None)
+                deferred.append((row, data))
+                continue
+            decoded = decode_image(data, self.max_pixels, self.draft_size)
             if decoded.ok:
-                pixel_index.append(len(ok_images))
+                pixel_index.append(row)
                 errors.append(None)
                 ok_images.append(decoded.image)
+                cpu_rows.append(row)
             else:
                 pixel_index.append(None)
                 errors.append(decoded.error)
@@ -298,6 +316,7 @@ class BatchPreprocessor:
         extra = {name: [values[i] for i in indices] for name, values in self.rows.extra.items()}
         batch = ImageBatch(keys, pixel_values, pixel_index, errors, extra)
         batch.normalized = not self.resize_only
+        batch.deferred, batch.cpu_rows = deferred, cpu_rows
         return batch
 
 
@@ -411,6 +430,7 @@ def image_batches(
     device=None,
     fast_decode: bool = False,
     decode_threads: int = DECODE_THREADS,
+    device_decode: bool = False,
 ):
     """Iterate over `ImageBatch`es of `rows` in order, decoded ahead of the caller.
 
@@ -420,10 +440,15 @@ def image_batches(
     there starts as it arrives). 0: `decode_threads` threads of this process decode the next
     batches while the caller runs the model (PIL decodes and resizes without the GIL; no process
     start-up or pickling per shard). `pin_memory` (for a CUDA model) page-locks each batch or
-    chunk so its copy to the GPU is async.
+    chunk so its copy to the GPU is async. `device_decode` (--gpu-decode): plain JPEGs are
+    decoded and resized on `device` (capfilt/device_decode.py).
     """
     collate = BatchPreprocessor(rows, image_processor, max_pixels, fast_decode=fast_decode)
-    if num_workers == 0:
+    if device_decode:
+        from capfilt.device_decode import check_device_decode
+
+        check_device_decode(image_processor)
+    if num_workers == 0 and not device_decode:
         index_batches = (
             list(range(start, min(len(rows), start + batch_size)))
             for start in range(0, len(rows), batch_size)
@@ -454,21 +479,45 @@ def image_batches(
         num_workers=num_workers,
         # Workers send uint8 pixels; they are normalised here, on `device` when given.
         collate_fn=BatchPreprocessor(
-            rows, image_processor, max_pixels, fast_decode=fast_decode, resize_only=True
+            rows,
+            image_processor,
+            max_pixels,
+            fast_decode=fast_decode,
+            resize_only=True,
+            device_decode=device_decode,
         ),
         # Workers prefetch a couple of chunks each so the model does not wait for decoding.
-        prefetch_factor=2,
+        prefetch_factor=2 if num_workers > 0 else None,
         persistent_workers=False,
         pin_memory=pin_memory,
     )
     decoded = iter(loader)
+
+    def finished(chunk: ImageBatch) -> ImageBatch:
+        if not chunk.deferred:
+            return chunk
+        from capfilt.device_decode import finish_on_device
+
+        return finish_on_device(chunk, image_processor, device or "cpu", _decode_to_tensor)
+
     for count in chunks_per_batch:
-        batch = ImageBatch.concat([next(decoded) for _ in range(count)], device)
+        batch = ImageBatch.concat([finished(next(decoded)) for _ in range(count)], device)
         if not batch.normalized:
             if batch.pixel_values is not None:
                 batch.pixel_values = normalize_pixels(image_processor, batch.pixel_values)
             batch.normalized = True
         yield batch
+
+
+def _decode_to_tensor(data: bytes):
+    """(uint8 (3, H, W) tensor, None) of an image decoded by PIL, or (None, error)."""
+    import numpy as np
+    import torch
+
+    decoded = decode_image(data)
+    if not decoded.ok:
+        return None, decoded.error
+    return torch.from_numpy(np.array(decoded.image)).permute(2, 0, 1), None
 
 
 # A worker decodes at least this many images at a time (fewer chunks for small batches).

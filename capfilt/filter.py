@@ -51,6 +51,7 @@ class FilterConfig:
     max_text_tokens: int = 35
     engine: str = "fast"
     fast_decode: bool = False  # JPEGs decoded at a reduced scale: faster, not pixel-exact
+    gpu_decode: bool = False  # plain JPEGs decoded on the model's device (torchvision)
     overwrite: bool = False
 
     def __post_init__(self):
@@ -170,6 +171,7 @@ def score_shard(scorer, images_table, captions_table, config: FilterConfig, on_i
         pin_memory=scorer.device.type == "cuda",
         device=scorer.device,
         fast_decode=config.fast_decode,
+        device_decode=config.gpu_decode,
     )
     out = []
     for pairs in ordered_map(pairs_of, batches, threads=1):

@@ -228,3 +228,31 @@ def test_cli_defaults_are_the_config_defaults():
                 continue
             default = getattr(parameter.default, "value", parameter.default)
             assert default == getattr(config, field), (command.__name__, name)
+
+
+def test_gpu_decode_captions_like_the_pil_path_or_asks_for_torchvision(tmp_path, tiny_captioner):
+    """--gpu-decode through the command (on the CPU device here): the same greedy captions as
+    decoding with PIL, the option in the manifest; without torchvision, a one-line error."""
+    try:
+        import torchvision  # noqa: F401
+
+        has_torchvision = True
+    except ImportError:
+        has_torchvision = False
+    texts = {}
+    for gpu_decode in (False, True):
+        root = tmp_path / f"ds-{gpu_decode}"
+        write_images_dataset(root, n_shards=1, per_shard=6, bad_keys=("000000002",))
+        args = ["caption", root, "--model", tiny_captioner, "--decoding", "greedy"]
+        args += ["--max-length", 8, "--workers", 1]
+        result = invoke(*args, *(["--gpu-decode"] if gpu_decode else []))
+        if gpu_decode and not has_torchvision:
+            assert result.exit_code == 2
+            assert "--gpu-decode needs torchvision" in result.output
+            return
+        assert result.exit_code == 0, result.output
+        ds = Dataset(str(root))
+        rows = ds.read_stage("captions").to_pylist()
+        texts[gpu_decode] = {(r["key"], r["text"], r["status"]) for r in rows}
+        assert ds.read_manifest()["runs"][-1]["options"]["gpu_decode"] is gpu_decode
+    assert texts[True] == texts[False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
@@ -184,3 +185,50 @@ def test_eight_bit_pixels_normalised_later_equal_the_processor(size):
     assert resized.dtype == torch.uint8 and resized.shape == (5, 3, size, size)
     expected = processor(images=images, return_tensors="pt")["pixel_values"]
     assert torch.allclose(normalize_pixels(processor, resized), expected, atol=1e-6)
+
+
+def test_device_decoding_needs_torchvision_or_says_so():
+    from capfilt.data import ShardImages, image_batches
+    from capfilt.errors import CapfiltError
+    from capfilt.models.tiny import image_processor
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        rows = ShardImages(["a"], [jpeg_bytes(draw_scene("red", "circle", 32))])
+        with pytest.raises(CapfiltError, match="--gpu-decode needs torchvision"):
+            list(image_batches(rows, image_processor(32), 4, device_decode=True))
+    else:
+        pytest.skip("torchvision is installed: the device path runs instead")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_decoding_gives_every_row_as_the_cpu_path_does(workers):
+    """--gpu-decode on the CPU device: plain JPEGs decode through torchvision exactly as PIL
+    decodes them; every hostile file still ends as pixels or the same error row."""
+    pytest.importorskip("torchvision")
+    from _hostile import corpus
+
+    from capfilt.data import ShardImages, image_batches
+    from capfilt.device_decode import jpeg_for_device
+    from capfilt.models.tiny import image_processor
+
+    rng = random.Random(3)
+    blobs = [jpeg_bytes(draw_scene(rng.choice(["red", "blue"]), "square", s)) for s in (30, 64, 90)]
+    grey = io.BytesIO()
+    draw_scene("green", "circle", 50).convert("L").save(grey, format="JPEG", progressive=True)
+    blobs.append(grey.getvalue())
+    # A JPEG whose header is fine but whose data stops: the device decoder refuses it.
+    blobs.append(blobs[2][: len(blobs[2]) // 2])
+    blobs += [h.data for h in corpus()]
+    keys = [f"k{i:02d}" for i in range(len(blobs))]
+    assert [jpeg_for_device(b, 10**8) for b in blobs[:4]] == [True] * 4
+    rows = ShardImages(keys, blobs)
+    processor = image_processor(32)
+    expected = list(image_batches(rows, processor, 7, num_workers=0))
+    got = list(image_batches(rows, processor, 7, workers, device_decode=True))
+    assert [b.keys for b in got] == [b.keys for b in expected]
+    for a, b in zip(expected, got, strict=True):
+        assert b.pixel_index == a.pixel_index
+        assert [e is None for e in b.errors] == [e is None for e in a.errors]
+        assert torch.allclose(b.pixel_values, a.pixel_values, atol=1e-6)
