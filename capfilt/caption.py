@@ -49,10 +49,11 @@ class CaptionConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
-    num_workers: int | None = None  # decoding processes; None: 2 on GPU, 0 (threads) on CPU
+    num_workers: int | None = None  # decoding processes; None: data.resolve_workers
     engine: str = "fast"
     fast_decode: bool = False  # JPEGs decoded at a reduced scale: faster, not pixel-exact
     gpu_decode: bool = False  # plain JPEGs decoded on the model's device (torchvision)
+    cuda_graphs: bool = False  # fast engine on a GPU: each decoding step replayed as a graph
     overwrite: bool = False
 
     def __post_init__(self):
@@ -194,7 +195,13 @@ def caption_dataset(
     if mine and captioner is None:
         from capfilt.models.blip import Captioner
 
-        captioner = Captioner.load(config.model, config.precision, config.device, config.engine)
+        captioner = Captioner.load(
+            config.model,
+            config.precision,
+            config.device,
+            config.engine,
+            fast_options=dict(cuda_graphs=config.cuda_graphs),
+        )
     if mine:
         total = count_successful(ds, mine)
         with image_progress(total, "caption", enabled=progress and processes.is_main) as bar:

@@ -527,6 +527,12 @@ def caption(
     ] = 0,
     workers: DecodeWorkersOpt = None,
     engine: EngineOpt = Engine.fast,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            help="GPU, fast engine: replay each decoding step as a CUDA graph (fewer launches)."
+        ),
+    ] = False,
     fast_decode: FastDecodeOpt = False,
     gpu_decode: GpuDecodeOpt = False,
     overwrite: OverwriteShardsOpt = False,
@@ -556,6 +562,7 @@ def caption(
         seed=seed,
         num_workers=workers,
         engine=engine.value,
+        cuda_graphs=cuda_graphs,
         fast_decode=fast_decode,
         gpu_decode=gpu_decode,
         overwrite=overwrite,
