@@ -232,3 +232,21 @@ def test_device_decoding_gives_every_row_as_the_cpu_path_does(workers):
         assert b.pixel_index == a.pixel_index
         assert [e is None for e in b.errors] == [e is None for e in a.errors]
         assert torch.allclose(b.pixel_values, a.pixel_values, atol=1e-6)
+
+
+def test_default_decoding_workers_follow_the_device_and_the_cores(monkeypatch):
+    import os
+
+    from capfilt.data import resolve_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_workers(None, cpu) == 0  # threads: processes measured slower on the CPU
+    assert resolve_workers(3, cuda) == 3 and resolve_workers(0, cpu) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_workers(None, cuda) == 14
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 GPUs share the 16 cores
+    assert resolve_workers(None, cuda) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_workers(None, cuda) == 16
