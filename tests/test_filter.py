@@ -274,3 +274,35 @@ def test_ahead_tokenization_equals_the_tokenizer_call(tiny_filter):
     assert input_ids.shape[1] == 12
     one = scorer.tokenize_cpu(["a red circle"])[0]
     assert torch.equal(one, scorer.tokenizer(["a red circle"], return_tensors="pt").input_ids)
+
+
+def test_gpu_decode_scores_like_the_pil_path_or_asks_for_torchvision(
+    tmp_path, captioned, scored, tiny_filter
+):
+    """--gpu-decode through `capfilt filter` (the CPU device here) gives the PIL path's scores;
+    without torchvision it is a one-line error."""
+    import shutil
+
+    source, _ = captioned
+    root = tmp_path / "ds"
+    shutil.copytree(source, root)
+    args = ["filter", root, "--threshold", 0.5, "--model", tiny_filter, "--batch-size", 3]
+    result = invoke(*args, "--workers", 2, "--gpu-decode")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 2 and "--gpu-decode needs torchvision" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    expected = {
+        (r["key"], r["text_id"]): r["itm_score"]
+        for r in Dataset(str(scored[0])).read_stage("scores").to_pylist()
+    }
+    got = {
+        (r["key"], r["text_id"]): r["itm_score"]
+        for r in Dataset(str(root)).read_stage("scores").to_pylist()
+    }
+    assert got.keys() == expected.keys()
+    for pair, score in expected.items():
+        assert (score is None) == (got[pair] is None), pair
+        assert score is None or abs(score - got[pair]) < 1e-5, pair
