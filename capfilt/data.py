@@ -443,12 +443,12 @@ def image_batches(
     chunk so its copy to the GPU is async. `device_decode` (--gpu-decode): plain JPEGs are
     decoded and resized on `device` (capfilt/device_decode.py).
     """
-    collate = BatchPreprocessor(rows, image_processor, max_pixels, fast_decode=fast_decode)
     if device_decode:
         from capfilt.device_decode import check_device_decode
 
         check_device_decode(image_processor)
     if num_workers == 0 and not device_decode:
+        collate = BatchPreprocessor(rows, image_processor, max_pixels, fast_decode=fast_decode)
         index_batches = (
             list(range(start, min(len(rows), start + batch_size)))
             for start in range(0, len(rows), batch_size)
