@@ -277,31 +277,29 @@ def test_ahead_tokenization_equals_the_tokenizer_call(tiny_filter):
 
 
 def test_gpu_decode_scores_like_the_pil_path_or_asks_for_torchvision(
-    tmp_path, captioned, scored, tiny_filter
+    tmp_path, captioned, tiny_filter
 ):
     """--gpu-decode through `capfilt filter` (the CPU device here) gives the PIL path's scores;
     without torchvision it is a one-line error."""
     import shutil
 
     source, _ = captioned
-    root = tmp_path / "ds"
-    shutil.copytree(source, root)
-    args = ["filter", root, "--threshold", 0.5, "--model", tiny_filter, "--batch-size", 3]
-    result = invoke(*args, "--workers", 2, "--gpu-decode")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        assert result.exit_code == 2 and "--gpu-decode needs torchvision" in result.output
-        return
-    assert result.exit_code == 0, result.output
-    expected = {
-        (r["key"], r["text_id"]): r["itm_score"]
-        for r in Dataset(str(scored[0])).read_stage("scores").to_pylist()
-    }
-    got = {
-        (r["key"], r["text_id"]): r["itm_score"]
-        for r in Dataset(str(root)).read_stage("scores").to_pylist()
-    }
+    scores = {}
+    for gpu_decode in (True, False):
+        root = tmp_path / f"ds-{gpu_decode}"
+        shutil.copytree(source, root)
+        args = ["filter", root, "--threshold", 0.5, "--model", tiny_filter, "--batch-size", 3]
+        result = invoke(*args, "--workers", 2, *(["--gpu-decode"] if gpu_decode else []))
+        if gpu_decode:
+            try:
+                import torchvision  # noqa: F401
+            except ImportError:
+                assert result.exit_code == 2 and "--gpu-decode needs torchvision" in result.output
+                return
+        assert result.exit_code == 0, result.output
+        rows = Dataset(str(root)).read_stage("scores").to_pylist()
+        scores[gpu_decode] = {(r["key"], r["text_id"]): r["itm_score"] for r in rows}
+    expected, got = scores[False], scores[True]
     assert got.keys() == expected.keys()
     for pair, score in expected.items():
         assert (score is None) == (got[pair] is None), pair
