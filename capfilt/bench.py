@@ -69,7 +69,7 @@ class BenchConfig:
     text_tokens: int = 20  # filter: tokens of each caption ([CLS] and [SEP] included)
     top_p: float = 0.9
     itc: bool = True
-    workers: int | None = None  # image decoding processes (e2e); None: 2 on GPU, 0 on CPU
+    workers: int | None = None  # image decoding processes (e2e); None: data.resolve_workers
     fast_decode: bool = False  # e2e caption/filter: capfilt's JPEG draft decoding (approximate)
     gpu_decode: bool = False  # e2e caption/filter: capfilt decodes plain JPEGs on the GPU
     repeats: int = 1
@@ -441,7 +441,6 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
         from capfilt.io import CAPTIONS_SCHEMA, rows_to_table
         from capfilt.models.blip import Captioner, ModelSource
 
-        workers = config.workers if config.workers is not None else _default_workers(device)
         jpegs = random_jpegs(images, config.seed)
         ds = write_bench_dataset(scratch / "ds", jpegs, random_texts(images, 8, config.seed))
         images_table = ds.read_shard("images", 0)
@@ -485,7 +484,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
             repetition_penalty=1.1,
             prompt=prompt,
             batch_size=config.batch_size,
-            num_workers=workers,
+            num_workers=config.workers,  # None: the stage's default
             fast_decode=config.fast_decode,
             gpu_decode=config.gpu_decode,
             **lengths,
@@ -535,8 +534,6 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
             prompt_tokens=prompt_len,
             new_tokens=tokens,
             captions_per_image=n,
-            fast_decode=e2e and config.fast_decode,
-            gpu_decode=e2e and config.gpu_decode,
             **fast_options,
         ),
     )
@@ -582,7 +579,6 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
         from capfilt.io import SCORES_SCHEMA, rows_to_table
         from capfilt.models.blip import ItmScorer, ModelSource
 
-        workers = config.workers if config.workers is not None else _default_workers(device)
         ds = write_bench_dataset(scratch / "ds", random_jpegs(images, config.seed), web, synthetic)
         images_table = ds.read_shard("images", 0)
         captions_table = ds.read_shard("captions", 0)
@@ -630,7 +626,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
             model=label,
             itm_token="cls",
             batch_size=config.batch_size,
-            num_workers=workers,
+            num_workers=config.workers,  # None: the stage's default
             fast_decode=config.fast_decode,
             gpu_decode=config.gpu_decode,
         )
@@ -686,8 +682,6 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
             texts_per_image=texts_per_image,
             text_tokens=config.text_tokens,
             itc=config.itc,
-            fast_decode=e2e and config.fast_decode,
-            gpu_decode=e2e and config.gpu_decode,
         ),
     )
 
@@ -698,12 +692,6 @@ def _random_pixels(blip_config, images, seed, device, dtype):
     size = blip_config.vision_config.image_size
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(images, 3, size, size, generator=generator).to(device, dtype)
-
-
-def _default_workers(device) -> int:
-    from capfilt.data import resolve_workers
-
-    return resolve_workers(None, device)
 
 
 def _report(config, label, device, dtype, flops, bound, hf, ours, extra) -> dict:
@@ -740,6 +728,9 @@ def _report(config, label, device, dtype, flops, bound, hf, ours, extra) -> dict
         plain_hf=asdict(hf),
         capfilt=asdict(ours),
         speedup=speedup,
+        # capfilt's decoding options apply to its end-to-end side only
+        fast_decode=config.level == "e2e" and config.fast_decode,
+        gpu_decode=config.level == "e2e" and config.gpu_decode,
     )
 
 

@@ -16,11 +16,10 @@ from capfilt import distributed, io
 from capfilt.data import (
     ShardImages,
     count_successful,
-    image_batches,
     image_progress,
     ordered_map,
     recorded_options,
-    resolve_workers,
+    stage_batches,
     successful_images,
 )
 from capfilt.errors import CapfiltError
@@ -130,16 +129,7 @@ def caption_shard(captioner, images_table, config: CaptionConfig, on_images=None
     rows = ShardImages(keys, table["jpg"].to_pylist())
     model = captioner.model_id
     out = []
-    for batch in image_batches(
-        rows,
-        captioner.image_processor,
-        config.batch_size,
-        resolve_workers(config.num_workers, captioner.device),
-        pin_memory=captioner.device.type == "cuda",
-        device=captioner.device,
-        fast_decode=config.fast_decode,
-        device_decode=config.gpu_decode,
-    ):
+    for batch in stage_batches(rows, captioner, config):
         captions = []
         if batch.pixel_values is not None:
             seeds = [

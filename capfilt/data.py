@@ -426,7 +426,6 @@ def image_batches(
     batch_size: int,
     num_workers: int = 0,
     max_pixels: int = MAX_IMAGE_PIXELS,
-    pin_memory: bool = False,
     device=None,
     fast_decode: bool = False,
     decode_threads: int = DECODE_THREADS,
@@ -439,10 +438,13 @@ def image_batches(
     one process to decode it), put together again on `device` when given (each chunk's copy
     there starts as it arrives). 0: `decode_threads` threads of this process decode the next
     batches while the caller runs the model (PIL decodes and resizes without the GIL; no process
-    start-up or pickling per shard). `pin_memory` (for a CUDA model) page-locks each batch or
-    chunk so its copy to the GPU is async. `device_decode` (--gpu-decode): plain JPEGs are
-    decoded and resized on `device` (capfilt/device_decode.py).
+    start-up or pickling per shard). For a CUDA `device` each batch or chunk is page-locked so
+    its copy to the GPU is async. `device_decode` (--gpu-decode): plain JPEGs are decoded and
+    resized on `device` (capfilt/device_decode.py).
     """
+    import torch
+
+    pin_memory = device is not None and torch.device(device).type == "cuda"
     if device_decode:
         from capfilt.device_decode import check_device_decode
 
@@ -542,6 +544,20 @@ def resolve_workers(num_workers: int | None, device) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # set by accelerate/torchrun
     return max(2, min(16, (cores or 1) // max(1, processes) - 2))
+
+
+def stage_batches(rows: ShardImages, model, config):
+    """`image_batches` for a caption or filter stage: the model's image processor and device,
+    the config's batch size, decoding workers and decoding options."""
+    return image_batches(
+        rows,
+        model.image_processor,
+        config.batch_size,
+        resolve_workers(config.num_workers, model.device),
+        device=model.device,
+        fast_decode=config.fast_decode,
+        device_decode=config.gpu_decode,
+    )
 
 
 def recorded_options(config, model) -> dict:

@@ -16,11 +16,10 @@ from capfilt import distributed, io
 from capfilt.data import (
     ShardImages,
     count_successful,
-    image_batches,
     image_progress,
     ordered_map,
     recorded_options,
-    resolve_workers,
+    stage_batches,
     successful_images,
 )
 from capfilt.errors import CapfiltError
@@ -163,16 +162,7 @@ def score_shard(scorer, images_table, captions_table, config: FilterConfig, on_i
             pairs.tokens = scorer.tokenize_cpu(pairs.texts)
         return pairs
 
-    batches = image_batches(
-        rows,
-        scorer.image_processor,
-        config.batch_size,
-        resolve_workers(config.num_workers, scorer.device),
-        pin_memory=scorer.device.type == "cuda",
-        device=scorer.device,
-        fast_decode=config.fast_decode,
-        device_decode=config.gpu_decode,
-    )
+    batches = stage_batches(rows, scorer, config)
     out = []
     for pairs in ordered_map(pairs_of, batches, threads=1):
         batch = pairs.batch

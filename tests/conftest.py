@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from contextlib import contextmanager
 
 import pytest
 
@@ -49,6 +50,26 @@ def jpeg_bytes(img) -> bytes:
 SCENE_TEXTS = [f"a {c} {s}" for c in COLORS for s in SHAPES] + [
     f"a photo of a {c} {s} on a white background" for c in COLORS for s in SHAPES
 ]
+
+
+@contextmanager
+def single_torch_thread():
+    """Tiny models run fastest on one thread; more only contend on a busy 2-core CI machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a test module of tiny models: `pytestmark = pytest.mark.usefixtures(...)`."""
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

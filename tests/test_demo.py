@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import single_torch_thread
 from typer.testing import CliRunner
 
 from capfilt.cli import app
@@ -29,12 +30,8 @@ SMALL = [
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo") / "d"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_torch_thread():
         result = CliRunner().invoke(app, ["demo", str(root), *SMALL])
-    finally:
-        torch.set_num_threads(threads)
     return root, result
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_images_dataset
+from conftest import single_torch_thread, write_images_dataset
 from typer.testing import CliRunner
 
 from capfilt import evaluate as evaluate_module
@@ -28,9 +28,7 @@ def scenes(tmp_path_factory):
 def tiny_run(scenes, tmp_path_factory):
     root, _ = scenes
     out = tmp_path_factory.mktemp("runs") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_torch_thread():
         train(
             TrainConfig(
                 datasets=(str(root),),
@@ -47,8 +45,6 @@ def tiny_run(scenes, tmp_path_factory):
                 seed=1,
             )
         )
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

@@ -9,13 +9,7 @@ from conftest import draw_scene
 from capfilt.export import write_blip
 from capfilt.models.med import MED, med_config, med_config_from_blip
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_hf(folder, kind):

@@ -25,13 +25,7 @@ def captioner_model(tiny_captioner):
     return BlipForConditionalGeneration.from_pretrained(tiny_captioner).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy CI machine their barriers cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sharpen(model, scale: float = 0.15):

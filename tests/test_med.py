@@ -8,14 +8,7 @@ from conftest import COLORS, SHAPES, draw_scene
 
 from capfilt.models.med import MED, med_config, sample_hard_negatives
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread; more only contend with parallel test workers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_med(tokenizer, seed: int = 0, **overrides) -> MED:
