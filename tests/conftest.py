@@ -52,6 +52,32 @@ SCENE_TEXTS = [f"a {c} {s}" for c in COLORS for s in SHAPES] + [
 ]
 
 
+def accelerate_launch_on_cpu(processes: int = 2) -> list[str]:
+    """`accelerate launch` of `processes` CPU processes (gloo), up to the module to run.
+
+    `--cpu` makes accelerate 1.x start a single process; `--multi_gpu` on a machine without
+    CUDA starts N processes and capfilt picks gloo (MULTI_CPU) for them.
+    """
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+    ]
+
+
 @contextmanager
 def single_torch_thread():
     """Tiny models run fastest on one thread; more only contend on a busy 2-core CI machine."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
-from conftest import write_images_dataset
+from conftest import accelerate_launch_on_cpu, write_images_dataset
 
 from capfilt.caption import CaptionConfig, caption_dataset
 from capfilt.distributed import Processes, sum_counts
@@ -35,25 +34,9 @@ def test_accelerate_launch_two_processes_write_each_row_once(tmp_path, tiny_capt
     shutil.copytree(root, single)
     options = ["--num-captions", "2", "--max-length", "10", "--seed", "5", "--workers", "0"]
 
-    # `--cpu` makes accelerate start a single process (it expects mpirun for several CPU
-    # processes); `--multi_gpu` starts them through torchrun, and on a machine without GPUs
-    # each process runs on the CPU.
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
+        *accelerate_launch_on_cpu(2),
         "-m",
         "capfilt",
         "caption",

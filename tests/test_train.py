@@ -6,11 +6,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import write_images_dataset
+from conftest import accelerate_launch_on_cpu, write_images_dataset
 
 from capfilt.errors import CapfiltError
 from capfilt.io import CURATED_SCHEMA, rows_to_table
@@ -326,23 +325,8 @@ def test_two_process_accelerate_run(toy_dataset, tmp_path):
     """`accelerate launch` with 2 CPU processes: DDP, gathered queues, per-process RNG state."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    # `--cpu` makes accelerate 1.x start a single process; `--multi_gpu` on a machine without
-    # CUDA starts N processes and capfilt picks gloo (MULTI_CPU) for them.
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(29500 + os.getpid() % 1000),
+        *accelerate_launch_on_cpu(2),
         "-m",
         "capfilt",
         "pretrain",
