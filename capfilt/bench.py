@@ -26,8 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from capfilt.errors import CapfiltError
-from capfilt.models.tiny import BERT_BASE, TINY_TEXT, TINY_VISION, VIT_B16, VIT_L16
+from capfilt.core.errors import CapfiltError
+from capfilt.models.shapes import BERT_BASE, TINY_TEXT, TINY_VISION, VIT_B16, VIT_L16
 
 WORKLOADS = ("caption", "filter", "pretrain")
 ARCHS = ("tiny", "base", "large")
@@ -106,7 +106,7 @@ def synthetic_bert_tokenizer():
     """
     from tokenizers import Tokenizer, models
 
-    from capfilt.models.tiny import as_blip_tokenizer, bert_pipeline
+    from capfilt.models.tokenizers import as_blip_tokenizer, bert_pipeline
 
     special = {
         0: "[PAD]",
@@ -316,8 +316,8 @@ def write_bench_dataset(root: Path, jpegs: list[bytes], web: list[str], syntheti
     """An images/ shard (img2dataset schema) and optionally a captions/ shard at `root`."""
     import pyarrow as pa
 
-    from capfilt import io
-    from capfilt.layout import Dataset
+    from capfilt.core import parquet as io
+    from capfilt.core.layout import Dataset
 
     ds = Dataset(str(root))
     keys = [f"{i:09d}" for i in range(len(jpegs))]
@@ -436,10 +436,10 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
     fast_options = dict(cuda_graphs=config.cuda_graphs, compile=config.compile)
 
     if e2e:
-        from capfilt.caption import CaptionConfig, caption_shard
-        from capfilt.data import decode_image
-        from capfilt.io import CAPTIONS_SCHEMA, rows_to_table
+        from capfilt.core.parquet import CAPTIONS_SCHEMA, rows_to_table
+        from capfilt.images.decode import decode_image
         from capfilt.models.blip import Captioner, ModelSource
+        from capfilt.stages.caption import CaptionConfig, caption_shard
 
         jpegs = random_jpegs(images, config.seed)
         ds = write_bench_dataset(scratch / "ds", jpegs, random_texts(images, 8, config.seed))
@@ -574,10 +574,10 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
         return itm.cpu(), None if itc is None else itc.cpu()
 
     if e2e:
-        from capfilt.data import decode_image
-        from capfilt.filter import FilterConfig, score_shard
-        from capfilt.io import SCORES_SCHEMA, rows_to_table
+        from capfilt.core.parquet import SCORES_SCHEMA, rows_to_table
+        from capfilt.images.decode import decode_image
         from capfilt.models.blip import ItmScorer, ModelSource
+        from capfilt.stages.filter import FilterConfig, score_shard
 
         ds = write_bench_dataset(scratch / "ds", random_jpegs(images, config.seed), web, synthetic)
         images_table = ds.read_shard("images", 0)

@@ -26,10 +26,10 @@ PRELOAD = [
     "img2dataset.downloader",
     "img2dataset.reader",
     "img2dataset.writer",
-    "capfilt.caption",
-    "capfilt.filter",
-    "capfilt.fetch",
-    "capfilt.train",
+    "capfilt.stages.caption",
+    "capfilt.stages.filter",
+    "capfilt.stages.fetch",
+    "capfilt.training.loop",
     "capfilt.models.blip",
     "capfilt.models.med",
 ]
@@ -66,7 +66,7 @@ def _child_setup() -> None:
 
 # --- what the children run (the body of each CLI command) ------------------------------------
 def run_fetch(url_list: str, root: str, shard_size: int) -> None:
-    from capfilt.fetch import FetchOptions, fetch
+    from capfilt.stages.fetch import FetchOptions, fetch
 
     _child_setup()
     # The toy web is served on 127.0.0.1, which fetch refuses unless allowed.
@@ -77,7 +77,7 @@ def run_fetch(url_list: str, root: str, shard_size: int) -> None:
 
 
 def run_caption(root: str, model: str) -> None:
-    from capfilt.caption import CaptionConfig, caption_dataset
+    from capfilt.stages.caption import CaptionConfig, caption_dataset
 
     _child_setup()
     config = CaptionConfig(model=model, batch_size=2, num_workers=0, max_length=12, seed=3)
@@ -85,7 +85,7 @@ def run_caption(root: str, model: str) -> None:
 
 
 def run_filter(root: str, model: str, threshold: float) -> None:
-    from capfilt.filter import FilterConfig, filter_dataset
+    from capfilt.stages.filter import FilterConfig, filter_dataset
 
     _child_setup()
     config = FilterConfig(threshold=threshold, model=model, batch_size=2, num_workers=0)
@@ -96,7 +96,7 @@ def run_pretrain(options: dict, resumes_log: str) -> None:
     """`capfilt pretrain`, with a spy that notes which checkpoint `load_state` resumes from."""
     from accelerate import Accelerator
 
-    from capfilt.train import TrainConfig, train
+    from capfilt.training.loop import TrainConfig, train
 
     _child_setup()
     load_state = Accelerator.load_state

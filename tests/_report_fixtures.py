@@ -76,8 +76,8 @@ def write_scored_dataset(
     import pyarrow as pa
     from conftest import write_images_dataset
 
-    from capfilt import io
-    from capfilt.layout import Dataset
+    from capfilt.core import parquet as io
+    from capfilt.core.layout import Dataset
 
     root = str(root)
     write_images_dataset(root, n_shards=2, per_shard=10, seed=3, bad_keys=(BAD_KEY,))

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from capfilt import toyweb
+from capfilt.demo import toyweb
 
 
 @dataclass
@@ -52,7 +52,7 @@ def expected_status(url: str) -> tuple[str, str | None]:
 
 def read_images(dataset: Path):
     """Every row of DATASET/images/ as a list of dicts (without the image bytes)."""
-    from capfilt.layout import Dataset
+    from capfilt.core.layout import Dataset
 
     table = Dataset(str(dataset)).read_stage("images")
     return table.drop_columns(["jpg"]).to_pylist() if table is not None else []

@@ -100,7 +100,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
-    from capfilt.models.tiny import train_tokenizer
+    from capfilt.models.tokenizers import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     return train_tokenizer(SCENE_TEXTS * 5 + ["a picture of", "web image jpg dsc file"], 200, out)
@@ -137,7 +137,7 @@ def write_images_dataset(
 
     import pyarrow as pa
 
-    from capfilt.layout import Dataset
+    from capfilt.core.layout import Dataset
 
     rng = random.Random(seed)
     ds = Dataset(str(root))

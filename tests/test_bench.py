@@ -88,10 +88,10 @@ def test_stage_models_on_the_fast_path_write_the_same_rows(
 
     import torch
 
-    from capfilt.caption import CaptionConfig, caption_shard
-    from capfilt.filter import FilterConfig, score_shard
-    from capfilt.layout import Dataset
+    from capfilt.core.layout import Dataset
     from capfilt.models.blip import Captioner, ItmScorer
+    from capfilt.stages.caption import CaptionConfig, caption_shard
+    from capfilt.stages.filter import FilterConfig, score_shard
 
     images = Dataset(str(images_dataset)).read_shard("images", 0)
     fast_captioner = Captioner.load(str(tiny_captioner), "fp32", "cpu", engine="fast")
@@ -143,12 +143,12 @@ def test_gpu_suite_dry_run_records_each_step(tmp_path, monkeypatch):
     """The GPU suite's plumbing, on the tiny model and the CPU: parity and a bench step."""
     import sys
 
-    from capfilt import bench_suite
+    import gpu_suite
 
     out = tmp_path / "out"
-    argv = ["bench_suite", "--out", str(out), "--dry-run", "--only", "parity", "filter-large-model"]
+    argv = ["gpu_suite", "--out", str(out), "--dry-run", "--only", "parity", "filter-large-model"]
     monkeypatch.setattr(sys, "argv", argv)
-    assert bench_suite.main() == 0
+    assert gpu_suite.main() == 0
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps[0] == "environment"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import draw_scene
 
-from capfilt.errors import CapfiltError
-from capfilt.models import blip
+from capfilt.core.errors import CapfiltError
+from capfilt.models import blip, sampling
 
 PROMPT = "a picture of "
 SCENES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle")]
@@ -199,7 +199,7 @@ def test_keyed_nucleus_sampler_draws_inside_the_nucleus_in_proportion():
 
 def test_uniform_hash_is_uniform_and_position_dependent():
     seeds = torch.arange(20000, dtype=torch.long)
-    u0, u1 = blip.uniform_hash(seeds, 4), blip.uniform_hash(seeds, 5)
+    u0, u1 = sampling.uniform_hash(seeds, 4), sampling.uniform_hash(seeds, 5)
     assert 0 <= u0.min() and u0.max() < 1
     assert abs(u0.mean().item() - 0.5) < 0.01
     assert (u0 != u1).float().mean() > 0.99

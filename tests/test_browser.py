@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from _report_fixtures import write_scored_dataset
 
-from capfilt.layout import Dataset
-from capfilt.report import build_report
+from capfilt.core.layout import Dataset
+from capfilt.stages.report import build_report
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

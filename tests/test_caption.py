@@ -8,11 +8,12 @@ import pytest
 from conftest import draw_scene, write_images_dataset
 from typer.testing import CliRunner
 
-from capfilt.caption import CaptionConfig, caption_dataset, caption_seed
 from capfilt.cli import app
-from capfilt.data import decode_image
-from capfilt.errors import CapfiltError
-from capfilt.layout import Dataset
+from capfilt.core.errors import CapfiltError
+from capfilt.core.layout import Dataset
+from capfilt.images.decode import decode_image
+from capfilt.models.sampling import caption_seed
+from capfilt.stages.caption import CaptionConfig, caption_dataset
 
 FAST = dict(max_length=10, min_length=5, num_workers=0)
 
@@ -216,8 +217,8 @@ def test_cli_defaults_are_the_config_defaults():
     import dataclasses
     import inspect
 
-    from capfilt import cli
-    from capfilt.filter import FilterConfig
+    from capfilt.cli import data as cli
+    from capfilt.stages.filter import FilterConfig
 
     renamed = {"workers": "num_workers"}
     for command, config in ((cli.caption, CaptionConfig()), (cli.filter_, FilterConfig(0.5))):

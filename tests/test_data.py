@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import draw_scene, jpeg_bytes
 
-from capfilt.data import decode_image, preprocess
+from capfilt.images.decode import decode_image
+from capfilt.images.pixels import preprocess
 
 
 @pytest.mark.parametrize("size", [64, 97])
@@ -40,7 +41,7 @@ def test_images_without_orientation_are_decoded_unchanged():
 @pytest.mark.parametrize("batch_size, workers", [(10, 2), (40, 2), (3, 2)])
 def test_batches_decoded_in_chunks_by_workers_equal_one_process(batch_size, workers):
     """Each batch is split over the workers and put together again, in order, errors kept."""
-    from capfilt.data import ShardImages, image_batches
+    from capfilt.images.batches import ShardImages, image_batches
     from capfilt.models.tiny import image_processor
 
     rng = random.Random(1)
@@ -81,7 +82,7 @@ def test_default_decoding_is_the_full_decode_and_transformers_preprocessing():
     import numpy as np
     from PIL import Image
 
-    from capfilt.data import BatchPreprocessor, ShardImages
+    from capfilt.images.batches import BatchPreprocessor, ShardImages
     from capfilt.models.tiny import image_processor
 
     processor = image_processor(64)
@@ -96,7 +97,7 @@ def test_default_decoding_is_the_full_decode_and_transformers_preprocessing():
 
 
 def test_fast_decode_scales_jpegs_down_while_decoding_and_stays_close():
-    from capfilt.data import BatchPreprocessor, ShardImages
+    from capfilt.images.batches import BatchPreprocessor, ShardImages
     from capfilt.models.tiny import image_processor
 
     processor = image_processor(64)
@@ -125,7 +126,7 @@ def io_bytes(img, fmt: str) -> bytes:
 
 
 def test_image_batches_from_threads_and_from_worker_processes_are_the_same():
-    from capfilt.data import ShardImages, image_batches
+    from capfilt.images.batches import ShardImages, image_batches
     from capfilt.models.tiny import image_processor
 
     processor = image_processor(64)
@@ -148,7 +149,7 @@ def test_image_batches_from_threads_and_from_worker_processes_are_the_same():
 def test_ordered_map_keeps_the_order_and_raises_at_the_failing_item():
     import time
 
-    from capfilt.data import ordered_map
+    from capfilt.core.ahead import ordered_map
 
     def square(i):
         time.sleep(0.01 * (3 - i % 3))  # later items finish first
@@ -171,7 +172,7 @@ def test_ordered_map_keeps_the_order_and_raises_at_the_failing_item():
 def test_eight_bit_pixels_normalised_later_equal_the_processor(size):
     """Worker processes send resized uint8 pixels (a quarter of float32's bytes); normalising
     them afterwards (on the GPU in a real run) gives the processor's own values."""
-    from capfilt.data import can_defer_normalization, normalize_pixels, resize_pixels
+    from capfilt.images.pixels import can_defer_normalization, normalize_pixels, resize_pixels
     from capfilt.models.tiny import image_processor
 
     processor = image_processor(size)
@@ -188,8 +189,8 @@ def test_eight_bit_pixels_normalised_later_equal_the_processor(size):
 
 
 def test_device_decoding_needs_torchvision_or_says_so():
-    from capfilt.data import ShardImages, image_batches
-    from capfilt.errors import CapfiltError
+    from capfilt.core.errors import CapfiltError
+    from capfilt.images.batches import ShardImages, image_batches
     from capfilt.models.tiny import image_processor
 
     try:
@@ -209,8 +210,8 @@ def test_device_decoding_gives_every_row_as_the_cpu_path_does(workers):
     pytest.importorskip("torchvision")
     from _hostile import corpus
 
-    from capfilt.data import ShardImages, image_batches
-    from capfilt.device_decode import jpeg_for_device
+    from capfilt.images.batches import ShardImages, image_batches
+    from capfilt.images.device import jpeg_for_device
     from capfilt.models.tiny import image_processor
 
     rng = random.Random(3)
@@ -237,7 +238,7 @@ def test_device_decoding_gives_every_row_as_the_cpu_path_does(workers):
 def test_default_decoding_workers_follow_the_device_and_the_cores(monkeypatch):
     import os
 
-    from capfilt.data import resolve_workers
+    from capfilt.images.batches import resolve_workers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_workers(None, cpu) == 0  # threads: processes measured slower on the CPU

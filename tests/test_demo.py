@@ -14,9 +14,9 @@ from conftest import single_torch_thread
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.demo import DemoConfig, demo_figures, make_toy_data
-from capfilt.errors import CapfiltError
-from capfilt.layout import Dataset
+from capfilt.core.errors import CapfiltError
+from capfilt.core.layout import Dataset
+from capfilt.demo.loop import DemoConfig, demo_figures, make_toy_data
 
 SMALL = [
     "--images", "40", "--annotated-images", "12", "--heldout-images", "8",

@@ -8,9 +8,9 @@ import subprocess
 
 from conftest import accelerate_launch_on_cpu, write_images_dataset
 
-from capfilt.caption import CaptionConfig, caption_dataset
-from capfilt.distributed import Processes, sum_counts
-from capfilt.layout import Dataset
+from capfilt.core.distributed import Processes, sum_counts
+from capfilt.core.layout import Dataset
+from capfilt.stages.caption import CaptionConfig, caption_dataset
 
 
 def test_each_shard_belongs_to_exactly_one_process():

@@ -9,11 +9,16 @@ import torch
 from conftest import single_torch_thread, write_images_dataset
 from typer.testing import CliRunner
 
-from capfilt import evaluate as evaluate_module
 from capfilt.cli import app
-from capfilt.errors import CapfiltError
-from capfilt.evaluate import EvaluateConfig, evaluate_retrieval, load_retrieval_set, recall_at_k
-from capfilt.train import TrainConfig, train
+from capfilt.core.errors import CapfiltError
+from capfilt.training import evaluate as evaluate_module
+from capfilt.training.evaluate import (
+    EvaluateConfig,
+    evaluate_retrieval,
+    load_retrieval_set,
+    recall_at_k,
+)
+from capfilt.training.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

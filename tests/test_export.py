@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import draw_scene
 
-from capfilt.export import write_blip
 from capfilt.models.med import MED, med_config, med_config_from_blip
+from capfilt.training.export import write_blip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -118,7 +118,7 @@ def test_med_to_both_and_back_keeps_every_weight(tiny_tokenizer, tmp_path):
 
 
 def test_export_refuses_to_overwrite_without_the_flag(tiny_tokenizer, tmp_path):
-    from capfilt.errors import CapfiltError
+    from capfilt.core.errors import CapfiltError
 
     med = MED(med_config("tiny", tiny_tokenizer, queue_size=8))
     write_blip(med, tiny_tokenizer, tmp_path, kinds=("filter",))

@@ -12,11 +12,11 @@ from _report_fixtures import write_scored_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
-from capfilt import io as capfilt_io
 from capfilt.cli import app
-from capfilt.errors import CapfiltError, StageNotRunError
-from capfilt.export_data import export_data
-from capfilt.layout import Dataset
+from capfilt.core import parquet as capfilt_io
+from capfilt.core.errors import CapfiltError, StageNotRunError
+from capfilt.core.layout import Dataset
+from capfilt.stages.export_data import export_data
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from capfilt.errors import CapfiltError
+from capfilt.core.errors import CapfiltError
 from capfilt.models.fast import (
     FastCaptioner,
     FastItm,

@@ -11,10 +11,11 @@ import pytest
 from _web import expected_status, local_web, read_images, write_list
 from typer.testing import CliRunner
 
-from capfilt import toyweb
 from capfilt.cli import app
-from capfilt.fetch import FetchOptions, fetch, options_from_manifest, read_url_list
-from capfilt.layout import Dataset
+from capfilt.core.layout import Dataset
+from capfilt.demo import toyweb
+from capfilt.sources.url_list import read_url_list
+from capfilt.stages.fetch import FetchOptions, fetch, options_from_manifest
 
 # The toy web is served on 127.0.0.1, which fetch refuses without the flag.
 FAST = dict(image_size=32, threads=4, timeout=5, allow_private_addresses=True)
@@ -237,8 +238,8 @@ def test_cli_fetch_applies_a_manifest(web, tmp_path):
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=[p.stem for p in MANIFESTS])
 def test_data_manifests_parse_and_apply(path):
-    from capfilt.fetch import load_manifest
-    from capfilt.ingest import IngestOptions
+    from capfilt.sources.manifests import load_manifest
+    from capfilt.stages.ingest import IngestOptions
 
     manifest = load_manifest(path)
     source = manifest["source"]

@@ -12,9 +12,9 @@ from _hostile import drip_body, drip_headers, hostile_server, jpeg
 from _web import read_images, write_list
 from typer.testing import CliRunner
 
-from capfilt import safe_fetch
 from capfilt.cli import app
-from capfilt.fetch import FetchOptions, fetch, options_from_manifest
+from capfilt.sources import safe_fetch
+from capfilt.stages.fetch import FetchOptions, fetch, options_from_manifest
 
 IMAGE = jpeg((40, 20))
 BIG = 300_000

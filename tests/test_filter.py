@@ -6,11 +6,11 @@ import pytest
 from conftest import write_images_dataset
 from typer.testing import CliRunner
 
-from capfilt.caption import CaptionConfig, caption_dataset
 from capfilt.cli import app
-from capfilt.errors import CapfiltError
-from capfilt.filter import FilterConfig, filter_dataset
-from capfilt.layout import Dataset
+from capfilt.core.errors import CapfiltError
+from capfilt.core.layout import Dataset
+from capfilt.stages.caption import CaptionConfig, caption_dataset
+from capfilt.stages.filter import FilterConfig, filter_dataset
 
 BAD_KEY = "000000001"
 

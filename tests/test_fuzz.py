@@ -15,9 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capfilt.errors import CapfiltError
-from capfilt.fetch import FetchOptions, load_manifest, options_from_manifest, read_url_list
-from capfilt.layout import Dataset
+from capfilt.core.errors import CapfiltError
+from capfilt.core.layout import Dataset
+from capfilt.sources.manifests import load_manifest
+from capfilt.sources.url_list import read_url_list
+from capfilt.stages.fetch import FetchOptions, options_from_manifest
 
 FUZZ = settings(
     max_examples=60,

@@ -16,8 +16,8 @@ import pytest
 from _hostile import Hostile, close, corpus, decompression_bomb, hostile_server, jpeg
 from _web import read_images
 
-from capfilt.data import decode_image
-from capfilt.layout import Dataset
+from capfilt.core.layout import Dataset
+from capfilt.images.decode import decode_image
 
 HOSTILE = corpus()
 GOOD = jpeg()
@@ -108,7 +108,7 @@ def test_decompression_bomb_is_refused_with_bounded_memory():
 import json, resource, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from _hostile import decompression_bomb
-from capfilt.data import decode_image, prepare_for_resize
+from capfilt.images.decode import decode_image, prepare_for_resize
 import PIL.PngImagePlugin
 bomb = decompression_bomb()
 decode_image(b"x")  # warm up PIL's plugins before measuring
@@ -131,7 +131,7 @@ print(json.dumps(dict(grew_kib=after - before, decode=decoded.error, resize=erro
 
 # --- fetch -----------------------------------------------------------------------------------
 def test_fetch_turns_hostile_images_into_rows(tmp_path):
-    from capfilt.fetch import FetchOptions, fetch
+    from capfilt.stages.fetch import FetchOptions, fetch
 
     routes = {f"/{e.name}.jpg": (lambda p, e=e: p.body(_bytes(e))) for e in (*HOSTILE, BOMB)}
     routes.update({f"/{name}.jpg": lambda p: p.body(GOOD) for name, _, _ in CAPTIONS})
@@ -153,7 +153,7 @@ def test_fetch_turns_hostile_images_into_rows(tmp_path):
 
 # --- ingest ----------------------------------------------------------------------------------
 def test_ingest_turns_hostile_files_into_rows(tmp_path):
-    from capfilt.ingest import IngestOptions, ingest
+    from capfilt.stages.ingest import IngestOptions, ingest
 
     folder = tmp_path / "src"
     folder.mkdir()
@@ -200,7 +200,7 @@ def hostile_dataset(tmp_path_factory):
 
 
 def test_caption_gives_undecodable_images_an_error_row(hostile_dataset, tiny_captioner):
-    from capfilt.caption import CaptionConfig, caption_dataset
+    from capfilt.stages.caption import CaptionConfig, caption_dataset
 
     root, names = hostile_dataset
     config = CaptionConfig(
@@ -219,7 +219,7 @@ def test_caption_gives_undecodable_images_an_error_row(hostile_dataset, tiny_cap
 
 
 def test_filter_scores_odd_captions_and_skips_undecodable_images(hostile_dataset, tiny_filter):
-    from capfilt.filter import FilterConfig, filter_dataset
+    from capfilt.stages.filter import FilterConfig, filter_dataset
 
     root, names = hostile_dataset
     config = FilterConfig(

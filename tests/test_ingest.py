@@ -8,10 +8,10 @@ import pytest
 from _web import read_images
 from typer.testing import CliRunner
 
-from capfilt import toyweb
 from capfilt.cli import app
-from capfilt.ingest import IngestOptions, ingest
-from capfilt.layout import Dataset
+from capfilt.core.layout import Dataset
+from capfilt.demo import toyweb
+from capfilt.stages.ingest import IngestOptions, ingest
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from _kill import (
 )
 from conftest import write_images_dataset
 
-from capfilt.layout import Dataset
+from capfilt.core.layout import Dataset
 
 KILLS = 10  # kills per stage that land on a live process
 THRESHOLD = 0.5
@@ -280,7 +280,7 @@ def test_pretrain_killed_anywhere_resumes_from_the_last_complete_checkpoint(
 ):
     from safetensors.torch import load_file
 
-    from capfilt.train import read_log
+    from capfilt.training.runs import read_log
 
     dataset = tmp_path / "ds"
     shutil.copytree(reference / "images", dataset / "images")  # web captions: 32 pairs
@@ -351,12 +351,12 @@ def test_pretrain_killed_anywhere_resumes_from_the_last_complete_checkpoint(
 
 
 def test_resume_drops_a_log_line_cut_short_by_a_kill(tmp_path):
-    from capfilt.train import _truncate_log, read_log
+    from capfilt.training.runs import read_log, truncate_log
 
     log = tmp_path / "log.jsonl"
     lines = [json.dumps({"step": s, "loss_lm": 1.0 / s}) for s in (1, 2, 3)]
     log.write_text("\n".join(lines) + '\n{"step": 4, "loss_')  # killed inside a write
-    _truncate_log(log, 2)
+    truncate_log(log, 2)
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
-    _truncate_log(log, 0)  # a fresh start (no checkpoint) logs every step again
+    truncate_log(log, 0)  # a fresh start (no checkpoint) logs every step again
     assert read_log(tmp_path) == []

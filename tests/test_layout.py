@@ -8,9 +8,9 @@ import multiprocessing as mp
 import pyarrow as pa
 import pytest
 
-from capfilt.errors import CapfiltError, StageNotRunError
-from capfilt.io import CAPTIONS_SCHEMA, rows_to_table
-from capfilt.layout import Dataset
+from capfilt.core.errors import CapfiltError, StageNotRunError
+from capfilt.core.layout import Dataset
+from capfilt.core.parquet import CAPTIONS_SCHEMA, rows_to_table
 
 
 def _captions(n: int) -> pa.Table:

@@ -27,7 +27,7 @@ def toy_batch(tokenizer, n: int = 8, seed: int = 0):
 
 
 def scene_batch(tokenizer, scenes, size: int = 64):
-    from capfilt.train import to_pixels
+    from capfilt.training.pairs import to_pixels
 
     pixels = torch.stack([to_pixels(draw_scene(c, s, size=size)) for c, s in scenes])
     tokens = tokenizer([f"a {c} {s}" for c, s in scenes], padding="longest", return_tensors="pt")

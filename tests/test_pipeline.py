@@ -10,8 +10,8 @@ import tomllib
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.errors import CapfiltError
-from capfilt.pipeline import Stage, load_pipeline
+from capfilt.cli.pipeline import Stage, load_pipeline
+from capfilt.core.errors import CapfiltError
 
 ROOT = Path(__file__).resolve().parent.parent
 

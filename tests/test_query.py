@@ -9,11 +9,12 @@ import pytest
 from conftest import write_images_dataset
 from typer.testing import CliRunner
 
-from capfilt import io
 from capfilt.cli import app
-from capfilt.errors import CapfiltError, StageNotRunError
-from capfilt.layout import Dataset
-from capfilt.query import connect, missing_stages, run_query
+from capfilt.core import parquet as io
+from capfilt.core.errors import CapfiltError, StageNotRunError
+from capfilt.core.layout import Dataset
+from capfilt.core.sql import connect, missing_stages
+from capfilt.stages.query import run_query
 
 
 def _captions(ds: Dataset, shard: int, keys: list[str]) -> None:

@@ -13,16 +13,12 @@ from _report_fixtures import BAD_KEY, DUPLICATE, HOSTILE, write_scored_dataset
 from typer.testing import CliRunner
 
 from capfilt.cli import app
-from capfilt.errors import CapfiltError
-from capfilt.layout import Dataset
-from capfilt.query import run_query
-from capfilt.report import (
-    SWEEP_THRESHOLDS,
-    build_report,
-    error_kind,
-    histogram_svg,
-    thumbnail_uri,
-)
+from capfilt.core.errors import CapfiltError
+from capfilt.core.layout import Dataset
+from capfilt.report.figures import SWEEP_THRESHOLDS, error_kind, thumbnail_uri
+from capfilt.report.html import histogram_svg
+from capfilt.stages.query import run_query
+from capfilt.stages.report import build_report
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +129,8 @@ def html_escaped(text: str) -> str:
 
 
 def test_examples_show_borderline_pairs_on_both_sides(scored, tmp_path):
-    import capfilt.report as report_module
-    from capfilt.query import connect
+    import capfilt.report.figures as report_module
+    from capfilt.core.sql import connect
 
     con = connect(Dataset(scored.root))
     columns = {r[0] for r in con.execute("DESCRIBE images").fetchall()}

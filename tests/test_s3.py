@@ -16,7 +16,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from capfilt.cli import app  # noqa: E402
-from capfilt.layout import STAGES, Dataset  # noqa: E402
+from capfilt.core.layout import STAGES, Dataset  # noqa: E402
 
 BUCKET = "capfilt-test"
 ROOT = f"s3://{BUCKET}/ds"

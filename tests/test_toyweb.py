@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 from typer.testing import CliRunner
 
-from capfilt import toyweb
 from capfilt.cli import app
+from capfilt.demo import toyweb
 
 
 def test_generate_makes_the_set_fraction_wrong_with_the_truth_beside():

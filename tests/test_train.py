@@ -11,21 +11,17 @@ import pytest
 import torch
 from conftest import accelerate_launch_on_cpu, write_images_dataset
 
-from capfilt.errors import CapfiltError
-from capfilt.io import CURATED_SCHEMA, rows_to_table
-from capfilt.layout import Dataset
-from capfilt.train import (
-    PairDataset,
-    TrainConfig,
-    itc_alpha,
+from capfilt.core.errors import CapfiltError
+from capfilt.core.layout import Dataset
+from capfilt.core.parquet import CURATED_SCHEMA, rows_to_table
+from capfilt.training.loop import TrainConfig, itc_alpha, learning_rate, train
+from capfilt.training.pairs import PairDataset, load_pairs
+from capfilt.training.runs import (
     latest_checkpoint,
-    learning_rate,
-    load_pairs,
     load_run,
     read_log,
     read_metadata,
     save_checkpoint,
-    train,
 )
 
 # A toy pretraining run: 20 usable pairs, batches of 4 → 5 batches per epoch, so the

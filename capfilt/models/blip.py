@@ -21,7 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from capfilt.errors import CapfiltError
+from capfilt.core.errors import CapfiltError
+from capfilt.models.sampling import uniform_hash
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 DEFAULT_FILTER = "Salesforce/blip-itm-large-coco"
@@ -260,25 +261,6 @@ class KeyedNucleusSampler:
         token = order.gather(1, index)  # (B, 1)
         chosen = torch.full_like(scores, float("-inf"))
         return chosen.scatter_(1, token, 0.0)
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x):
-    # A 32-bit integer hash (xorshift-multiply); multipliers below 2**31 keep int64 exact.
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x5BD1E995) & _M32
-    return x ^ (x >> 16)
-
-
-def uniform_hash(seeds, step: int):
-    """A uniform float64 in [0, 1) for each seed at position `step`, the same on every device."""
-    h = _mix32(_mix32(seeds & _M32) ^ ((step * 0x9E3779B9) & _M32))
-    h = _mix32(h ^ 0x85EBCA6B)
-    return (h >> 8).double() / float(1 << 24)
 
 
 class Captioner:

@@ -54,9 +54,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from capfilt.errors import CapfiltError
-
-_MASK32 = 0xFFFFFFFF
+from capfilt.core.errors import CapfiltError
+from capfilt.models.sampling import caption_row_seeds, image_row_seeds, seeded_exponential
 
 
 def decoder_prompt_ids(tokenizer, prompt: str | None) -> torch.Tensor:
@@ -154,36 +153,6 @@ def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 # --- sampling ------------------------------------------------------------------------------
 
 
-def _mix32(h):
-    """A 32-bit integer hash of int64 tensors or Python ints; multipliers below 2**31 keep the
-    int64 products exact."""
-    h = h & _MASK32
-    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK32
-    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK32
-    return h ^ (h >> 16)
-
-
-def _seeded_exponential(row_seeds: torch.Tensor, step: int, token_ids: torch.Tensor):
-    """Exp(1) noise for `token_ids` (R, K) that depends only on the row's seed, step and token.
-
-    A counter-based generator: a row's samples do not depend on which other rows share its
-    batch, so captions are the same at any batch size or process count.
-    """
-    step_key = _mix32(step + 0x3C6EF372)  # a Python int: no host-to-device copy per step
-    h = _mix32(row_seeds[:, None] + step_key)
-    h = _mix32(h ^ ((token_ids * 0x27D4EB2D) & _MASK32))
-    uniform = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1)
-    return -torch.log(uniform)
-
-
-def _row_seeds(seeds: torch.Tensor, num_captions: int) -> torch.Tensor:
-    """One 32-bit seed per caption row from one seed per image (image-major rows)."""
-    seeds = seeds.to(torch.int64)
-    image_seed = _mix32(_mix32(seeds) ^ _mix32((seeds >> 32) + 0x1B873593))
-    caption = torch.arange(num_captions, device=seeds.device, dtype=torch.int64)
-    return _mix32(image_seed[:, None] * 31 + caption[None, :] + 0x68E31DA4).reshape(-1)
-
-
 def process_logits(
     logits: torch.Tensor,
     *,
@@ -246,7 +215,7 @@ def _choose(logits, *, do_sample, top_k, top_p, generator, row_seeds, step) -> t
     # Exponential race: argmax(p / E), E ~ Exp(1), draws from p without torch.multinomial's
     # host synchronisation, and lets seeded noise make sampling batch-invariant.
     if row_seeds is not None:
-        noise = _seeded_exponential(row_seeds, step, ids)
+        noise = seeded_exponential(row_seeds, step, ids)
     else:
         noise = torch.empty_like(probs).exponential_(generator=generator)
     return ids.gather(1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
@@ -379,9 +348,9 @@ class FastCaptioner:
         if seeds is not None:
             seeds = torch.as_tensor(seeds, dtype=torch.int64).to(device).reshape(-1)
             if seeds.shape[0] == rows:  # one seed per caption
-                row_seeds = _mix32(_mix32(seeds) ^ _mix32((seeds >> 32) + 0x1B873593))
+                row_seeds = caption_row_seeds(seeds)
             elif seeds.shape[0] == images:  # one seed per image
-                row_seeds = _row_seeds(seeds, num_captions)
+                row_seeds = image_row_seeds(seeds, num_captions)
             else:
                 raise ValueError(f"seeds must have {images} (images) or {rows} (captions) values")
         penalties = dict(

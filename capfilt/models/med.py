@@ -20,17 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capfilt.models import tiny as shapes
-from capfilt.models.tiny import TINY_TEXT, TINY_VISION
+from capfilt.models.shapes import (
+    BERT_BASE,
+    PRETRAIN_VIT_B16,
+    PRETRAIN_VIT_L16,
+    TINY_TEXT,
+    TINY_VISION,
+)
 
 # ---------------------------------------------------------------------------------------------
 # config
-
-# BlipVisionConfig's default initializer_range (1e-10) suits loading released weights only:
-# trained from scratch, every image would start with the same features.
-VIT_B16 = dict(shapes.VIT_B16, image_size=224, initializer_range=0.02)
-VIT_L16 = dict(shapes.VIT_L16, image_size=224, initializer_range=0.02)
-BERT_BASE = shapes.BERT_BASE
 
 # At width 64, BERT's init (std 0.02) leaves every [CLS] feature of the tiny model nearly
 # the same vector: a saddle where ITC and ITM have almost no gradient for hundreds of steps.
@@ -45,8 +44,8 @@ PRESETS = {
         text=dict(TINY_TEXT, initializer_range=TINY_INIT),
         queue_size=64,
     ),
-    "base": dict(vision=VIT_B16, text=BERT_BASE, queue_size=57600),
-    "large": dict(vision=VIT_L16, text=BERT_BASE, queue_size=57600),
+    "base": dict(vision=PRETRAIN_VIT_B16, text=BERT_BASE, queue_size=57600),
+    "large": dict(vision=PRETRAIN_VIT_L16, text=BERT_BASE, queue_size=57600),
 }
 
 

@@ -2,105 +2,13 @@
 
 No machine here reaches the Hugging Face hub, so tests, the offline demo and `pretrain
 --preset tiny` build their models from these configs. The files saved are ordinary Hugging
-Face BLIP checkpoints (safetensors), loaded by the same code as the released ones.
-"""
+Face BLIP checkpoints (safetensors), loaded by the same code as the released ones."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
-# BLIP's specials: [DEC] starts generation (the decoder's BOS), [ENC] replaces [CLS] as the
-# first token of image-grounded encoding in BLIP's training.
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
-
-TINY_TEXT = dict(
-    hidden_size=64,
-    encoder_hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-)
-TINY_VISION = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=64,
-    patch_size=16,
-)
-
-# The released BLIP architectures (as in Salesforce's checkpoints, at 384 px): ViT-B/16 or
-# ViT-L/16 vision, BERT-base text.
-VIT_B16 = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    image_size=384,
-    patch_size=16,
-)
-VIT_L16 = dict(
-    VIT_B16, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
-)
-BERT_BASE = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=512,
-)
-
-
-def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1000, out_dir: str | Path | None = None
-):
-    """Train a lower-cased WordPiece tokenizer with the BLIP specials; save it if `out_dir`."""
-    from tokenizers import Tokenizer, models
-    from tokenizers.trainers import WordPieceTrainer
-
-    tok = bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    tokenizer = as_blip_tokenizer(tok)
-    if out_dir is not None:
-        tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
-
-
-def bert_pipeline(tok):
-    """Give a `tokenizers.Tokenizer` BERT's lower-casing normaliser, splitting and decoding."""
-    from tokenizers import decoders, normalizers, pre_tokenizers
-
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    return tok
-
-
-def as_blip_tokenizer(tok):
-    """Wrap a WordPiece `tokenizers.Tokenizer` holding the BLIP specials as a transformers one."""
-    from tokenizers import processors
-    from transformers import BertTokenizerFast
-
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        mask_token="[MASK]",
-        bos_token="[DEC]",
-        additional_special_tokens=["[ENC]"],
-        do_lower_case=True,
-    )
+from capfilt.models.shapes import TINY_TEXT, TINY_VISION
 
 
 def blip_config(tokenizer, text: dict | None = None, vision: dict | None = None):

@@ -1,0 +1,374 @@
+"""Tools around the pipeline: toyweb, demo, run (a pipeline file), bench."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from capfilt.cli.app import app, command, console
+from capfilt.cli.training import percent
+from capfilt.core.errors import CapfiltError
+
+
+@command()
+def toyweb(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write images/ and urls.csv into.")],
+    images: Annotated[int, typer.Option(help="Number of image-text pairs.")] = 200,
+    wrong_fraction: Annotated[
+        float, typer.Option(help="Fraction of captions that are wrong like web alt-text.")
+    ] = 0.3,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same web.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Side of the rendered images in pixels.")] = 96,
+    base_url: Annotated[
+        str, typer.Option(help="Where OUT_DIR will be served; the URLs of urls.csv start with it.")
+    ] = "http://127.0.0.1:8000",
+):
+    """Write a synthetic toy web: rendered scenes with known true captions, some captions wrong.
+
+    urls.csv has the columns url, caption, true_caption, caption_is_wrong and wrong_kind
+    (other_image, file_name, boilerplate, wrong_color, wrong_shape); `capfilt fetch` keeps them.
+
+    Example: capfilt toyweb toy --images 500 && python -m http.server 8000 --directory toy
+    """
+    from capfilt.demo import toyweb as toyweb_stage
+
+    if not 0.0 <= wrong_fraction <= 1.0:
+        raise CapfiltError(f"--wrong-fraction must be between 0 and 1, got {wrong_fraction}")
+    if images < 1:
+        raise CapfiltError("--images must be at least 1")
+    try:
+        pairs, url_list = toyweb_stage.write_toyweb(
+            out_dir, images, wrong_fraction, seed, base_url=base_url, image_size=image_size
+        )
+    except OSError as e:
+        raise CapfiltError(f"cannot write the toy web to {str(out_dir)!r}: {e}") from e
+    wrong = sum(p.caption_is_wrong for p in pairs)
+    port = base_url.rsplit(":", 1)[-1].strip("/") if base_url.count(":") > 1 else "80"
+    console().print(
+        f"wrote {len(pairs)} images ({wrong} with a wrong caption) to {out_dir}/images and "
+        f"{url_list}\nserve it with: python -m http.server {port} --bind 127.0.0.1 "
+        f"--directory {out_dir}"
+    )
+
+
+# --- run (capfilt/pipeline.py) ----------------------------------------------------------------
+@command()
+def run(
+    pipeline_file: Annotated[
+        Path, typer.Argument(help="A pipeline TOML, e.g. pipelines/demo.toml.")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a [pipeline] variable: --set dataset=/data/ds."),
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only these stages (by command name).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the commands without running them.")] = False,
+):
+    """Run a whole pipeline file: its stages in order, each as the capfilt command it names.
+
+    Finished shards are skipped by every stage, so re-running a pipeline resumes it.
+
+    Example: capfilt run pipelines/blip_base_cc3m.toml --set dataset=/data/cc3m
+    """
+    import shlex
+
+    from capfilt.cli.pipeline import load_pipeline
+
+    overrides = {}
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CapfiltError(f"--set expects NAME=VALUE, got {item!r}")
+        overrides[name.strip()] = value
+    pipeline = load_pipeline(pipeline_file, overrides)
+    out = console()
+    for i, stage in enumerate(pipeline.stages, 1):
+        if only and stage.command not in only:
+            continue
+        argv = stage.argv()
+        out.print(
+            f"[bold]▶ {pipeline.name} {i}/{len(pipeline.stages)}:[/] capfilt {shlex.join(argv)}"
+        )
+        if dry_run:
+            continue
+        import click
+
+        try:
+            # Without standalone mode click returns a command's exit code instead of exiting.
+            exit_code = app(argv, standalone_mode=False)
+        except click.ClickException as e:  # usage errors: unknown option, bad value
+            raise CapfiltError(f"stage {i} ({stage.command}): {e.format_message()}") from None
+        if isinstance(exit_code, int) and exit_code != 0:
+            console(stderr=True).print(f"[bold red]stage {i} ({stage.command}) failed[/]")
+            raise typer.Exit(exit_code)
+
+
+# --- bench (capfilt/bench.py) ------------------------------------------------------------------
+class BenchWorkload(str, Enum):
+    caption = "caption"
+    filter = "filter"
+    pretrain = "pretrain"
+
+
+@command()
+def bench(
+    workload: Annotated[BenchWorkload, typer.Argument(help="What to measure.")],
+    model: Annotated[
+        str | None,
+        typer.Option(help="BLIP checkpoint (local dir or hub id); default random --arch weights."),
+    ] = None,
+    arch: Annotated[
+        str,
+        typer.Option(help="Random-weight architecture: tiny, base (ViT-B/16) or large (ViT-L/16)."),
+    ] = "tiny",
+    level: Annotated[
+        str,
+        typer.Option(help="e2e: JPEG bytes in Parquet to rows written; model: tensors in."),
+    ] = "e2e",
+    images: Annotated[int, typer.Option(help="Images per timed run.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (both sides).")] = 8,
+    captions_per_image: Annotated[
+        int,
+        typer.Option(help="caption: samples per image; filter: synthetic captions (+1 web)."),
+    ] = 1,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    new_tokens: Annotated[int, typer.Option(help="caption: new tokens per caption.")] = 20,
+    text_tokens: Annotated[int, typer.Option(help="filter/pretrain: tokens per caption.")] = 20,
+    itc: Annotated[bool, typer.Option(help="filter: score ITC as well as ITM, both sides.")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="e2e image-decoding processes (default as caption/filter --workers)."),
+    ] = None,
+    fast_decode: Annotated[
+        bool, typer.Option(help="e2e caption/filter: capfilt decodes JPEGs at reduced scale.")
+    ] = False,
+    gpu_decode: Annotated[
+        bool, typer.Option(help="e2e caption/filter: capfilt decodes plain JPEGs on the GPU.")
+    ] = False,
+    repeats: Annotated[int, typer.Option(help="Timed runs per side; the best counts.")] = 1,
+    peak_tflops: Annotated[
+        float | None, typer.Option(help="FLOP bound in TFLOP/s (default: a measured matmul).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch (default: torch's own choice).")
+    ] = None,
+    cuda_graphs: Annotated[
+        bool, typer.Option(help="caption on GPU: replay capfilt's decode step as a CUDA graph.")
+    ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="caption on GPU: torch.compile capfilt's decode step; pretrain: its layers."
+        ),
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Measure a stage's throughput against the plain Hugging Face recipe, in one run.
+
+    Prints images/s of plain transformers and of capfilt on the same weights, images and
+    precision, their ratio, the achieved TFLOP/s and the fraction of the FLOP bound.
+
+    Example: capfilt bench caption --arch base --images 64 --batch-size 32 --json
+    """
+    from capfilt.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        workload=workload.value,
+        model=model,
+        arch=arch,
+        level=level,
+        images=images,
+        batch_size=batch_size,
+        captions_per_image=captions_per_image,
+        precision=precision,
+        device=device,
+        new_tokens=new_tokens,
+        text_tokens=text_tokens,
+        itc=itc,
+        workers=workers,
+        fast_decode=fast_decode,
+        gpu_decode=gpu_decode,
+        repeats=repeats,
+        peak_tflops=peak_tflops,
+        threads=threads,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
+    )
+    result = run_bench(config)
+    if json_output:
+        import json
+
+        print(json.dumps(result, indent=2))
+        return
+    print_bench(result)
+
+
+def print_bench(result: dict) -> None:
+    from rich.table import Table
+
+    out = console()
+    out.print(
+        f"[bold]{result['workload']}[/] · {result['model']} · {result['device']} · "
+        f"{result['dtype']} · {result['images']} images, batch {result['batch_size']}"
+    )
+    out.print(f"level: {result['level']}")
+    table = Table("", "seconds", "images/s", "pairs/s", "TFLOP/s", "of FLOP bound")
+    sides = [("plain HF", "plain_hf"), ("capfilt", "capfilt")]
+    for name, key in sides:
+        side = result.get(key)
+        if side is None:
+            continue
+        if side.get("error"):
+            table.add_row(name, "-", "-", "-", "-", side["error"])
+            continue
+        table.add_row(
+            name,
+            f"{side['seconds']:.3f}",
+            f"{side['images_per_s']:.2f}",
+            "-" if side["pairs_per_s"] is None else f"{side['pairs_per_s']:.2f}",
+            f"{side['tflops']:.4f}",
+            f"{100 * side['fraction_of_bound']:.2f} %",
+        )
+    out.print(table)
+    out.print(
+        f"work {result['gflops_per_image']:.2f} GFLOP/image; FLOP bound "
+        f"{result['bound_tflops']:.2f} TFLOP/s ({result['bound_source']}) = "
+        f"{result['flop_bound_images_per_s']:.1f} images/s"
+    )
+    if result.get("speedup"):
+        out.print(f"[bold]capfilt / plain HF: {result['speedup']:.2f}x[/]")
+    if result.get("mfu") is not None:
+        basis = "data-sheet peak" if result.get("spec_peak_tflops") else "measured bound"
+        out.print(f"[bold]MFU {100 * result['mfu']:.1f} %[/] (of the {basis})")
+
+
+# --- demo (capfilt/demo) ------------------------------------
+@command()
+def demo(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the toy data, datasets and runs.")],
+    images: Annotated[int, typer.Option(help="Toy web image-text pairs.")] = 2000,
+    annotated_images: Annotated[
+        int, typer.Option(help="Pairs of the clean, human-annotated-like set (plays COCO).")
+    ] = 400,
+    heldout_images: Annotated[int, typer.Option(help="Held-out pairs for retrieval R@K.")] = 300,
+    wrong_fraction: Annotated[
+        float, typer.Option(help="Fraction of web captions that are wrong.")
+    ] = 0.3,
+    seed: Annotated[int, typer.Option(help="Random seed of the toy data.")] = 0,
+    pipeline: Annotated[
+        Path | None, typer.Option(help="Pipeline file to run.  [default: pipelines/demo.toml]")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a pipeline variable, as `capfilt run --set`."),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads for torch; the tiny models run fastest on one, with no thread "
+            "syncing per tiny matrix product.  [default: 1 on CPU]"
+        ),
+    ] = None,
+):
+    """Run the whole CapFilt loop offline on a generated toy web, and print what it achieved.
+
+    Generates a toy web (with known wrong captions), a small clean annotated set and held-out
+    scenes, serves the web on 127.0.0.1, and runs pipelines/demo.toml: fetch, pretrain,
+    finetune captioner and filter, export, caption, filter, report, pretrain on the curated
+    pairs, evaluate. Prints the filter's precision/recall against the truth, synthetic
+    captions, and retrieval R@1 before and after CapFilt. Re-running resumes.
+
+    Example: capfilt demo demo
+    """
+    import time
+
+    import torch
+
+    from capfilt.demo.loop import (
+        DEFAULT_PIPELINE,
+        DemoConfig,
+        demo_figures,
+        make_toy_data,
+        serve_toy_web,
+    )
+
+    if threads is not None or not torch.cuda.is_available():
+        torch.set_num_threads(threads or 1)
+    started = time.perf_counter()
+    config = DemoConfig(
+        images=images,
+        annotated_images=annotated_images,
+        heldout_images=heldout_images,
+        wrong_fraction=wrong_fraction,
+        seed=seed,
+    )
+    data = make_toy_data(out_dir, config)
+    out = console()
+    out.print(
+        f"toy web: {len(data.web_pairs)} pairs, {data.wrong_captions} with a wrong caption; "
+        f"{annotated_images} annotated and {heldout_images} held-out pairs; in {out_dir}/toy"
+    )
+    with serve_toy_web(data) as variables:
+        overrides = [f"{name}={value}" for name, value in variables.items()]
+        run(
+            pipeline_file=pipeline or DEFAULT_PIPELINE,
+            set_=overrides + list(set_ or []),
+            only=None,
+            dry_run=False,
+        )
+    print_demo_figures(demo_figures(out_dir), out_dir, time.perf_counter() - started)
+
+
+def print_demo_figures(figures, out_dir: Path, seconds: float) -> None:
+    from rich.table import Table
+
+    out = console()
+    out.rule("[bold]what CapFilt did on the toy web")
+    truth = figures.truth
+    if truth:
+        out.print(
+            f"filter vs the truth: of {truth['wrong']} wrong web captions it dropped "
+            f"{truth['caught']} (recall {percent(truth['recall'])}); of {truth['dropped']} web "
+            f"captions it dropped, {truth['caught']} were wrong (precision "
+            f"{percent(truth['precision'])})"
+        )
+    if figures.kept:
+        out.print("curated pairs: " + ", ".join(f"{n} {s}" for s, n in figures.kept.items()))
+    if figures.caption_samples:
+        table = Table("synthetic caption", "true caption", title="Synthetic captions (samples)")
+        for row in figures.caption_samples:
+            table.add_row(row["synthetic"], row["truth"])
+        out.print(table)
+        out.print(f"synthetic captions equal to the truth: {percent(figures.synthetic_correct)}")
+    if figures.retrieval:
+        table = Table(
+            "pretrained on",
+            "image→text R@1",
+            "text→image R@1",
+            "i→t R@5",
+            "t→i R@5",
+            title="Retrieval on held-out toy scenes (ITC similarity)",
+        )
+        for label, result in figures.retrieval.items():
+            i2t, t2i = result["image_to_text"], result["text_to_image"]
+            table.add_row(
+                label,
+                percent(i2t["R@1"]),
+                percent(t2i["R@1"]),
+                percent(i2t["R@5"]),
+                percent(t2i["R@5"]),
+            )
+        out.print(table)
+    out.print(
+        f"done in {seconds / 60:.1f} min; report: {out_dir}/web/reports/report.html; "
+        f'explore: capfilt query {out_dir}/web "select * from scores limit 5"',
+        soft_wrap=True,
+    )

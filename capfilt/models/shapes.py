@@ -1,0 +1,56 @@
+"""Model shapes: the released BLIP architectures and the tiny ones of tests and demos."""
+
+from __future__ import annotations
+
+# The tiny shapes of tests, the demo and `pretrain --preset tiny`.
+TINY_TEXT = dict(
+    hidden_size=64,
+    encoder_hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
+
+
+TINY_VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=64,
+    patch_size=16,
+)
+
+
+# The released BLIP architectures (as in Salesforce's checkpoints, at 384 px): ViT-B/16 or
+# ViT-L/16 vision, BERT-base text.
+VIT_B16 = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=384,
+    patch_size=16,
+)
+
+
+VIT_L16 = dict(
+    VIT_B16, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16
+)
+
+
+BERT_BASE = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=512,
+)
+
+
+# MED pretrains at 224 px as in the paper. BlipVisionConfig's default initializer_range (1e-10)
+# suits loading released weights only: trained from scratch, every image would start with the
+# same features.
+PRETRAIN_VIT_B16 = dict(VIT_B16, image_size=224, initializer_range=0.02)
+PRETRAIN_VIT_L16 = dict(VIT_L16, image_size=224, initializer_range=0.02)

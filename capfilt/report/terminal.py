@@ -1,0 +1,90 @@
+"""The report's summary tables in the terminal."""
+
+from __future__ import annotations
+
+from capfilt.report.figures import rate
+from capfilt.report.html import percent, score_text
+
+
+def print_summary(summary: dict, console) -> None:
+    """The report's figures as rich tables."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", title_style="bold")
+        for i, name in enumerate(columns):
+            t.add_column(name, justify="left" if i == 0 else "right")
+        return t
+
+    stages = table("Stages", "stage", "shards", "rows", "images")
+    for stage, s in summary["stages"].items():
+        if s["shards"]:
+            stages.add_row(stage, str(s["shards"]), f"{s['rows']:,}", f"{s['images']:,}")
+        else:
+            stages.add_row(stage, "0", Text("not run", style="dim"), "")
+    console.print(stages)
+
+    fetch = summary["fetch"]
+    if fetch:
+        status = table("Fetch status", "status", "rows", "share")
+        for name, n in fetch["status"].items():
+            status.add_row(Text(name), f"{n:,}", percent(rate(n, fetch["rows"])))
+        console.print(status)
+        if fetch["error_kinds"]:
+            kinds = table("Fetch errors by kind", "error kind", "rows")
+            for kind, n in fetch["error_kinds"].items():
+                kinds.add_row(Text(kind), f"{n:,}")
+            console.print(kinds)
+
+    captions = summary["captions"]
+    if captions:
+        t = table("Captions", "written", "errors", "images captioned")
+        t.add_row(
+            f"{captions['written']:,}",
+            f"{captions['errors']:,}",
+            f"{captions['images_captioned']:,}",
+        )
+        console.print(t)
+
+    scores = summary["scores"]
+    if scores:
+        t = table(
+            f"Scores at threshold {summary['threshold']:.2f} ({summary['threshold_origin']})",
+            "source",
+            "pairs",
+            "mean ITM",
+            "kept",
+            "kept rate",
+        )
+        for source, s in scores["by_source"].items():
+            t.add_row(
+                Text(source),
+                f"{s['pairs']:,}",
+                score_text(s["mean_itm"]),
+                f"{s['kept']:,}",
+                percent(s["kept_rate"]),
+            )
+        t.add_row(
+            "all", f"{scores['pairs']:,}", "", f"{scores['kept']:,}", percent(scores["kept_rate"])
+        )
+        console.print(t)
+
+    truth = summary["truth"]
+    if truth:
+        t = table(
+            "Filter against the truth (wrong web captions)",
+            "wrong",
+            "dropped",
+            "caught",
+            "precision",
+            "recall",
+        )
+        t.add_row(
+            f"{truth['wrong']:,}",
+            f"{truth['dropped']:,}",
+            f"{truth['caught']:,}",
+            percent(truth["precision"]),
+            percent(truth["recall"]),
+        )
+        console.print(t)

@@ -1,0 +1,171 @@
+"""Model and tokenizer initialisation of a training run: a preset, HF BLIP weights, or a
+capfilt run."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from capfilt.core.errors import CapfiltError
+from capfilt.training.config import TrainConfig
+from capfilt.training.runs import METADATA, latest_checkpoint, load_run
+
+
+def _init_kind(spec: str) -> str:
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        if (path / METADATA).is_file() or latest_checkpoint(path) is not None:
+            return "run"
+        if (path / "captioner").is_dir() or (path / "filter").is_dir():
+            return "export"
+    from capfilt.models.blip import resolve_checkpoint
+
+    config_file = resolve_checkpoint(spec).path / "config.json"
+    architectures = json.loads(config_file.read_text()).get("architectures") or []
+    if "BlipForConditionalGeneration" in architectures:
+        return "captioner"
+    if "BlipForImageTextRetrieval" in architectures:
+        return "filter"
+    raise CapfiltError(
+        f"--init {spec!r} is neither a capfilt run nor a BLIP captioner "
+        f"(BlipForConditionalGeneration) or filter (BlipForImageTextRetrieval)"
+    )
+
+
+def _load_blip(spec: str, kind: str):
+    from transformers import AutoTokenizer, BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    from capfilt.models.blip import check_checkpoint, resolve_checkpoint
+
+    source = resolve_checkpoint(spec)
+    check_checkpoint(source, kind)
+    cls = BlipForConditionalGeneration if kind == "captioner" else BlipForImageTextRetrieval
+    model = cls.from_pretrained(str(source.path), use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    return model, tokenizer
+
+
+def ensure_blip_specials(tokenizer, vocab_size: int):
+    """Add [ENC] (and [DEC]) when a released BLIP tokenizer lacks them, at BLIP's ids."""
+    for token in ("[DEC]", "[ENC]"):
+        if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+            tokenizer.add_tokens([token], special_tokens=True)
+    worst = max(tokenizer.convert_tokens_to_ids(t) for t in ("[DEC]", "[ENC]"))
+    if worst >= vocab_size:
+        raise CapfiltError(
+            f"the tokenizer's [DEC]/[ENC] ids do not fit the model's vocabulary "
+            f"({vocab_size}); pass the checkpoint's own tokenizer"
+        )
+    return tokenizer
+
+
+def init_model(config: TrainConfig, texts: list[str], accelerator):
+    """(MED, tokenizer) from --init (run, export or HF BLIP checkpoints) or a fresh preset."""
+    import torch
+
+    from capfilt.models.med import MED, med_config, med_config_from_blip
+    from capfilt.models.tokenizers import train_tokenizer
+
+    overrides = {
+        k: v
+        for k, v in (("queue_size", config.queue_size), ("alpha", config.alpha))
+        if v is not None
+    }
+    torch.manual_seed(config.seed)
+    kinds = {spec: _init_kind(spec) for spec in config.init}
+    runs = [s for s, k in kinds.items() if k == "run"]
+    if runs:
+        if len(config.init) > 1:
+            raise CapfiltError("--init with a capfilt run takes that run alone")
+        model, tokenizer, _ = load_run(runs[0])
+        if overrides:
+            state = model.state_dict()
+            model = MED(replace(model.config, **overrides))
+            state = {k: v for k, v in state.items() if "queue" not in k}
+            model.load_state_dict(state, strict=False)
+        return model, tokenizer
+
+    blip = {}
+    for spec, kind in kinds.items():
+        if kind == "export":
+            for sub in ("captioner", "filter"):
+                if (Path(spec) / sub).is_dir():
+                    blip[sub] = _load_blip(str(Path(spec) / sub), sub)
+        else:
+            if kind in blip:
+                raise CapfiltError(f"--init names two {kind} checkpoints; give one of each kind")
+            blip[kind] = _load_blip(spec, kind)
+    if blip:
+        first = blip.get("filter") or blip.get("captioner")
+        tokenizer = first[1]
+        if config.tokenizer:
+            tokenizer = load_tokenizer(config.tokenizer)
+        vocab = first[0].config.text_config.vocab_size
+        tokenizer = ensure_blip_specials(tokenizer, vocab)
+        model = MED(med_config_from_blip(first[0].config, tokenizer, **overrides))
+        model.load_blip(
+            captioner=blip.get("captioner", (None,))[0], filter=blip.get("filter", (None,))[0]
+        )
+        return model, tokenizer
+
+    if config.tokenizer:
+        tokenizer = load_tokenizer(config.tokenizer)
+    else:
+        # From scratch: a WordPiece of the training texts with the BLIP specials; the main
+        # process trains it once, the others read its copy.
+        folder = Path(config.out) / "tokenizer"
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                tokenizer = train_tokenizer(texts, config.vocab_size, folder)
+            else:
+                tokenizer = load_tokenizer(str(folder))
+    tokenizer = ensure_blip_specials(tokenizer, len(tokenizer))
+    torch.manual_seed(config.seed)
+    return MED(med_config(config.preset, tokenizer, **overrides)), tokenizer
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as e:
+        raise CapfiltError(
+            f"cannot load tokenizer {spec!r}: {e}; pass a folder written by "
+            "tokenizer.save_pretrained or a BLIP checkpoint folder"
+        ) from e
+
+
+def trainable_parameters(model, task: str):
+    """Freeze what the task does not use (DDP requires every trained parameter to be used)."""
+    if task == "pretrain":
+        used = [
+            model.vision_model,
+            model.text_encoder,
+            model.text_decoder,
+            model.vision_proj,
+            model.text_proj,
+            model.itm_head,
+        ]
+    elif task == "caption":
+        used = [model.vision_model, model.text_decoder]
+    else:
+        used = [
+            model.vision_model,
+            model.text_encoder,
+            model.vision_proj,
+            model.text_proj,
+            model.itm_head,
+        ]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in used:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    model.temp.requires_grad_(task != "caption")
+    # Momentum encoders follow by EMA, never by gradient.
+    for p in model.momentum_parameters():
+        p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]

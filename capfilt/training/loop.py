@@ -1,0 +1,335 @@
+"""The Accelerate loop of `pretrain` and `finetune`: data, schedule, checkpoints, resume.
+
+A run folder holds:
+
+    RUN/config.json        the resolved configuration of the run (model and training)
+    RUN/tokenizer/         the tokenizer the run trains with
+    RUN/log.jsonl          one line per optimizer step: losses, lr, images/s
+    RUN/step-N/            accelerator.save_state(...) + metadata.json, written LAST
+
+A checkpoint counts only once its metadata.json exists; the last `keep_last` are kept.
+Re-running the same command resumes from the newest checkpoint, mid-epoch included: the
+data order is a pure function of (seed, epoch), augmentation of (seed, epoch, example), and
+the RNG that samples ITM's hard negatives is restored by `load_state`, so a resumed run
+follows the loss trajectory of an uninterrupted one."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from capfilt.core.errors import CapfiltError
+from capfilt.training.config import RESUME_KEYS, TrainConfig
+from capfilt.training.init import init_model, load_tokenizer, trainable_parameters
+from capfilt.training.pairs import Collate, EpochShuffle, PairDataset, load_pairs
+from capfilt.training.runs import (
+    CHECKPOINT_DIR,
+    append_log,
+    latest_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    truncate_log,
+    write_json_atomic,
+)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    checkpoint: Path | None
+    images_per_second: float
+    losses: dict
+    examples: int
+    skipped: dict
+    resumed_from: int | None = None
+    is_main_process: bool = True
+
+
+def learning_rate(
+    step: int,
+    *,
+    base_lr: float,
+    min_lr: float,
+    warmup_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+) -> float:
+    """Linear warm-up from `warmup_lr` to `base_lr`, then cosine decay to `min_lr`."""
+    if step < warmup_steps:
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def itc_alpha(alpha: float, epoch: int, batch_index: int, batches_per_epoch: int) -> float:
+    """BLIP ramps the distillation weight in linearly over the first epoch."""
+    if epoch > 0:
+        return alpha
+    return alpha * min(1.0, batch_index / max(1, batches_per_epoch))
+
+
+def _precision(precision: str) -> str:
+    import torch
+
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def _check_resume(config: TrainConfig, stored: dict) -> None:
+    ours = config.to_dict()
+    changed = [k for k in RESUME_KEYS if stored.get(k) != ours.get(k)]
+    if changed:
+        detail = ", ".join(f"{k}: {stored.get(k)!r} → {ours.get(k)!r}" for k in changed)
+        raise CapfiltError(
+            f"{config.out!r} holds a run with other options ({detail}); pass the "
+            "same options to resume it, or --overwrite to start again"
+        )
+
+
+def train(config: TrainConfig, console=None) -> TrainResult:
+    """Run pretraining or finetuning under Accelerate, resuming from the newest checkpoint."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from capfilt.core.layout import package_versions
+
+    # Launched as several processes on a machine without CUDA (`accelerate launch --multi_gpu
+    # --num_processes N` or torchrun there): Accelerate needs cpu=True to pick gloo and
+    # MULTI_CPU instead of falling back to N independent single-process runs.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.grad_accum,
+        mixed_precision=_precision(config.precision),
+        cpu=several and not torch.cuda.is_available(),
+    )
+    run_dir = Path(config.out)
+    if accelerator.is_main_process:
+        if config.overwrite and run_dir.exists():
+            for entry in run_dir.iterdir():
+                if CHECKPOINT_DIR.match(entry.name) or entry.name in ("log.jsonl", "tokenizer"):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+
+    resume = latest_checkpoint(run_dir)
+    metadata = read_metadata(resume) if resume else None
+    if metadata:
+        _check_resume(config, metadata["train_config"])
+
+    pairs = load_pairs(config.datasets, config.source, config.max_words)
+    if metadata:
+        from capfilt.models.med import MED, MEDConfig
+
+        tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+        model = MED(MEDConfig.from_dict(metadata["model_config"]))
+    else:
+        model, tokenizer = init_model(config, pairs.texts, accelerator)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    model_config = model.config
+
+    prefix = config.prompt if config.task == "caption" else ""
+    prompt_length = len(tokenizer(prefix).input_ids) - 1 if prefix else 0
+    max_length = config.max_words + prompt_length + 10  # words become more than one token
+    max_length = min(max_length, int(model_config.text["max_position_embeddings"]))
+    dataset = PairDataset(
+        pairs,
+        model_config.image_size,
+        config.seed,
+        augment=True,
+        flip=config.flip,
+        crop_scale=config.crop_scale,
+    )
+    sampler = EpochShuffle(len(dataset), config.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=Collate(tokenizer, max_length, prefix),
+        num_workers=config.num_workers,
+        # Its own generator, so creating an iterator never draws from the global RNG, which
+        # samples hard negatives and must replay exactly on resume.
+        generator=torch.Generator().manual_seed(config.seed),
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+    if len(loader) == 0:
+        raise CapfiltError(
+            f"{len(dataset)} pairs do not fill one batch of {config.batch_size}; lower --batch-size"
+        )
+
+    if config.compile:
+        from capfilt.models.med import compile_layers
+
+        compile_layers(model)
+    params = trainable_parameters(model, config.task)
+    # The fused kernel updates all parameters in a few launches instead of several per tensor.
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        fused=accelerator.device.type == "cuda",
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    batches_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    warmup_steps = min(config.warmup_steps, total_steps // 10)
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    step, epoch, skip = 0, 0, 0
+    if metadata:
+        accelerator.load_state(str(resume))
+        step, epoch, skip = metadata["step"], metadata["epoch"], metadata["batches_in_epoch"]
+        if skip >= batches_per_epoch:
+            epoch, skip = epoch + 1, 0
+    resolved = {
+        "model_config": model_config.to_dict(),
+        "train_config": config.to_dict(),
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "examples": len(pairs),
+        "skipped": pairs.skipped,
+    }
+    if accelerator.is_main_process:
+        write_json_atomic(run_dir / "config.json", resolved)
+
+    log_file = run_dir / "log.jsonl"
+    if accelerator.is_main_process:
+        # Lines past the checkpoint were logged by a killed run (all of them, when it was
+        # killed before its first checkpoint); this run logs those steps again.
+        truncate_log(log_file, step)
+    images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
+    sums: dict[str, float] = {}
+    micro = 0
+    checkpoint = resume
+    losses: dict[str, float] = dict(metadata["losses"]) if metadata else {}
+    timed_images, timed_seconds = 0, 0.0
+    tick = time.perf_counter()
+    progress = _progress(console, accelerator.is_main_process and config.progress)
+    task_id = progress.add_task(config.task, total=total_steps, completed=step, stats="")
+    with progress:
+        while step < total_steps and epoch < epochs:
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            epoch_loader.set_epoch(epoch)
+            batch_index = skip
+            for batch in epoch_loader:
+                alpha = itc_alpha(model_config.alpha, epoch, batch_index, batches_per_epoch)
+                lr = learning_rate(
+                    step,
+                    base_lr=config.lr,
+                    min_lr=config.min_lr,
+                    warmup_lr=config.warmup_lr,
+                    warmup_steps=warmup_steps,
+                    total_steps=total_steps,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with accelerator.accumulate(model):
+                    terms = model(
+                        **batch, alpha=alpha, losses=config.losses, prompt_length=prompt_length
+                    )
+                    loss = sum(terms.values())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach()  # stays on device
+                micro += 1
+                batch_index += 1
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                losses = {name: float(total) / micro for name, total in sums.items()}
+                sums, micro = {}, 0
+                now = time.perf_counter()
+                if step > 1 or metadata:  # the first step pays for warm-up, not throughput
+                    timed_images += images_per_step
+                    timed_seconds += now - tick
+                tick = now
+                rate = timed_images / timed_seconds if timed_seconds else 0.0
+                if accelerator.is_main_process:
+                    append_log(
+                        log_file,
+                        dict(
+                            step=step,
+                            epoch=epoch,
+                            lr=lr,
+                            alpha=alpha,
+                            images_per_s=round(rate, 2),
+                            **{f"loss_{k}": v for k, v in losses.items()},
+                        ),
+                    )
+                    stats = "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
+                    progress.update(
+                        task_id, completed=step, stats=f"{stats}  lr {lr:.2e}  {rate:.1f} img/s"
+                    )
+                if step % config.save_every == 0 or step == total_steps:
+                    meta = dict(
+                        resolved,
+                        step=step,
+                        epoch=epoch,
+                        batches_in_epoch=batch_index,
+                        losses=losses,
+                        versions=package_versions(),
+                        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    )
+                    checkpoint = save_checkpoint(accelerator, run_dir, step, meta, config.keep_last)
+                    tick = time.perf_counter()  # saving is not training time
+                if step >= total_steps:
+                    break
+            epoch, skip = epoch + 1, 0
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(
+        run_dir,
+        step,
+        total_steps,
+        checkpoint,
+        timed_images / timed_seconds if timed_seconds else 0.0,
+        losses,
+        len(pairs),
+        pairs.skipped,
+        metadata["step"] if metadata else None,
+        accelerator.is_main_process,
+    )
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
