@@ -439,7 +439,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
         from capfilt.core.parquet import CAPTIONS_SCHEMA, rows_to_table
         from capfilt.images.decode import decode_image
         from capfilt.models.blip import Captioner, ModelSource
-        from capfilt.stages.caption import CaptionConfig, caption_shard
+        from capfilt.stages.caption import CaptionOptions, caption_shard
 
         jpegs = random_jpegs(images, config.seed)
         ds = write_bench_dataset(scratch / "ds", jpegs, random_texts(images, 8, config.seed))
@@ -477,7 +477,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
         captioner = Captioner(
             network, processor, source, device, dtype, engine="fast", fast_options=fast_options
         )
-        stage_config = CaptionConfig(
+        stage_config = CaptionOptions(
             model=label,
             num_captions=n,
             top_p=config.top_p,
@@ -577,7 +577,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
         from capfilt.core.parquet import SCORES_SCHEMA, rows_to_table
         from capfilt.images.decode import decode_image
         from capfilt.models.blip import ItmScorer, ModelSource
-        from capfilt.stages.filter import FilterConfig, score_shard
+        from capfilt.stages.filter import FilterOptions, score_shard
 
         ds = write_bench_dataset(scratch / "ds", random_jpegs(images, config.seed), web, synthetic)
         images_table = ds.read_shard("images", 0)
@@ -621,7 +621,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
         scorer = ItmScorer(
             network, processor, source, device, dtype, itm_token="cls", engine="fast"
         )
-        stage_config = FilterConfig(
+        stage_config = FilterOptions(
             threshold=0.5,
             model=label,
             itm_token="cls",

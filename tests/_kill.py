@@ -77,18 +77,18 @@ def run_fetch(url_list: str, root: str, shard_size: int) -> None:
 
 
 def run_caption(root: str, model: str) -> None:
-    from capfilt.stages.caption import CaptionConfig, caption_dataset
+    from capfilt.stages.caption import CaptionOptions, caption_dataset
 
     _child_setup()
-    config = CaptionConfig(model=model, batch_size=2, num_workers=0, max_length=12, seed=3)
+    config = CaptionOptions(model=model, batch_size=2, num_workers=0, max_length=12, seed=3)
     caption_dataset(root, config, progress=False)
 
 
 def run_filter(root: str, model: str, threshold: float) -> None:
-    from capfilt.stages.filter import FilterConfig, filter_dataset
+    from capfilt.stages.filter import FilterOptions, filter_dataset
 
     _child_setup()
-    config = FilterConfig(threshold=threshold, model=model, batch_size=2, num_workers=0)
+    config = FilterOptions(threshold=threshold, model=model, batch_size=2, num_workers=0)
     filter_dataset(root, config, progress=False)
 
 

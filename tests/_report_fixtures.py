@@ -169,7 +169,13 @@ def write_scored_dataset(
                 for s in scores
                 if s["itm_score"] >= threshold
             ]
-            ds.write_shard("curated", shard, io.rows_to_table(kept, io.CURATED_SCHEMA))
+            folder = ds.generation_folder("curated", 1)
+            ds.fs.makedirs(folder.path, exist_ok=True)
+            io.write_table_atomic(
+                ds.fs, folder.shard_path(shard), io.rows_to_table(kept, io.CURATED_SCHEMA)
+            )
+    if "curated" in stages:  # as a filter run switches its generation in
+        ds.switch_generation("curated", 1, {"stage": "curate", "options": {"threshold": threshold}})
     if "scores" in stages:
         ds.record_run("filter", {"threshold": threshold}, {"pairs": len(result.web)})
     return result

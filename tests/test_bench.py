@@ -90,12 +90,12 @@ def test_stage_models_on_the_fast_path_write_the_same_rows(
 
     from capfilt.core.layout import Dataset
     from capfilt.models.blip import Captioner, ItmScorer
-    from capfilt.stages.caption import CaptionConfig, caption_shard
-    from capfilt.stages.filter import FilterConfig, score_shard
+    from capfilt.stages.caption import CaptionOptions, caption_shard
+    from capfilt.stages.filter import FilterOptions, score_shard
 
     images = Dataset(str(images_dataset)).read_shard("images", 0)
     fast_captioner = Captioner.load(str(tiny_captioner), "fp32", "cpu", engine="fast")
-    greedy = CaptionConfig(
+    greedy = CaptionOptions(
         model=str(tiny_captioner), decoding="greedy", batch_size=4, num_workers=0
     )
     plain = caption_shard(
@@ -113,7 +113,7 @@ def test_stage_models_on_the_fast_path_write_the_same_rows(
     assert caption_shard(fast_captioner, images, rebatched).equals(sampled)
     assert len(set(sampled["text"].to_pylist())) > 1
 
-    filter_config = FilterConfig(
+    filter_config = FilterOptions(
         threshold=0.5, model=str(tiny_filter), batch_size=4, num_workers=0, itm_token="enc"
     )
     expected = score_shard(

@@ -13,7 +13,7 @@ from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.images.decode import decode_image
 from capfilt.models.sampling import caption_seed
-from capfilt.stages.caption import CaptionConfig, caption_dataset
+from capfilt.stages.caption import CaptionOptions, caption_dataset
 
 FAST = dict(max_length=10, min_length=5, num_workers=0)
 
@@ -111,7 +111,9 @@ def test_caption_command_writes_a_row_per_caption_and_an_error_row_per_bad_image
     run = ds.read_manifest()["runs"][-1]
     assert run["stage"] == "caption"
     assert run["model"]["id"] == str(tiny_captioner)
-    assert run["model"]["revision"] == str(tiny_captioner.resolve())
+    assert run["model"]["path"] == str(tiny_captioner.resolve())
+    assert run["model"]["revision"].startswith("sha256:")  # of the folder's files
+    assert run["provenance_options"]["model_revision"] == run["model"]["revision"]
     assert run["options"]["seed"] == 7 and run["options"]["num_captions"] == 2
     assert run["counts"]["captions"] == len(good) and run["counts"]["errors"] == 1
 
@@ -121,7 +123,7 @@ def test_same_seed_gives_the_same_captions_whatever_the_batch_size(tmp_path, cap
     for name, batch_size, workers in (("a", 1, 0), ("b", 5, 2)):
         root = tmp_path / name
         write_images_dataset(root, n_shards=1, per_shard=6)
-        config = CaptionConfig(
+        config = CaptionOptions(
             model="tiny",
             num_captions=2,
             seed=3,
@@ -139,7 +141,7 @@ def test_rerun_skips_done_shards_and_redoes_a_deleted_one(tmp_path, captioner):
     root = tmp_path / "ds"
     write_images_dataset(root, n_shards=2, per_shard=3)
     ds = Dataset(str(root))
-    config = CaptionConfig(model="tiny", **FAST)
+    config = CaptionOptions(model="tiny", **FAST)
     first = caption_dataset(ds, config, captioner=captioner, progress=False)
     assert (first.shards_done, first.shards_skipped) == (2, 0)
     path0, path1 = (ds.shard_path("captions", s) for s in (0, 1))
@@ -160,11 +162,12 @@ def test_rerun_skips_done_shards_and_redoes_a_deleted_one(tmp_path, captioner):
     assert ds.read_shard("captions", 1).to_pylist() == before  # same seed, same captions
 
     overwrite = caption_dataset(
-        ds, CaptionConfig(model="tiny", overwrite=True, **FAST), captioner=captioner, progress=False
+        ds, CaptionOptions(model="tiny", overwrite=True, **FAST), captioner=captioner, progress=False
     )
     assert overwrite.shards_done == 2
     assert ds.fs.modified(path0) > mtime0
-    assert [r["stage"] for r in ds.read_manifest()["runs"]] == ["caption"] * 4
+    # The run that found every shard done did nothing, and is not recorded as a run.
+    assert [r["stage"] for r in ds.read_manifest()["runs"]] == ["caption"] * 3
 
 
 def test_greedy_and_beam_decoding_options(tmp_path, captioner):
@@ -173,7 +176,7 @@ def test_greedy_and_beam_decoding_options(tmp_path, captioner):
     ds = Dataset(str(root))
     caption_dataset(
         ds,
-        CaptionConfig(model="tiny", decoding="greedy", **FAST),
+        CaptionOptions(model="tiny", decoding="greedy", **FAST),
         captioner=captioner,
         progress=False,
     )
@@ -181,7 +184,7 @@ def test_greedy_and_beam_decoding_options(tmp_path, captioner):
     assert [r["caption_id"] for r in greedy] == [0, 0, 0]
     caption_dataset(
         ds,
-        CaptionConfig(model="tiny", decoding="beam", num_captions=2, overwrite=True, **FAST),
+        CaptionOptions(model="tiny", decoding="beam", num_captions=2, overwrite=True, **FAST),
         captioner=captioner,
         progress=False,
     )
@@ -202,7 +205,7 @@ def test_greedy_and_beam_decoding_options(tmp_path, captioner):
 )
 def test_caption_config_validation(options, message):
     with pytest.raises(CapfiltError, match=message):
-        CaptionConfig(**options)
+        CaptionOptions(**options)
 
 
 def test_caption_command_errors_are_one_line(tmp_path, tiny_captioner):
@@ -211,24 +214,6 @@ def test_caption_command_errors_are_one_line(tmp_path, tiny_captioner):
     assert "no images/ shards yet" in result.output and "Traceback" not in result.output
     result = invoke("caption", tmp_path / "empty", "--top-p", "1.5")
     assert result.exit_code == 2 and "--top-p must be in (0, 1]" in result.output
-
-
-def test_cli_defaults_are_the_config_defaults():
-    import dataclasses
-    import inspect
-
-    from capfilt.cli import data as cli
-    from capfilt.stages.filter import FilterConfig
-
-    renamed = {"workers": "num_workers"}
-    for command, config in ((cli.caption, CaptionConfig()), (cli.filter_, FilterConfig(0.5))):
-        fields = {f.name for f in dataclasses.fields(config)}
-        for name, parameter in inspect.signature(command).parameters.items():
-            field = renamed.get(name, name)
-            if field not in fields or parameter.default is inspect.Parameter.empty:
-                continue
-            default = getattr(parameter.default, "value", parameter.default)
-            assert default == getattr(config, field), (command.__name__, name)
 
 
 def test_gpu_decode_captions_like_the_pil_path_or_asks_for_torchvision(tmp_path, tiny_captioner):

@@ -17,6 +17,7 @@ from capfilt.cli import app
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.demo.loop import DemoConfig, demo_figures, make_toy_data
+from capfilt.stages.report import read_summary
 
 SMALL = [
     "--images", "40", "--annotated-images", "12", "--heldout-images", "8",
@@ -47,7 +48,7 @@ def test_every_stage_of_the_demo_pipeline_writes_its_outputs(small_demo):
         assert list((root / "runs" / run).glob("step-*/metadata.json")), run
     assert (root / "models" / "captioner" / "config.json").is_file()
     assert (root / "models" / "filter" / "config.json").is_file()
-    summary = json.loads((root / "web" / "reports" / "summary.json").read_text())
+    summary = read_summary(Dataset(str(root / "web")))
     truth = summary["truth"]
     assert truth["wrong"] == 12  # 30 % of 40
     assert {"precision", "recall", "caught", "dropped"} <= set(truth)

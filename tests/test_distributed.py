@@ -10,7 +10,7 @@ from conftest import accelerate_launch_on_cpu, write_images_dataset
 
 from capfilt.core.distributed import Processes, sum_counts
 from capfilt.core.layout import Dataset
-from capfilt.stages.caption import CaptionConfig, caption_dataset
+from capfilt.stages.caption import CaptionOptions, caption_dataset
 
 
 def test_each_shard_belongs_to_exactly_one_process():
@@ -49,7 +49,7 @@ def test_accelerate_launch_two_processes_write_each_row_once(tmp_path, tiny_capt
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("captions written") == 1  # only the main process prints
 
-    config = CaptionConfig(
+    config = CaptionOptions(
         model=str(tiny_captioner),
         num_captions=2,
         max_length=10,
@@ -75,7 +75,7 @@ def test_accelerate_launch_two_processes_write_each_row_once(tmp_path, tiny_capt
     assert runs[0]["counts"]["shards"] == 3
     assert runs[0]["counts"]["captions"] == sum(1 for r in rows if r["status"] == "success")
     assert runs[0]["counts"]["errors"] == 1
-    assert runs[0]["model"]["revision"] == str(tiny_captioner.resolve())
+    assert runs[0]["model"]["path"] == str(tiny_captioner.resolve())
 
     # filter too: scores/ from both processes, then curated/ derived after they all met.
     launch_filter = [

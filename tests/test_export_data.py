@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,8 +40,9 @@ def curated_texts(scored):
 def test_parquet_export_is_self_contained(scored, image_bytes, curated_texts, tmp_path):
     out = tmp_path / "pq"
     result = export_data(Dataset(scored.root), "parquet", str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00001.parquet"]
-    table = pq.read_table(out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00000.parquet", "00001.parquet", "_capfilt_export.json", "_provenance"]
+    table = pq.read_table(out)  # pyarrow skips the _ names
     assert table.column_names == [
         "key",
         "text_id",
@@ -102,15 +104,44 @@ def test_hf_export_loads_with_datasets(scored, curated_texts, tmp_path):
     )
 
 
-def test_export_refuses_a_non_empty_folder_unless_overwrite(scored, tmp_path):
+def test_export_never_deletes_what_capfilt_did_not_write(scored, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(CapfiltError, match="not empty"):
+    for overwrite in (False, True):
+        with pytest.raises(CapfiltError, match="not written by capfilt export-data"):
+            export_data(Dataset(scored.root), "parquet", str(out), overwrite=overwrite)
+    assert (out / "notes.txt").read_text() == "mine"
+    ds = Dataset(scored.root)
+    for inside in (scored.root, str(Path(scored.root) / "curated"), str(Path(scored.root) / "x")):
+        with pytest.raises(CapfiltError, match="inside the dataset"):
+            export_data(ds, "parquet", inside, overwrite=True)
+    with pytest.raises(CapfiltError, match="inside the dataset"):
+        export_data(ds, "parquet", str(Path(scored.root).parent), overwrite=True)
+    assert ds.shards("curated") == [0, 1] and ds.shards("images") == [0, 1]
+
+
+def test_an_earlier_export_is_replaced_whole_only_with_overwrite(scored, tmp_path):
+    out = tmp_path / "wds"
+    first = export_data(Dataset(scored.root), "webdataset", str(out))
+    marker = json.loads((out / "_capfilt_export.json").read_text())
+    assert marker["format"] == "webdataset" and marker["pairs"] == first.pairs
+    # The same export again: up to date, nothing rewritten.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = export_data(Dataset(scored.root), "webdataset", str(out))
+    assert again.pairs == first.pairs
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
+    # Another format into the same folder: refused without --overwrite, replaced with it.
+    with pytest.raises(CapfiltError, match="--overwrite"):
         export_data(Dataset(scored.root), "parquet", str(out))
+    export_data(Dataset(scored.root), "parquet", str(out), overwrite=True)
+    assert sorted(p.suffix for p in out.iterdir() if p.is_file()) == [".json", ".parquet", ".parquet"]
+    assert not list(tmp_path.glob(".wds.capfilt-export*"))  # no staging left beside it
+    # A file of the user's inside an export is never deleted.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CapfiltError, match="did not write"):
+        export_data(Dataset(scored.root), "webdataset", str(out), overwrite=True)
     assert (out / "notes.txt").exists()
-    result = export_data(Dataset(scored.root), "parquet", str(out), overwrite=True)
-    assert not (out / "notes.txt").exists() and result.pairs > 0
 
 
 def test_export_needs_curated(images_dataset, tmp_path):
@@ -141,6 +172,6 @@ def test_cli_export_data(scored, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"exported {len(scored.kept(0.5))} pairs" in result.output
     bad = runner.invoke(app, ["export-data", scored.root, "--format", "zip", "--out", str(out)])
-    assert bad.exit_code == 2 and "--format must be one of" in bad.output
+    assert bad.exit_code == 2 and "--format" in bad.output and "zip" in bad.output
     runs = Dataset(scored.root).read_manifest()["runs"]
     assert runs[-1]["stage"] == "export-data" and runs[-1]["options"]["format"] == "parquet"

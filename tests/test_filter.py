@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
-from capfilt.stages.caption import CaptionConfig, caption_dataset
-from capfilt.stages.filter import FilterConfig, filter_dataset
+from capfilt.stages.caption import CaptionOptions, caption_dataset
+from capfilt.stages.filter import FilterOptions, filter_dataset
 
 BAD_KEY = "000000001"
 
@@ -27,7 +27,7 @@ def captioned(tmp_path_factory, tiny_captioner):
     root = tmp_path_factory.mktemp("filter") / "ds"
     truths = write_images_dataset(root, n_shards=2, per_shard=5, bad_keys=(BAD_KEY,))
     captioner = Captioner.load(str(tiny_captioner), precision="fp32", device="cpu")
-    config = CaptionConfig(model=str(tiny_captioner), num_captions=2, max_length=10, num_workers=0)
+    config = CaptionOptions(model=str(tiny_captioner), num_captions=2, max_length=10, num_workers=0)
     caption_dataset(str(root), config, captioner=captioner, progress=False)
     return root, truths
 
@@ -95,35 +95,45 @@ def test_filter_scores_web_and_every_synthetic_caption(scored, tiny_filter):
 
     run = ds.read_manifest()["runs"][-1]
     assert run["stage"] == "filter" and run["itm_token"] == "enc"
-    assert run["model"]["revision"] == str(tiny_filter.resolve())
+    assert run["model"]["path"] == str(tiny_filter.resolve())
     assert run["options"]["threshold"] == 0.5
-    assert run["options"]["num_workers"] == 0  # the default, as resolved for the CPU
+    assert run["options"]["num_workers"] is None  # the default: threads on the CPU
+    assert run["decoding_workers"] == 0
     assert run["counts"]["errors"] == 1
     assert "synthetic" in output and "ITM token" in output
 
 
-def test_new_threshold_rederives_curated_without_a_model(scored):
+def test_new_threshold_rederives_curated_without_a_model(scored, tiny_filter):
     root, _, _ = scored
     ds = Dataset(str(root))
     scores = ds.read_stage("scores").to_pylist()
     itm = sorted(r["itm_score"] for r in scores if r["itm_score"] is not None)
     threshold = itm[len(itm) // 2]  # keeps about half of the pairs
     mtimes = [ds.fs.modified(ds.shard_path("scores", s)) for s in (0, 1)]
+    generation = ds.current_generation("curated")
 
-    result = invoke("filter", root, "--threshold", threshold, "--model", "/no/such/model")
+    result = invoke("filter", root, "--threshold", threshold, "--model", tiny_filter)
     assert result.exit_code == 0, result.output
     assert "not loaded" in result.output
+    assert ds.current_generation("curated") == generation + 1  # switched in whole
     kept = ds.read_stage("curated").to_pylist()
     assert len(kept) == sum(1 for v in itm if v >= threshold)
     assert 0 < len(kept) < len(itm)
     assert all(r["itm_score"] >= threshold for r in kept)
     assert [ds.fs.modified(ds.shard_path("scores", s)) for s in (0, 1)] == mtimes
     run = ds.read_manifest()["runs"][-1]
-    assert run["rescored"] is False and run["model"]["revision"] is None
+    assert run["rescored"] is False and "device" not in run["model"]  # never loaded
+    assert run["threshold"] == threshold
+
+    # Another model is refused before anything is loaded or written: the scores are not its.
+    result = invoke("filter", root, "--threshold", threshold, "--model", "/no/such/model")
+    assert result.exit_code == 2 and "made with other options" in result.output
+    assert "/no/such/model" in result.output and "--overwrite" in result.output
+    assert ds.read_manifest()["runs"][-1] == run  # nothing recorded
 
     # The bogus model is used, and fails clearly, as soon as there is something to score.
     ds.fs.rm(ds.shard_path("scores", 1))
-    result = invoke("filter", root, "--threshold", threshold, "--model", "/no/such/model")
+    result = invoke("filter", root, "--threshold", threshold, "--model", "/no/such/model", "--overwrite")
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
@@ -147,7 +157,7 @@ def test_without_captions_only_web_captions_are_scored(tmp_path, tiny_filter):
     truths = write_images_dataset(root, n_shards=1, per_shard=4)
     result = filter_dataset(
         str(root),
-        FilterConfig(threshold=0.0, model=str(tiny_filter), num_workers=0),
+        FilterOptions(threshold=0.0, model=str(tiny_filter), num_workers=0),
         progress=False,
     )
     rows = Dataset(str(root)).read_stage("scores").to_pylist()
@@ -168,7 +178,7 @@ def test_itm_token_cls_and_enc_are_recorded_and_differ(captioned, tiny_filter, t
         shutil.copytree(source, root)
         filter_dataset(
             str(root),
-            FilterConfig(threshold=0.5, model=str(tiny_filter), itm_token=token, num_workers=0),
+            FilterOptions(threshold=0.5, model=str(tiny_filter), itm_token=token, num_workers=0),
             progress=False,
         )
         ds = Dataset(str(root))
@@ -187,42 +197,46 @@ def test_scores_are_redone_when_captions_changed(captioned, tiny_filter, tiny_ca
     root = tmp_path / "ds"
     shutil.copytree(captioned[0], root)
     ds = Dataset(str(root))
-    config = FilterConfig(threshold=0.5, model=str(tiny_filter), num_workers=0)
+    config = FilterOptions(threshold=0.5, model=str(tiny_filter), num_workers=0)
     filter_dataset(ds, config, progress=False)
     old = ds.read_shard("scores", 0)
-    # Captioning again (another seed, one caption per image) makes the scores stale; shard 1's
-    # scores are touched so that only shard 0 counts as stale.
+    # Captioned again with other options (one caption per image): every scores/ shard is
+    # stale, so the next filter run scores them again, and says so.
     caption_dataset(
         ds,
-        CaptionConfig(
-            model=str(tiny_captioner),
-            num_captions=1,
-            seed=99,
-            max_length=10,
-            num_workers=0,
-            overwrite=True,
+        CaptionOptions(
+            model=str(tiny_captioner), num_captions=1, seed=99, max_length=10, overwrite=True
         ),
         progress=False,
     )
-    ds.fs.touch(ds.shard_path("scores", 1), truncate=False)
     result = filter_dataset(ds, config, progress=False)
-    assert (result.shards_scored, result.shards_skipped) == (1, 1)
+    assert (result.scored.shards_done, result.scored.shards_skipped) == (2, 0)
+    assert result.scored.shards_redone == 2
+    assert "captions/ changed since" in result.scored.plan.checks[0].why
     new = ds.read_shard("scores", 0)
     assert new.num_rows < old.num_rows  # one synthetic caption per image now, not two
+
+    # captions/ shard 1 deleted: its scores keep no synthetic caption that captions/ lacks.
+    ds.fs.rm(ds.shard_path("captions", 1))
+    result = filter_dataset(ds, config, progress=False)
+    assert (result.scored.shards_done, result.scored.shards_skipped) == (1, 1)
+    assert "captions/ shard it was made from is gone" in result.scored.plan.checks[1].why
+    assert set(ds.read_shard("scores", 1)["source"].to_pylist()) == {"web"}
+    assert set(ds.read_shard("curated", 1)["source"].to_pylist()) <= {"web"}
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(threshold=1.5), "--threshold is an ITM probability"),
-        (dict(threshold=-0.1), "--threshold is an ITM probability"),
+        (dict(threshold=1.5), "--threshold must be in \\[0, 1\\], got 1.5"),
+        (dict(threshold=-0.1), "--threshold must be in \\[0, 1\\], got -0.1"),
         (dict(threshold=0.5, itm_token="sep"), "--itm-token must be one of"),
         (dict(threshold=0.5, batch_size=0), "--batch-size must be at least 1"),
     ],
 )
 def test_filter_config_validation(options, message):
     with pytest.raises(CapfiltError, match=message):
-        FilterConfig(**options)
+        FilterOptions(**options)
 
 
 def test_fast_decode_is_recorded_and_scores_every_pair(captioned, tiny_filter, tmp_path):
@@ -235,8 +249,8 @@ def test_fast_decode_is_recorded_and_scores_every_pair(captioned, tiny_filter, t
     shutil.copytree(captioned[0], exact_root)
     exact = Dataset(str(exact_root))
     base = dict(threshold=0.5, model=str(tiny_filter), num_workers=0)
-    filter_dataset(ds, FilterConfig(**base, fast_decode=True), progress=False)
-    filter_dataset(exact, FilterConfig(**base), progress=False)
+    filter_dataset(ds, FilterOptions(**base, fast_decode=True), progress=False)
+    filter_dataset(exact, FilterOptions(**base), progress=False)
     assert ds.read_manifest()["runs"][-1]["options"]["fast_decode"] is True
     assert exact.read_manifest()["runs"][-1]["options"]["fast_decode"] is False
     fast_rows, exact_rows = (

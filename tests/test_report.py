@@ -38,7 +38,7 @@ def _kept(itm: float, threshold: float) -> bool:
 
 def test_summary_counts_every_stage(report, scored):
     s = report.summary
-    assert s["threshold"] == 0.5 and s["threshold_origin"] == "filter run"
+    assert s["threshold"] == 0.5 and s["threshold_origin"] == "curated/"
     assert {k: v["rows"] for k, v in s["stages"].items()} == {
         "images": 20,
         "captions": 32,
@@ -230,7 +230,10 @@ def test_cli_report_prints_tables_and_opens_the_browser(scored, monkeypatch):
     result = CliRunner().invoke(app, ["report", scored.root, "--open"])
     assert result.exit_code == 0, result.output
     assert "Fetch errors by kind" in result.output and "55.6 %" in result.output
-    assert opened == [Path(scored.root, "reports", "report.html").resolve().as_uri()]
+    generation = Dataset(scored.root).current_generation("reports")
+    report = Path(scored.root, "reports", f"gen-{generation:06d}", "report.html")
+    assert opened == [report.resolve().as_uri()]
+    assert str(report) in result.output.replace("\n", "")
     missing = CliRunner().invoke(app, ["report", scored.root + "-nope"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
 

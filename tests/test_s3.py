@@ -6,7 +6,6 @@ AWS_ENDPOINT_URL (which botocore, and so s3fs, reads).
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
@@ -17,6 +16,7 @@ moto_server = pytest.importorskip("moto.server")
 
 from capfilt.cli import app  # noqa: E402
 from capfilt.core.layout import STAGES, Dataset  # noqa: E402
+from capfilt.stages.status import dataset_status  # noqa: E402
 
 BUCKET = "capfilt-test"
 ROOT = f"s3://{BUCKET}/ds"
@@ -72,10 +72,18 @@ def on_s3(s3, tmp_path_factory, tiny_captioner, tiny_filter):
         fetch_args += ["--allow-private-addresses"]
         invoke(*fetch_args)
         model = ["--workers", "0", "--batch-size", "4"]
-        invoke("caption", ROOT, "--model", str(tiny_captioner), "--max-length", "12", *model)
-        invoke("filter", ROOT, "--threshold", "0.3", "--model", str(tiny_filter), *model)
+        caption_args = ["caption", ROOT, "--model", str(tiny_captioner), "--max-length", "12"]
+        filter_args = ["filter", ROOT, "--threshold", "0.3", "--model", str(tiny_filter)]
+        invoke(*caption_args, *model)
+        invoke(*filter_args, *model)
         invoke("report", ROOT)
-        yield dict(urls=[r["url"] for r in rows], fetch_args=fetch_args, fs=s3)
+        yield dict(
+            urls=[r["url"] for r in rows],
+            fetch_args=fetch_args,
+            caption_args=caption_args,
+            filter_args=filter_args,
+            fs=s3,
+        )
 
 
 def test_every_stage_writes_its_shards_to_s3(on_s3):
@@ -98,10 +106,13 @@ def test_every_stage_writes_its_shards_to_s3(on_s3):
 
 def test_report_is_written_to_s3(on_s3):
     fs = on_s3["fs"]
-    summary = json.loads(fs.cat(f"{BUCKET}/ds/reports/summary.json"))
+    from capfilt.stages.report import read_summary, report_file
+
+    summary = read_summary(Dataset(ROOT))
     assert summary["dataset"] == ROOT
     assert summary["stages"]["images"]["rows"] == len(on_s3["urls"])
-    assert b"<html" in fs.cat(f"{BUCKET}/ds/reports/report.html")[:200].lower()
+    assert report_file(Dataset(ROOT)).startswith(f"s3://{BUCKET}/ds/reports/gen-")
+    assert b"<html" in fs.cat(report_file(Dataset(ROOT)))[:200].lower()
 
 
 def test_query_reads_the_shards_on_s3(on_s3):
@@ -120,7 +131,7 @@ def test_query_reads_the_shards_on_s3(on_s3):
     assert int(out.strip().splitlines()[-1]) > 0
 
 
-def test_rerun_on_s3_fetches_only_a_missing_shard_and_rederives_curated(on_s3):
+def test_rerun_on_s3_fetches_only_a_missing_shard_and_redoes_what_it_made_stale(on_s3):
     fs = on_s3["fs"]
     fs.rm([f"{BUCKET}/ds/images/00002.parquet", f"{BUCKET}/ds/images/00002_stats.json"])
     fs.invalidate_cache()
@@ -131,8 +142,16 @@ def test_rerun_on_s3_fetches_only_a_missing_shard_and_rederives_curated(on_s3):
     assert (run["counts"]["shards_done"], run["counts"]["shards_skipped"]) == (1, 3)
     urls = ds.read_stage("images", columns=["url"])["url"].to_pylist()
     assert sorted(urls) == sorted(on_s3["urls"])
+    # Shard 2's captions and scores were made from the images fetched before: stale.
+    status = dataset_status(ds)
+    assert status.folder("captions").stale == [2] and status.folder("scores").stale == [2]
+    assert status.folder("images").done == [0, 1, 2, 3]
+    captioned = invoke(*on_s3["caption_args"])
+    assert "redone" in captioned
+    invoke(*on_s3["filter_args"])
+    assert all(f.up_to_date for f in dataset_status(ds).folders if f.folder != "reports")
     # A new threshold re-derives curated/ from scores/ on S3 without a model.
-    out = invoke("filter", ROOT, "--threshold", "1.0", "--model", "/nonexistent")
+    out = invoke(*on_s3["filter_args"][:2], "--threshold", "1.0", *on_s3["filter_args"][4:])
     assert "not loaded" in out
     assert ds.read_stage("curated").num_rows == 0
     assert not [p for p in objects(fs) if ".tmp-" in p]

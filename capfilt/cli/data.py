@@ -10,7 +10,12 @@ from typing import Annotated
 import typer
 
 from capfilt.cli.app import DatasetArg, command, console
-from capfilt.core.errors import CapfiltError
+from capfilt.cli.options import with_options
+from capfilt.stages.caption import CaptionOptions
+from capfilt.stages.export_data import ExportOptions
+from capfilt.stages.fetch import FetchOptions
+from capfilt.stages.filter import FilterOptions
+from capfilt.stages.ingest import IngestOptions
 
 
 # --- fetch, ingest (capfilt/fetch.py, capfilt/ingest.py) -------------------------------------
@@ -86,9 +91,19 @@ def _print_download_summary(result, title: str) -> None:
             "UTF-8; their bad bytes became U+FFFD (\ufffd). Re-encode the list to UTF-8 to keep "
             "them"
         )
+    if result.stale_downstream:
+        stale = ", ".join(
+            f"{folder}/ ({n} shards)" for folder, n in result.stale_downstream.items()
+        )
+        out.print(
+            f"[yellow]images/ changed:[/] {stale} were made from the images replaced and are "
+            "stale now; the next caption and filter runs redo them (`capfilt status` lists them)",
+            soft_wrap=True,
+        )
 
 
 @command()
+@with_options(FetchOptions, given_only=True)
 def fetch(
     url_list: Annotated[
         str,
@@ -98,85 +113,12 @@ def fetch(
         ),
     ],
     dataset: DatasetArg,
+    options: dict,
     manifest: Annotated[
         Path | None,
         typer.Option(
             help="A data_manifests/*.toml of a known source: its [fetch] settings become the "
             "defaults (options given here still win)."
-        ),
-    ] = None,
-    url_col: Annotated[
-        str | None, typer.Option(help="Column of image URLs.  [default: url]")
-    ] = None,
-    caption_col: Annotated[
-        str | None,
-        typer.Option(help="Column of captions.  [default: caption, when the list has it]"),
-    ] = None,
-    input_format: Annotated[
-        str | None,
-        typer.Option(help="csv, tsv, parquet, jsonl, json or txt.  [default: from the name]"),
-    ] = None,
-    columns: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated column names for a csv/tsv without a header line."),
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Resize target in pixels.  [default: 384]")
-    ] = None,
-    resize_mode: Annotated[
-        ResizeMode | None,
-        typer.Option(help="img2dataset's resize mode.  [default: keep_ratio]"),
-    ] = None,
-    processes: Annotated[
-        int | None, typer.Option(help="Download processes (Spark cores).  [default: 1]")
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="Download threads per process.  [default: 32]")
-    ] = None,
-    timeout: Annotated[
-        int | None, typer.Option(help="Seconds to wait for one image.  [default: 10]")
-    ] = None,
-    retries: Annotated[
-        int | None, typer.Option(help="Retries of a failed download.  [default: 0]")
-    ] = None,
-    distributor: Annotated[
-        Distributor | None,
-        typer.Option(
-            help="multiprocessing on this machine, or pyspark / ray for a cluster (the engine "
-            "must be installed).  [default: multiprocessing]"
-        ),
-    ] = None,
-    shard_size: Annotated[
-        int | None, typer.Option(help="Rows per images/ shard.  [default: 10000]")
-    ] = None,
-    opt_out: Annotated[
-        str | None,
-        typer.Option(
-            help="X-Robots-Tag directives that mean 'do not use this image', comma-separated; "
-            "such images are recorded, not downloaded.  [default: noai,noimageai,noindex,"
-            "noimageindex]"
-        ),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Delete the images/ shards already fetched and start again.")
-    ] = False,
-    allow_private_addresses: Annotated[
-        bool,
-        typer.Option(
-            help="Also fetch from loopback, private and link-local addresses (a local server, "
-            "an intranet). Without it such URLs, also after a redirect or DNS lookup, become "
-            "failed rows. Cloud metadata addresses are always refused."
-        ),
-    ] = False,
-    max_image_bytes: Annotated[
-        int | None,
-        typer.Option(help="Largest image download in bytes.  [default: 33554432 (32 MiB)]"),
-    ] = None,
-    image_deadline: Annotated[
-        float | None,
-        typer.Option(
-            help="Seconds one image's whole download may take (a server that drips bytes "
-            "hits it).  [default: 60]"
         ),
     ] = None,
     verbose: Annotated[
@@ -187,8 +129,9 @@ def fetch(
 
     Every row of the list becomes exactly one row of images/, with `status` and
     `error_message` when it failed. Extra columns of the list are kept. Re-running the same
-    command resumes: finished shards are skipped. Images whose server opts out of AI use
-    (X-Robots-Tag: noai ...) are recorded as failures and not downloaded.
+    command resumes: finished shards are skipped; another list or other options are refused
+    unless --overwrite. Images whose server opts out of AI use (X-Robots-Tag: noai ...) are
+    recorded as failures and not downloaded.
 
     Example: capfilt fetch cc3m.tsv cc3m --manifest data_manifests/cc3m.toml --processes 16
     """
@@ -198,35 +141,12 @@ def fetch(
     from capfilt.stages.fetch import FetchOptions, options_from_manifest
     from capfilt.stages.fetch import fetch as fetch_stage
 
-    overrides = dict(
-        url_col=url_col,
-        caption_col=caption_col,
-        input_format=input_format,
-        column_names=tuple(c.strip() for c in columns.split(",")) if columns else None,
-        image_size=image_size,
-        resize_mode=_value(resize_mode),
-        processes=processes,
-        threads=threads,
-        timeout=timeout,
-        retries=retries,
-        distributor=_value(distributor),
-        shard_size=shard_size,
-        opt_out_directives=(
-            tuple(d.strip() for d in opt_out.split(",") if d.strip())
-            if opt_out is not None
-            else None
-        ),
-        overwrite=overwrite or None,
-        allow_private_addresses=allow_private_addresses or None,
-        max_image_bytes=max_image_bytes,
-        image_deadline=image_deadline,
-    )
     source = None
     if manifest is not None:
-        options, source = options_from_manifest(manifest, **overrides)
+        fetch_options, source = options_from_manifest(manifest, **options)
         source = {**source, "manifest_file": str(manifest)}
     else:
-        options = FetchOptions(**{k: v for k, v in overrides.items() if v is not None})
+        fetch_options = FetchOptions(**options)
 
     log_path = None if verbose else new_log_path("fetch")
     redirect = library_output_to(log_path) if log_path else contextlib.nullcontext(sys.stdout)
@@ -237,7 +157,9 @@ def fetch(
             def on_progress(done: int, total: int, successes: int) -> None:
                 progress.update(task, completed=done, total=total, successes=successes)
 
-            result = fetch_stage(url_list, dataset, options, on_progress=on_progress, source=source)
+            result = fetch_stage(
+                url_list, dataset, fetch_options, on_progress=on_progress, source=source
+            )
 
     _print_download_summary(result, "fetch")
     out = console()
@@ -258,6 +180,7 @@ def fetch(
 
 
 @command()
+@with_options(IngestOptions)
 def ingest(
     source: Annotated[
         str,
@@ -267,54 +190,19 @@ def ingest(
         ),
     ],
     dataset: DatasetArg,
-    captions: Annotated[
-        str | None, typer.Option(help="Captions file for a folder SOURCE (csv, tsv, jsonl).")
-    ] = None,
-    file_col: Annotated[
-        str | None,
-        typer.Option(help="Column of image file names.  [default: file_name, file, image, ...]"),
-    ] = None,
-    caption_col: Annotated[str, typer.Option(help="Column of captions.")] = "caption",
-    image_root: Annotated[
-        str | None,
-        typer.Option(help="Folder the image paths are relative to.  [default: SOURCE's folder]"),
-    ] = None,
-    image_size: Annotated[int, typer.Option(help="Resize target in pixels.")] = 384,
-    resize_mode: Annotated[
-        ResizeMode, typer.Option(help="img2dataset's resize mode.")
-    ] = ResizeMode.keep_ratio,
-    shard_size: Annotated[int, typer.Option(help="Rows per images/ shard.")] = 10_000,
-    overwrite: Annotated[
-        bool, typer.Option(help="Delete the images/ shards already written and start again.")
-    ] = False,
+    options: IngestOptions,
 ):
     """Put local images and captions into DATASET/images/, in the same layout as `fetch`.
 
     One row per image-caption pair (a COCO image with five captions gives five rows). A
-    missing or unreadable image becomes a row with `status` and `error_message`.
+    missing or unreadable image becomes a row with `status` and `error_message`. Re-running
+    the same command resumes; another SOURCE is refused unless --overwrite.
 
     Example: capfilt ingest annotations/captions_train2014.json coco --image-root train2014
     """
-    from capfilt.stages.ingest import IngestOptions
     from capfilt.stages.ingest import ingest as ingest_stage
 
-    options = IngestOptions(
-        captions_file=captions,
-        file_col=file_col,
-        caption_col=caption_col,
-        image_root=image_root,
-        image_size=image_size,
-        resize_mode=_value(resize_mode),
-        shard_size=shard_size,
-        overwrite=overwrite,
-    )
-    with _rows_progress(sys.stdout) as progress:
-        task = progress.add_task("ingest", total=None, successes=0)
-
-        def on_progress(done: int, total: int, successes: int) -> None:
-            progress.update(task, completed=done, total=total, successes=successes)
-
-        result = ingest_stage(source, dataset, options, on_progress=on_progress)
+    result = ingest_stage(source, dataset, options)
     _print_download_summary(result, f"ingest ({result.kind})")
     if result.unlisted_files:
         console().print(
@@ -323,218 +211,73 @@ def ingest(
         )
 
 
-# --- caption, filter (capfilt/caption.py, capfilt/filter.py) ---------------------------------
-class Decoding(str, Enum):
-    nucleus = "nucleus"
-    beam = "beam"
-    greedy = "greedy"
-
-
-class InferencePrecision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class ItmToken(str, Enum):
-    auto = "auto"
-    enc = "enc"
-    cls = "cls"
-
-
-InferencePrecisionOpt = Annotated[
-    InferencePrecision,
-    typer.Option(help="Weights and activations: auto is bf16 on GPU, fp32 on CPU."),
-]
-InferenceDeviceOpt = Annotated[
-    str, typer.Option(help="auto (this process's GPU under accelerate launch), cpu, cuda:N.")
-]
-DecodeWorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        help="Processes decoding JPEGs; 0: threads of the main process. "
-        "Default: 0 on CPU; on GPU the CPU cores less 2 (2 to 16).",
-    ),
-]
-FastDecodeOpt = Annotated[
-    bool,
-    typer.Option(
-        help="Decode JPEGs at 1/2, 1/4 or 1/8 scale when the model's input is that small: "
-        "much faster, pixels slightly different from the full decode + resize."
-    ),
-]
-GpuDecodeOpt = Annotated[
-    bool,
-    typer.Option(
-        help="Decode plain JPEGs on the model's device with torchvision (nvJPEG on a GPU) and "
-        "resize them there; other images take the PIL path. Needs torchvision."
-    ),
-]
-OverwriteShardsOpt = Annotated[
-    bool, typer.Option(help="Redo shards that are already done instead of skipping them.")
-]
-
-
-class Engine(str, Enum):
-    fast = "fast"
-    hf = "hf"
-
-
-EngineOpt = Annotated[
-    Engine,
-    typer.Option(
-        help="fast: SDPA, image keys/values once per image, no per-token syncs; "
-        "hf: the plain transformers modules (the reference)."
-    ),
-]
-
-
+# --- caption, filter (capfilt/stages/caption.py, filter.py) -----------------------------------
 @command()
-def caption(
-    dataset: DatasetArg,
-    model: Annotated[
-        str, typer.Option(help="BLIP captioner: hub id or local directory (safetensors).")
-    ] = "Salesforce/blip-image-captioning-large",
-    num_captions: Annotated[int, typer.Option(help="Synthetic captions per image.")] = 1,
-    decoding: Annotated[
-        Decoding, typer.Option(help="nucleus sampling (CapFilt), beam search, or greedy.")
-    ] = Decoding.nucleus,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling probability mass.")] = 0.9,
-    min_length: Annotated[int, typer.Option(help="Minimum tokens, prompt included.")] = 5,
-    max_length: Annotated[int, typer.Option(help="Maximum tokens, prompt included.")] = 20,
-    repetition_penalty: Annotated[
-        float, typer.Option(help="Penalty on tokens already generated (1.0: none).")
-    ] = 1.1,
-    num_beams: Annotated[int, typer.Option(help="Beams for --decoding beam.")] = 3,
-    prompt: Annotated[
-        str, typer.Option(help="Text the decoder starts from; stripped from the captions.")
-    ] = "a picture of ",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    precision: InferencePrecisionOpt = InferencePrecision.auto,
-    device: InferenceDeviceOpt = "auto",
-    seed: Annotated[
-        int, typer.Option(help="Sampling seed; each caption's seed derives from it and the key.")
-    ] = 0,
-    workers: DecodeWorkersOpt = None,
-    engine: EngineOpt = Engine.fast,
-    cuda_graphs: Annotated[
-        bool,
-        typer.Option(
-            help="GPU, fast engine: replay each decoding step as a CUDA graph (fewer launches)."
-        ),
-    ] = False,
-    fast_decode: FastDecodeOpt = False,
-    gpu_decode: GpuDecodeOpt = False,
-    overwrite: OverwriteShardsOpt = False,
-):
+@with_options(CaptionOptions)
+def caption(dataset: DatasetArg, options: CaptionOptions):
     """Write synthetic captions of every downloaded image to captions/ (BLIP, nucleus sampling).
 
-    Works shard by shard and skips finished shards; under `accelerate launch -m capfilt
-    caption ...` each process takes its own shards.
+    Works shard by shard and skips the shards already captioned with these options; shards
+    captioned with other options are refused unless --overwrite. Under `accelerate launch -m
+    capfilt caption ...` each process takes its own shards.
 
     Example: capfilt caption ds --num-captions 3 --batch-size 64
     """
-    from capfilt.stages.caption import CaptionConfig, caption_dataset
+    from capfilt.stages.caption import caption_dataset
 
-    config = CaptionConfig(
-        model=model,
-        num_captions=num_captions,
-        decoding=decoding.value,
-        top_p=top_p,
-        min_length=min_length,
-        max_length=max_length,
-        repetition_penalty=repetition_penalty,
-        num_beams=num_beams,
-        prompt=prompt,
-        batch_size=batch_size,
-        precision=precision.value,
-        device=device,
-        seed=seed,
-        num_workers=workers,
-        engine=engine.value,
-        cuda_graphs=cuda_graphs,
-        fast_decode=fast_decode,
-        gpu_decode=gpu_decode,
-        overwrite=overwrite,
-    )
-    result = caption_dataset(dataset, config)
+    result = caption_dataset(dataset, options)
     if not _is_main_process():
         return
+    run = result.run
+    model = result.model
     rows = [
-        ("shards captioned", f"{result.shards_done}"),
-        ("shards skipped (done before)", f"{result.shards_skipped}"),
+        ("shards captioned", f"{run.shards_done}"),
+        ("shards skipped (done before)", f"{run.shards_skipped}"),
         ("images", f"{result.images}"),
         ("captions written", f"{result.captions}"),
         ("errors (undecodable images)", f"{result.errors}"),
         ("images/s", f"{result.images_per_second:,.1f}"),
-        ("model", f"{result.model} @ {result.revision or '-'}"),
+        ("model", f"{model.get('id')} @ {model.get('revision') or '-'}"),
     ]
+    _print_stage_notes(run)
     _print_summary("caption", rows)
 
 
 @command(name="filter")
-def filter_(
-    dataset: DatasetArg,
-    threshold: Annotated[
-        float, typer.Option(help="Keep pairs whose ITM match probability is at least this.")
-    ],
-    model: Annotated[
-        str, typer.Option(help="BLIP ITM filter: hub id or local directory (safetensors).")
-    ] = "Salesforce/blip-itm-large-coco",
-    itm_token: Annotated[
-        ItmToken,
-        typer.Option(help="First text token for ITM: [ENC] as BLIP trained, or [CLS] as HF."),
-    ] = ItmToken.auto,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    max_text_tokens: Annotated[int, typer.Option(help="Longer captions are truncated.")] = 35,
-    precision: InferencePrecisionOpt = InferencePrecision.auto,
-    device: InferenceDeviceOpt = "auto",
-    workers: DecodeWorkersOpt = None,
-    engine: EngineOpt = Engine.fast,
-    fast_decode: FastDecodeOpt = False,
-    gpu_decode: GpuDecodeOpt = False,
-    overwrite: OverwriteShardsOpt = False,
-):
+@with_options(FilterOptions)
+def filter_(dataset: DatasetArg, options: FilterOptions):
     """Score web and synthetic captions with BLIP ITM/ITC into scores/, keep the good ones.
 
-    Pairs with ITM probability ≥ threshold go to curated/. Running it again with another
-    threshold re-derives curated/ from scores/ without loading the model.
+    Pairs with ITM probability ≥ threshold go to curated/, switched in whole. Running it again
+    with another threshold re-derives curated/ from scores/ without loading the model.
 
     Example: capfilt filter ds --threshold 0.5
     """
-    from capfilt.stages.filter import FilterConfig, filter_dataset
+    from capfilt.stages.filter import filter_dataset
 
-    config = FilterConfig(
-        threshold=threshold,
-        model=model,
-        itm_token=itm_token.value,
-        batch_size=batch_size,
-        precision=precision.value,
-        device=device,
-        num_workers=workers,
-        max_text_tokens=max_text_tokens,
-        engine=engine.value,
-        fast_decode=fast_decode,
-        gpu_decode=gpu_decode,
-        overwrite=overwrite,
-    )
-    result = filter_dataset(dataset, config)
+    result = filter_dataset(dataset, options)
     if not _is_main_process():
         return
+    scored = result.scored
     rows = [
-        ("shards scored", f"{result.shards_scored}"),
-        ("shards skipped (scored before)", f"{result.shards_skipped}"),
-        ("images scored", f"{result.images}"),
-        ("pairs scored", f"{result.pairs}"),
-        ("errors (undecodable images)", f"{result.errors}"),
+        ("shards scored", f"{scored.shards_done}"),
+        ("shards skipped (scored before)", f"{scored.shards_skipped}"),
+        ("images scored", f"{scored.counts.get('images', 0)}"),
+        ("pairs scored", f"{scored.counts.get('pairs', 0)}"),
+        ("errors (undecodable images)", f"{scored.counts.get('errors', 0)}"),
     ]
     if result.rescored:
-        rows.append(("model", f"{result.model} @ {result.revision or '-'}"))
+        model = result.model
+        rows.append(("model", f"{model.get('id')} @ {model.get('revision') or '-'}"))
         rows.append(("ITM token", f"{result.itm_token}"))
     else:
         rows.append(("model", "not loaded: curated/ re-derived from scores/"))
+    curated = result.curated
+    if curated.plan.generation is not None:
+        rows.append(("curated/", f"generation {curated.plan.generation} switched in"))
+    else:
+        rows.append(("curated/", "up to date (same threshold and scores)"))
+    _print_stage_notes(scored)
     _print_summary(f"filter, threshold {result.threshold:g}", rows)
 
     from rich.table import Table
@@ -545,6 +288,27 @@ def filter_(
         mean_itc = "-" if s.mean_itc is None else f"{s.mean_itc:.3f}"
         table.add_row(source, f"{s.scored}", f"{s.kept}", mean_itm, mean_itc)
     console().print(table)
+
+
+def _print_stage_notes(run) -> None:
+    """What the runner did beyond the usual: stale shards redone, orphans removed."""
+    from capfilt.stages.provenance import STALE, shard_list
+
+    stale = [s for s in run.plan.todo if run.plan.checks[s].state == STALE]
+    if stale and not run.plan.overwrite:
+        why = run.plan.checks[stale[0]].why
+        console().print(
+            f"[yellow]redone:[/] {len(stale)} stale shards ({shard_list(stale)}): ",
+            why,
+            sep="",
+            soft_wrap=True,
+            markup=True,
+        )
+    if run.plan.orphans:
+        console().print(
+            f"[yellow]removed:[/] {len(run.plan.orphans)} shards whose input shard is gone "
+            f"({shard_list(run.plan.orphans)})"
+        )
 
 
 def _is_main_process() -> bool:
@@ -571,7 +335,7 @@ def report(
     threshold: Annotated[
         float | None,
         typer.Option(
-            help="ITM threshold to report at; defaults to the last filter run's, else 0.5.",
+            help="ITM threshold to report at; defaults to the one curated/ was made at, else 0.5.",
             min=0.0,
             max=1.0,
         ),
@@ -610,31 +374,19 @@ def report(
 
 
 @command("export-data")
-def export_data(
-    dataset: DatasetArg,
-    out: Annotated[str, typer.Option("--out", help="Folder to write (local path or fsspec URL).")],
-    format: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="parquet (self-contained shards), webdataset (tar shards: KEY_TEXTID.jpg/.txt/"
-            ".json per curated pair) or hf (datasets.save_to_disk folder with an Image column).",
-        ),
-    ] = "parquet",
-    overwrite: Annotated[bool, typer.Option(help="Replace what --out already holds.")] = False,
-):
+@with_options(ExportOptions)
+def export_data(dataset: DatasetArg, options: ExportOptions):
     """Export the curated pairs with their images for training code.
+
+    The export is written beside --out and put in place whole when done (a killed run resumes);
+    --out must be new, empty, or an earlier export (replaced only with --overwrite).
 
     Example: capfilt export-data ds --format webdataset --out ds-wds
     """
     from capfilt.core.layout import Dataset
-    from capfilt.stages.export_data import ExportFormat
     from capfilt.stages.export_data import export_data as run_export
 
-    formats = [f.value for f in ExportFormat]
-    if format not in formats:
-        raise CapfiltError(f"--format must be one of {', '.join(formats)}, got {format!r}")
-    result = run_export(Dataset(dataset), format, out, overwrite=overwrite)
+    result = run_export(Dataset(dataset), options.format, options.out, overwrite=options.overwrite)
     console().print(
         f"exported {result.pairs:,} pairs of {result.images:,} images as {result.format} "
         f"({result.shards} shards) to {result.out}",
@@ -646,6 +398,59 @@ def export_data(
             f"bytes in images/ and were not exported (e.g. key {result.missing_images[0]})",
             soft_wrap=True,
         )
+
+
+# --- status (capfilt/stages/status.py) ----------------------------------------------------------
+@command()
+def status(
+    dataset: DatasetArg,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+):
+    """Show each stage's shards as done, stale or pending, and why.
+
+    A shard is done when its provenance matches its file and the input shards it was made from
+    are still there, unchanged; stale shards name what changed (re-fetched images, re-written
+    captions, other options). Nothing is written.
+
+    Example: capfilt status ds
+    """
+    from capfilt.stages.status import dataset_status
+
+    result = dataset_status(dataset)
+    if json_output:
+        import json
+
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print_status(result)
+
+
+def print_status(result) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from capfilt.stages.provenance import shard_list
+
+    out = console()
+    table = Table("folder", "shards", "done", "stale", "pending", "", title=result.dataset)
+    for folder in result.folders:
+        if not folder.shards and not folder.orphans:
+            table.add_row(f"{folder.folder}/", "-", "", "", "", "not run")
+            continue
+        table.add_row(
+            f"{folder.folder}/",
+            str(folder.shards),
+            str(len(folder.done)),
+            str(len(folder.stale)) if folder.stale else "",
+            str(len(folder.pending)) if folder.pending else "",
+            Text(folder.note),
+        )
+    out.print(table)
+    for folder in result.folders:
+        for reason, shards in folder.reasons.items():
+            out.print(Text(f"{folder.folder}/ {shard_list(shards)} {reason}"), soft_wrap=True)
+    if all(f.up_to_date for f in result.folders):
+        out.print("every stage is up to date")
 
 
 # --- query ---------------------------------------------------------------------------------

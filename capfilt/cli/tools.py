@@ -368,7 +368,7 @@ def print_demo_figures(figures, out_dir: Path, seconds: float) -> None:
             )
         out.print(table)
     out.print(
-        f"done in {seconds / 60:.1f} min; report: {out_dir}/web/reports/report.html; "
+        f"done in {seconds / 60:.1f} min; report: {figures.report}; "
         f'explore: capfilt query {out_dir}/web "select * from scores limit 5"',
         soft_wrap=True,
     )

@@ -1,15 +1,21 @@
-"""The dataset folder: stage paths, shard discovery, done/pending shards and the manifest.
+"""The dataset folder: stage folders, shards, generations and the manifest.
 
 A DATASET is a folder (local path or any fsspec URL):
 
-    capfilt.json            manifest: source and every stage run
-    images/00000.parquet    img2dataset's schema (+ 00000_stats.json)
-    captions/00000.parquet  one row per synthetic caption
-    scores/00000.parquet    ITM/ITC score of every web and synthetic caption
-    curated/00000.parquet   the kept pairs
-    reports/
+    capfilt.json                    manifest: source and every stage run
+    images/00000.parquet            img2dataset's schema (+ 00000_stats.json)
+    captions/00000.parquet          one row per synthetic caption
+    scores/00000.parquet            ITM/ITC score of every web and synthetic caption
+    curated/current.json            which generation of curated/ readers see
+    curated/gen-000002/00000.parquet   the kept pairs of that generation
+    reports/current.json, reports/gen-000001/report.html, summary.json
 
+Every shard has its provenance beside it (_provenance/00000.json, see stages/provenance.py).
 Shards are aligned by number across folders; a shard file appears only when complete.
+
+Outputs that a run replaces as a whole (curated/, reports/) are generations: a new one is
+written beside the current one and switched in by rewriting current.json, one atomic write,
+so a reader that resolved the folder once (`Dataset.folder`) sees one whole generation.
 """
 
 from __future__ import annotations
@@ -27,8 +33,14 @@ from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError, StageNotRunError
 
 STAGES = ("images", "captions", "scores", "curated")
+# Folders replaced as a whole, in generations (see the module docstring).
+GENERATIONAL = frozenset({"curated", "reports"})
 MANIFEST = "capfilt.json"
+CURRENT = "current.json"
+# Beside the shards, in a folder that pyarrow and datasets skip when they read a folder.
+PROVENANCE_DIR = "_provenance"
 _SHARD_FILE = re.compile(r"^(\d{5,})\.parquet$")
+_GENERATION = re.compile(r"^gen-(\d{6,})$")
 
 
 def shard_name(shard: int) -> str:
@@ -65,16 +77,14 @@ class Dataset:
         return f"{protocol}://" + "/".join([self.path, *parts])
 
     def stage_dir(self, stage: str) -> str:
-        return self.join(stage)
+        """The folder of `stage`; for a generational stage, its current generation's folder."""
+        return self.folder(stage).path
 
     def shard_path(self, stage: str, shard: int) -> str:
-        return self.join(stage, f"{shard_name(shard)}.parquet")
+        return self.folder(stage).shard_path(shard)
 
     def stats_path(self, stage: str, shard: int) -> str:
         return self.join(stage, f"{shard_name(shard)}_stats.json")
-
-    def reports_dir(self) -> str:
-        return self.join("reports")
 
     # checks --------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -95,17 +105,70 @@ class Dataset:
             ) from e
 
     # shards --------------------------------------------------------------------------------
-    def shards(self, stage: str) -> list[int]:
-        """Numbers of the complete shard files of `stage`, sorted."""
-        folder = self.stage_dir(stage)
+    def folder(self, stage: str) -> StageFolder:
+        """The folder a reader of `stage` sees, resolved once: for a generational stage its
+        current generation, which stays whole while a later run writes the next one."""
+        if stage not in GENERATIONAL:
+            return StageFolder(self, stage, self.join(stage))
+        record = self.generation_record(stage) or {}
+        folder = self.generation_folder(stage, int(record.get("generation", 0)))
+        folder.record = record
+        return folder
+
+    def generation_folder(self, stage: str, generation: int | None) -> StageFolder:
+        """Generation `generation` of a generational stage (0 or None: the flat legacy folder)."""
+        if not generation:
+            return StageFolder(self, stage, self.join(stage), generation=0)
+        name = f"gen-{generation:06d}"
+        return StageFolder(self, stage, self.join(stage, name), generation=generation)
+
+    def current_generation(self, stage: str) -> int:
+        """The generation readers see (0: none switched in yet, the flat folder if any)."""
+        record = self.generation_record(stage)
+        return int(record.get("generation", 0)) if record else 0
+
+    def generation_record(self, stage: str) -> dict | None:
+        """current.json of a generational stage: generation, run, options, time."""
+        path = self.join(stage, CURRENT)
+        try:
+            with self.fs.open(path, "rb") as f:
+                record = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CapfiltError(
+                f"{path} is not valid JSON ({e}); restore it, or delete {stage}/ and re-run "
+                "the stage that writes it"
+            ) from e
+        return record if isinstance(record, dict) else None
+
+    def generations(self, stage: str) -> list[int]:
+        """Numbers of the generation folders of `stage` (switched in or not), sorted."""
+        folder = self.join(stage)
         if not self.fs.exists(folder):
             return []
         found = []
         for entry in self.fs.ls(folder, detail=False):
-            m = _SHARD_FILE.match(entry.rstrip("/").rsplit("/", 1)[-1])
+            m = _GENERATION.match(entry.rstrip("/").rsplit("/", 1)[-1])
             if m:
                 found.append(int(m.group(1)))
         return sorted(found)
+
+    def switch_generation(self, stage: str, generation: int, record: dict) -> None:
+        """Make `generation` the one readers see (one atomic write), then remove every older
+        generation but the one just replaced, which a reader may still be reading."""
+        previous = self.current_generation(stage)
+        data = json.dumps(dict(record, generation=generation), indent=2, default=str).encode()
+        io.write_bytes_atomic(self.fs, self.join(stage, CURRENT), data)
+        for old in self.generations(stage):
+            if old not in (generation, previous):
+                self.fs.rm(self.generation_folder(stage, old).path, recursive=True)
+        if previous and self.generation_folder(stage, 0).shards():
+            self.generation_folder(stage, 0).remove_shards()  # the flat legacy layout
+
+    def shards(self, stage: str) -> list[int]:
+        """Numbers of the complete shard files of `stage` (current generation), sorted."""
+        return self.folder(stage).shards()
 
     def has_stage(self, stage: str) -> bool:
         return bool(self.shards(stage))
@@ -116,34 +179,26 @@ class Dataset:
             raise StageNotRunError(f"{self.root!r} has no {stage}/ shards yet; {hint}")
         return shards
 
-    def pending(self, source: str, target: str, overwrite: bool = False) -> list[int]:
-        """Shards of `source` whose `target` shard is missing (all of them with overwrite)."""
-        done = set() if overwrite else set(self.shards(target))
-        return [s for s in self.shards(source) if s not in done]
-
     def write_shard(self, stage: str, shard: int, table) -> str:
-        self.fs.makedirs(self.stage_dir(stage), exist_ok=True)
-        path = self.shard_path(stage, shard)
+        """Write one shard without provenance (tests and tools; stages go through the runner)."""
+        folder = self.folder(stage)
+        self.fs.makedirs(folder.path, exist_ok=True)
+        path = folder.shard_path(shard)
         io.write_table_atomic(self.fs, path, table)
         return path
 
     def read_shard(self, stage: str, shard: int, columns: list[str] | None = None):
-        return io.read_table(self.fs, self.shard_path(stage, shard), columns=columns)
+        return self.folder(stage).read_shard(shard, columns)
 
     def read_stage(self, stage: str, columns: list[str] | None = None):
-        import pyarrow as pa
-
-        tables = [self.read_shard(stage, s, columns) for s in self.shards(stage)]
-        return pa.concat_tables(tables) if tables else None
+        return self.folder(stage).read_all(columns)
 
     def remove_temp_files(self, stage: str) -> None:
-        """Delete temporary files a killed run left behind."""
-        folder = self.stage_dir(stage)
-        if not self.fs.exists(folder):
-            return
-        for entry in self.fs.ls(folder, detail=False):
-            if ".tmp-" in entry.rsplit("/", 1)[-1]:
-                self.fs.rm(entry, recursive=True)
+        """Delete temporary files a killed run left behind (in every generation's folder)."""
+        folders = [ShardFolder(self.fs, self.join(stage))]
+        folders += [self.generation_folder(stage, g) for g in self.generations(stage)]
+        for folder in folders:
+            folder.remove_temp_files()
 
     # manifest ------------------------------------------------------------------------------
     def read_manifest(self) -> dict:
@@ -207,13 +262,13 @@ class Dataset:
             if entry.rsplit("/", 1)[-1].startswith(prefix):
                 self.fs.rm(entry)
 
-    def record_run(self, stage: str, options: dict, counts: dict, **extra) -> dict:
+    def record_run(self, stage: str, options: dict, counts: dict | None = None, **extra) -> dict:
         """Append one stage run (command, options, versions, time, counts) to the manifest."""
         run = {
             "stage": stage,
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "options": options,
-            "counts": counts,
+            "counts": counts or {},
             "versions": package_versions(),
             **extra,
         }
@@ -238,3 +293,82 @@ def package_versions(
         except PackageNotFoundError:
             pass
     return found
+
+
+class ShardFolder:
+    """A folder of numbered shard files (NNNNN + suffix), each with its provenance beside it."""
+
+    def __init__(self, fs, path: str, suffix: str = ".parquet"):
+        self.fs, self.path, self.suffix = fs, path.rstrip("/"), suffix
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+    def shard_path(self, shard: int) -> str:
+        return f"{self.path}/{shard_name(shard)}{self.suffix}"
+
+    def provenance_path(self, shard: int) -> str:
+        return f"{self.path}/{PROVENANCE_DIR}/{shard_name(shard)}.json"
+
+    def fingerprint(self, shard: int, path: str | None = None) -> str | None:
+        """The fingerprint of a shard file (core/parquet.py), None if there is none."""
+        path = path or self.shard_path(shard)
+        if self.suffix == ".parquet":
+            return io.file_fingerprint(self.fs, path)
+        return io.content_fingerprint(self.fs, path)
+
+    def shards(self) -> list[int]:
+        """Numbers of the complete shard files, sorted."""
+        if not self.fs.exists(self.path):
+            return []
+        pattern = re.compile(r"^(\d{5,})" + re.escape(self.suffix) + "$")
+        found = []
+        for entry in self.fs.ls(self.path, detail=False):
+            m = pattern.match(entry.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def remove_shard(self, shard: int) -> None:
+        """Remove one shard file, its provenance and its stats file (img2dataset's)."""
+        stats = f"{self.path}/{shard_name(shard)}_stats.json"
+        for path in (self.shard_path(shard), self.provenance_path(shard), stats):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def remove_shards(self) -> None:
+        """Remove this folder's shard files and their provenance, nothing else."""
+        for shard in self.shards():
+            self.remove_shard(shard)
+
+    def remove_temp_files(self) -> None:
+        """Delete the temporary files a killed writer left (shards and provenance)."""
+        for folder in (self.path, f"{self.path}/{PROVENANCE_DIR}"):
+            if not self.fs.exists(folder):
+                continue
+            for entry in self.fs.ls(folder, detail=False):
+                if ".tmp-" in entry.rsplit("/", 1)[-1]:
+                    self.fs.rm(entry, recursive=True)
+
+
+class StageFolder(ShardFolder):
+    """The Parquet shards of one stage folder, or of one generation of a generational stage."""
+
+    def __init__(self, dataset: Dataset, stage: str, path: str, generation: int | None = None):
+        super().__init__(dataset.fs, path)
+        self.dataset, self.stage, self.generation = dataset, stage, generation
+        self.record: dict = {}  # a generation's current.json, as resolved
+
+    def url(self, shard: int) -> str:
+        """A path of one shard that DuckDB can open."""
+        relative = self.path[len(self.dataset.path) + 1 :]
+        return self.dataset.url(*relative.split("/"), f"{shard_name(shard)}.parquet")
+
+    def read_shard(self, shard: int, columns: list[str] | None = None):
+        return io.read_table(self.fs, self.shard_path(shard), columns=columns)
+
+    def read_all(self, columns: list[str] | None = None):
+        import pyarrow as pa
+
+        tables = [self.read_shard(s, columns) for s in self.shards()]
+        return pa.concat_tables(tables) if tables else None

@@ -1,45 +1,54 @@
-"""Parquet shards: the schemas of every stage folder, and whole-or-nothing writes."""
+"""Parquet shards: the schemas of every stage folder, whole-or-nothing writes, fingerprints.
+
+A shard's fingerprint is the SHA-256 of its Parquet footer: row counts, byte sizes and
+statistics of every column chunk, and the key-value metadata. Every file capfilt writes
+carries a unique write id in that metadata, so two writes never share a fingerprint, and
+reading it costs one small ranged read whatever the shard's size (`capfilt status` on a
+million shards stays cheap). A file written by another tool is told apart by its footer alone.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 # images/ follows img2dataset's parquet schema (plus any extra input columns), so it is not
-# fixed here; these are the folders capfilt itself writes.
-CAPTIONS_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("caption_id", pa.int32()),
-        ("text", pa.string()),
-        ("model", pa.string()),
-        ("status", pa.string()),
-        ("error_message", pa.string()),
-    ]
-)
-SCORES_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("text_id", pa.int32()),
-        ("source", pa.string()),
-        ("text", pa.string()),
-        ("itm_score", pa.float32()),
-        ("itc_score", pa.float32()),
-        ("model", pa.string()),
-    ]
-)
-CURATED_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("text_id", pa.int32()),
-        ("source", pa.string()),
-        ("text", pa.string()),
-        ("itm_score", pa.float32()),
-    ]
-)
-SCHEMAS = {"captions": CAPTIONS_SCHEMA, "scores": SCORES_SCHEMA, "curated": CURATED_SCHEMA}
+# fixed here; these are the folders capfilt itself writes. Built on first use (module
+# __getattr__), so that `capfilt --help` does not import pyarrow.
+_SCHEMAS = {
+    "CAPTIONS_SCHEMA": [
+        ("key", "string"),
+        ("caption_id", "int32"),
+        ("text", "string"),
+        ("model", "string"),
+        ("status", "string"),
+        ("error_message", "string"),
+    ],
+    "SCORES_SCHEMA": [
+        ("key", "string"),
+        ("text_id", "int32"),
+        ("source", "string"),
+        ("text", "string"),
+        ("itm_score", "float32"),
+        ("itc_score", "float32"),
+        ("model", "string"),
+    ],
+    "CURATED_SCHEMA": [
+        ("key", "string"),
+        ("text_id", "int32"),
+        ("source", "string"),
+        ("text", "string"),
+        ("itm_score", "float32"),
+    ],
+}
+
+
+def __getattr__(name: str):
+    if name in _SCHEMAS:
+        import pyarrow as pa
+
+        return pa.schema([(column, getattr(pa, kind)()) for column, kind in _SCHEMAS[name]])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def temp_name(path: str) -> str:
@@ -48,13 +57,35 @@ def temp_name(path: str) -> str:
     return f"{head}/.{tail}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def write_table_atomic(fs, path: str, table: pa.Table) -> None:
-    """Write `table` to `path` so that readers see the whole file or no file."""
+WRITE_ID = b"capfilt.write_id"
+
+
+def with_write_id(schema):
+    """`schema` with a fresh write id in its metadata, which the file's footer will carry."""
+    return schema.with_metadata({**(schema.metadata or {}), WRITE_ID: uuid.uuid4().hex.encode()})
+
+
+def write_table_atomic(fs, path: str, table, before_rename=None) -> str:
+    """Write `table` to `path` so that readers see the whole file or no file.
+
+    `before_rename(fingerprint)` runs once the file is complete under its temporary name (the
+    stage runner writes the shard's provenance there). Returns the file's fingerprint.
+    """
+    import pyarrow.parquet as pq
+
     tmp = temp_name(path)
     try:
         with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(
+                table.replace_schema_metadata(with_write_id(table.schema).metadata),
+                f,
+                compression="zstd",
+            )
+        fingerprint = file_fingerprint(fs, tmp)
+        if before_rename is not None:
+            before_rename(fingerprint)
         fs.mv(tmp, path)
+        return fingerprint
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
@@ -74,12 +105,68 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
         raise
 
 
-def read_table(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+def read_table(fs, path: str, columns: list[str] | None = None):
+    import pyarrow.parquet as pq
+
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)
 
 
-def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+def read_table_and_fingerprint(fs, path: str, columns: list[str] | None = None):
+    """(table, fingerprint) of one file, both from the same open handle: the fingerprint is of
+    exactly the bytes that were read, even if the file is replaced meanwhile."""
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        fingerprint = _footer_fingerprint(f)
+        f.seek(0)
+        return pq.read_table(f, columns=columns), fingerprint
+
+
+def file_fingerprint(fs, path: str) -> str | None:
+    """The fingerprint of a Parquet file (see the module docstring), None if there is none."""
+    try:
+        with fs.open(path, "rb") as f:
+            return _footer_fingerprint(f)
+    except FileNotFoundError:
+        return None
+
+
+def content_fingerprint(fs, path: str) -> str | None:
+    """SHA-256 of a whole file's bytes (for files that are not Parquet), None if it is gone."""
+    digest = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return "sha256:" + digest.hexdigest()
+
+
+def bytes_fingerprint(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _footer_fingerprint(f) -> str:
+    size = f.seek(0, 2)
+    if size < 12:
+        raise ValueError("not a Parquet file (too short)")
+    f.seek(size - 8)
+    tail = f.read(8)
+    if tail[4:] != b"PAR1":
+        raise ValueError("not a Parquet file (no PAR1 footer)")
+    length = int.from_bytes(tail[:4], "little")
+    if length > size - 12:
+        raise ValueError("not a Parquet file (footer longer than the file)")
+    f.seek(size - 8 - length)
+    footer = f.read(length)
+    return "sha256:" + hashlib.sha256(footer + size.to_bytes(8, "little")).hexdigest()
+
+
+def rows_to_table(rows: list[dict], schema):
     """Build a table with exactly `schema`'s columns from a list of row dicts."""
+    import pyarrow as pa
+
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     return pa.table(columns, schema=schema)

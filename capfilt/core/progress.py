@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 
-def image_progress(total: int, description: str, enabled: bool = True):
-    """A rich progress bar over images, with the rate in images/s and the time left."""
+def image_progress(total: int, description: str, enabled: bool = True, unit: str = "images"):
+    """A rich progress bar over `unit`s (images, shards), with the rate and the time left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -15,13 +15,13 @@ def image_progress(total: int, description: str, enabled: bool = True):
         TimeRemainingColumn,
     )
 
-    return _ImageProgress(
+    return _Progress(
         Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.fields[rate]} img/s"),
+            TextColumn("{task.fields[rate]} " + ("img" if unit == "images" else unit) + "/s"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
@@ -33,7 +33,7 @@ def image_progress(total: int, description: str, enabled: bool = True):
     )
 
 
-class _ImageProgress:
+class _Progress:
     def __init__(self, progress, total: int, description: str):
         self.progress = progress
         self.task = progress.add_task(description, total=total, rate="-")
@@ -45,7 +45,7 @@ class _ImageProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def advance(self, images: int) -> None:
-        self.progress.advance(self.task, images)
+    def advance(self, done: int) -> None:
+        self.progress.advance(self.task, done)
         speed = self.progress.tasks[self.task].speed
         self.progress.update(self.task, rate=f"{speed:,.1f}" if speed else "-")

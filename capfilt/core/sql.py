@@ -15,18 +15,23 @@ STAGE_HINTS = {
 }
 
 
-def connect(dataset: Dataset, with_images: bool = False):
-    """A DuckDB connection with one view per stage folder that has shards."""
+def connect(dataset: Dataset, with_images: bool = False, folders: dict | None = None):
+    """A DuckDB connection with one view per stage folder that has shards.
+
+    `folders`: stage -> StageFolder already resolved (`Dataset.folder`), so that several
+    connections and other readers of one command see the same generation of curated/.
+    """
     import duckdb
 
     con = duckdb.connect()
     if not dataset.is_local:
         con.register_filesystem(dataset.fs)
     for stage in STAGES:
-        shards = dataset.shards(stage)
+        folder = (folders or {}).get(stage) or dataset.folder(stage)  # one generation
+        shards = folder.shards()
         if not shards:
             continue
-        files = [dataset.url(stage, f"{s:05d}.parquet") for s in shards]
+        files = [folder.url(s) for s in shards]
         file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
         exclude = " EXCLUDE (jpg)" if stage == "images" and not with_images else ""
         try:

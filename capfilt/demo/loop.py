@@ -35,6 +35,7 @@ from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.demo import toyweb
 from capfilt.stages.query import run_query
+from capfilt.stages.report import read_summary, report_file
 
 TOY_DIR = "toy"
 DATASET_DIR = "web"
@@ -145,6 +146,7 @@ class DemoFigures:
     synthetic_correct: float | None = None  # fraction of synthetic captions equal to the truth
     retrieval: dict[str, dict] = field(default_factory=dict)  # label → evaluate's JSON
     kept: dict[str, int] = field(default_factory=dict)  # curated pairs by source
+    report: str | None = None  # where the HTML report is
 
 
 def demo_figures(root: str | os.PathLike, samples: int = 8) -> DemoFigures:
@@ -153,9 +155,9 @@ def demo_figures(root: str | os.PathLike, samples: int = 8) -> DemoFigures:
 
     root = Path(root)
     dataset = Dataset(str(root / DATASET_DIR))
-    summary_file = root / DATASET_DIR / "reports" / "summary.json"
-    truth = json.loads(summary_file.read_text()).get("truth") if summary_file.exists() else None
-    figures = DemoFigures(truth)
+    summary = read_summary(dataset)
+    truth = summary.get("truth") if summary else None
+    figures = DemoFigures(truth, report=report_file(dataset) if summary else None)
     if dataset.has_stage("captions"):
         _, rows = run_query(
             dataset,

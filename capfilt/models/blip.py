@@ -65,7 +65,7 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> ModelSource:
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         path = path.resolve()
-        return ModelSource(model, path, _snapshot_revision(path) or str(path))
+        return ModelSource(model, path, _snapshot_revision(path) or content_revision(path))
     if _looks_like_path(model):
         raise CapfiltError(
             f"model directory {model!r} does not exist; pass a Hugging Face BLIP checkpoint "
@@ -75,8 +75,46 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> ModelSource:
     return ModelSource(model, folder, _snapshot_revision(folder) or revision or "unknown")
 
 
+def local_revision(model: str) -> str | None:
+    """The revision of `model` if it is on this machine (a folder, or in the hub cache), without
+    downloading anything; None when it is not here."""
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        path = path.resolve()
+        return _snapshot_revision(path) or content_revision(path)
+    if _looks_like_path(model):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(model, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache
+        return None
+    return _snapshot_revision(Path(folder))
+
+
+def model_name(model: str) -> str:
+    """`model` as recorded: a local folder as its absolute path, a hub id as given."""
+    path = Path(os.path.expanduser(model))
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") != 1
+
+
+def content_revision(path: Path) -> str:
+    """A revision for a local checkpoint folder: a hash of every file in it (weights, config,
+    tokenizer), so that other weights under the same path are another revision."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 23):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def _snapshot_revision(path: Path) -> str | None:
@@ -199,6 +237,7 @@ def model_record(model, model_id: str) -> dict:
     return dict(
         id=model.source.model_id,
         revision=model.source.revision,
+        path=str(model.source.path),
         device=str(model.device),
         dtype=dtype_name(model.dtype),
         engine=model.engine,

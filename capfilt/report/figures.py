@@ -14,7 +14,7 @@ import io as _io
 import re
 
 from capfilt.core.errors import CapfiltError
-from capfilt.core.layout import STAGES, Dataset
+from capfilt.core.layout import STAGES, Dataset, StageFolder
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -39,31 +39,27 @@ EXAMPLE_GROUPS = (
 )
 
 
-def resolve_threshold(dataset: Dataset, threshold: float | None) -> tuple[float, str]:
-    """The threshold to report at, and where it came from ('option', 'filter run', 'default')."""
+def resolve_threshold(curated: StageFolder, threshold: float | None) -> tuple[float, str]:
+    """The threshold to report at, and where it came from ('option', 'curated/', 'default')."""
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
             raise CapfiltError(
                 f"--threshold must be an ITM probability between 0 and 1, got {threshold}"
             )
         return float(threshold), "option"
-    filter_threshold = last_filter_threshold(dataset)
-    if filter_threshold is not None:
-        return filter_threshold, "filter run"
+    kept_at = curated_threshold(curated)
+    if kept_at is not None:
+        return kept_at, "curated/"
     return DEFAULT_THRESHOLD, "default"
 
 
-def last_filter_threshold(dataset: Dataset) -> float | None:
-    """`options.threshold` of the last filter run in the manifest, if there is one."""
-    runs = dataset.read_manifest().get("runs") or []
-    for run in reversed(runs):
-        if isinstance(run, dict) and run.get("stage") == "filter":
-            value = (run.get("options") or {}).get("threshold")
-            try:
-                return float(value) if value is not None else None
-            except (TypeError, ValueError):
-                return None
-    return None
+def curated_threshold(curated: StageFolder) -> float | None:
+    """The threshold a generation of curated/ was made at, if it records one."""
+    value = (curated.record.get("options") or {}).get("threshold")
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 # img2dataset stores the exception text; group messages that differ only in URL or numbers.
@@ -114,15 +110,21 @@ def rate(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
 
 
-def collect_summary(dataset: Dataset, threshold: float, threshold_origin: str, con) -> dict:
-    """Every figure of the report, as a JSON-ready dict (this is reports/summary.json)."""
-    stages = {stage: dataset.shards(stage) for stage in STAGES}
+def collect_summary(
+    dataset: Dataset, threshold: float, threshold_origin: str, con, folders: dict
+) -> dict:
+    """Every figure of the report, as a JSON-ready dict (this is reports/summary.json).
+
+    `folders`: the stage folders `con`'s views read (one generation of curated/).
+    """
+    stages = {stage: folders[stage].shards() for stage in STAGES}
     summary: dict = {
         "dataset": dataset.root,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threshold": threshold,
         "threshold_origin": threshold_origin,
-        "filter_threshold": last_filter_threshold(dataset),
+        "filter_threshold": curated_threshold(folders["curated"]),
+        "curated_generation": folders["curated"].generation,
         "stages": {
             stage: {"shards": len(shards), "rows": 0, "images": 0}
             for stage, shards in stages.items()

@@ -371,9 +371,15 @@ class SafeDownloader:
 
     @classmethod
     def wrapping(cls, policy: DownloadPolicy, **downloader_args) -> SafeDownloader:
-        """Build img2dataset's Downloader from its keyword arguments, and wrap it."""
+        """Build img2dataset's Downloader from its keyword arguments, and wrap it. Its Parquet
+        shards carry a write id (sources/writers.py)."""
         from img2dataset.downloader import Downloader
+        from img2dataset.writer import ParquetSampleWriter
 
+        from capfilt.sources.writers import WriteIdParquetSampleWriter
+
+        if downloader_args.get("sample_writer_class") is ParquetSampleWriter:
+            downloader_args["sample_writer_class"] = WriteIdParquetSampleWriter
         return cls(Downloader(**downloader_args), policy)
 
     def __call__(self, row):

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
+from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError
 
 URL_LIST_FORMATS = ("csv", "tsv", "parquet", "jsonl", "json", "txt")
@@ -45,6 +46,7 @@ class UrlList:
     skipped_columns: list[str] = field(default_factory=list)
     temp_dir: str | None = None
     invalid_utf8_values: int = 0  # text values whose invalid UTF-8 bytes became U+FFFD
+    fingerprint: str | None = None  # of the list's bytes: a changed list is another source
 
     @property
     def rows(self) -> int:
@@ -145,9 +147,11 @@ def read_url_list(url_list: str, options: ListColumns) -> UrlList:
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
+    digests = [io.content_fingerprint(fs, file) for file in files]
     listing = UrlList(url_list, fmt, out_files, rows_per_file, columns or [], "url", None, [])
     listing.temp_dir = temp_dir
     listing.invalid_utf8_values = invalid_utf8
+    listing.fingerprint = io.bytes_fingerprint("\n".join(digests).encode())
     try:
         _choose_columns(listing, options)
         if listing.rows == 0:

@@ -3,90 +3,88 @@
 For each images/ shard, the images with status `success` are decoded, batched through the
 captioner and written as captions/ rows (one per synthetic caption) in one whole shard file.
 An image that cannot be decoded becomes one row with status `error`; failed downloads are
-already rows in images/ and get none.
+already rows in images/ and get none. The stage runner (stages/runner.py) does the rest:
+which shards are done for these options, resume, provenance, processes, the manifest.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from capfilt.core import distributed
 from capfilt.core import parquet as io
-from capfilt.core.ahead import ordered_map
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
-from capfilt.core.progress import image_progress
-from capfilt.images.batches import (
-    ShardImages,
-    count_successful,
-    recorded_options,
-    stage_batches,
-    successful_images,
-)
-from capfilt.models.blip import DEFAULT_CAPTIONER, PRECISIONS, check_engine, model_record
+from capfilt.core.options import Options, option
+from capfilt.images.batches import ShardImages, stage_batches, successful_images
+from capfilt.models.blip import DEFAULT_CAPTIONER
 from capfilt.models.sampling import caption_seed
+from capfilt.stages.inference import (
+    ModelStage,
+    batch_size_option,
+    device_option,
+    engine_option,
+    fast_decode_option,
+    gpu_decode_option,
+    overwrite_option,
+    precision_option,
+    workers_option,
+)
+from capfilt.stages.runner import StageRun, run_stage
 
 DECODINGS = ("nucleus", "beam", "greedy")
 
 
-@dataclass(frozen=True)
-class CaptionConfig:
+@dataclass(frozen=True, kw_only=True)
+class CaptionOptions(Options):
     """Options of `capfilt caption`; the defaults are CapFilt's (nucleus sampling, top-p 0.9)."""
 
-    model: str = DEFAULT_CAPTIONER
-    num_captions: int = 1
-    decoding: str = "nucleus"
-    top_p: float = 0.9
+    model: str = option(
+        DEFAULT_CAPTIONER, "BLIP captioner: hub id or local directory (safetensors)."
+    )
+    num_captions: int = option(1, "Synthetic captions per image.", ge=1, output=True)
+    decoding: str = option(
+        "nucleus",
+        "nucleus sampling (CapFilt), beam search, or greedy.",
+        choices=DECODINGS,
+        output=True,
+    )
+    top_p: float = option(0.9, "Nucleus sampling probability mass.", gt=0, le=1, output=True)
     # min/max_length count the prompt's tokens, as BLIP's code does.
-    min_length: int = 5
-    max_length: int = 20
+    min_length: int = option(5, "Minimum tokens, prompt included.", ge=0, output=True)
+    max_length: int = option(20, "Maximum tokens, prompt included.", ge=1, output=True)
     # BLIP samples with a repetition penalty of 1.1.
-    repetition_penalty: float = 1.1
-    num_beams: int = 3
-    prompt: str = "a picture of "
-    batch_size: int = 32
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    num_workers: int | None = None  # decoding processes; None: data.resolve_workers
-    engine: str = "fast"
-    fast_decode: bool = False  # JPEGs decoded at a reduced scale: faster, not pixel-exact
-    gpu_decode: bool = False  # plain JPEGs decoded on the model's device (torchvision)
-    cuda_graphs: bool = False  # fast engine on a GPU: each decoding step replayed as a graph
-    overwrite: bool = False
+    repetition_penalty: float = option(
+        1.1, "Penalty on tokens already generated (1.0: none).", gt=0, output=True
+    )
+    num_beams: int = option(3, "Beams for --decoding beam.", ge=1, output=True)
+    prompt: str = option(
+        "a picture of ", "Text the decoder starts from; stripped from the captions.", output=True
+    )
+    batch_size: int = batch_size_option()
+    precision: str = precision_option()
+    device: str = device_option()
+    seed: int = option(
+        0, "Sampling seed; each caption's seed derives from it and the key.", output=True
+    )
+    num_workers: int | None = workers_option()
+    engine: str = engine_option(output=True)
+    cuda_graphs: bool = option(
+        False, "GPU, fast engine: replay each decoding step as a CUDA graph (fewer launches)."
+    )
+    fast_decode: bool = fast_decode_option()
+    gpu_decode: bool = gpu_decode_option()
+    overwrite: bool = overwrite_option()
 
-    def __post_init__(self):
-        check_engine(self.engine)
-        if self.decoding not in DECODINGS:
-            raise CapfiltError(
-                f"--decoding must be one of {', '.join(DECODINGS)}, not {self.decoding!r}"
-            )
-        if not 0 < self.top_p <= 1:
-            raise CapfiltError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.num_captions < 1:
-            raise CapfiltError(f"--num-captions must be at least 1, got {self.num_captions}")
+    def check(self) -> None:
         if self.decoding == "greedy" and self.num_captions != 1:
             raise CapfiltError(
                 "greedy decoding gives one caption per image; pass --num-captions 1, "
                 "or --decoding nucleus for several"
             )
-        if self.min_length < 0 or self.max_length < 1:
-            raise CapfiltError("--min-length must be ≥ 0 and --max-length ≥ 1")
         if self.min_length > self.max_length:
             raise CapfiltError(
                 f"--min-length ({self.min_length}) is larger than --max-length ({self.max_length})"
             )
-        if self.repetition_penalty <= 0:
-            raise CapfiltError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_beams < 1:
-            raise CapfiltError(f"--num-beams must be at least 1, got {self.num_beams}")
-        if self.batch_size < 1:
-            raise CapfiltError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise CapfiltError(f"--workers must be ≥ 0, got {self.num_workers}")
-        if self.precision not in PRECISIONS:
-            raise CapfiltError(f"--precision must be one of {', '.join(PRECISIONS)}")
 
     def decoding_options(self) -> dict:
         return dict(
@@ -98,26 +96,87 @@ class CaptionConfig:
             num_beams=self.num_beams,
         )
 
+    def output_options(self) -> dict:
+        options = super().output_options()
+        # Options of another decoding method do not shape these captions.
+        unused = {
+            "nucleus": ("num_beams",),
+            "beam": ("top_p", "seed"),
+            "greedy": ("top_p", "seed", "num_beams"),
+        }
+        for name in unused[self.decoding]:
+            options.pop(name)
+        return options
+
+
+class CaptionStage(ModelStage):
+    """images/ shard → captions/ shard: the synthetic captions of its downloaded images."""
+
+    name = "caption"
+    output = "captions"
+    inputs = ("images",)
+
+    def setup(self, dataset: Dataset, shards: list[int]) -> None:
+        if self.model is None:
+            from capfilt.models.blip import Captioner
+
+            options = self.options
+            self.model = Captioner.load(
+                options.model,
+                options.precision,
+                options.device,
+                options.engine,
+                fast_options=dict(cuda_graphs=options.cuda_graphs),
+            )
+
+    def process(self, shard: int, inputs: dict, advance):
+        return caption_shard(self.model, inputs["images"], self.options, on_images=advance)
+
+    def count(self, captions) -> dict:
+        errors = sum(1 for s in captions["status"].to_pylist() if s != "success")
+        return dict(
+            images=len(set(captions["key"].to_pylist())),
+            captions=captions.num_rows - errors,
+            errors=errors,
+        )
+
 
 @dataclass
 class CaptionResult:
     """What one `capfilt caption` run did, summed over its processes."""
 
-    shards_done: int
-    shards_skipped: int
-    images: int
-    captions: int
-    errors: int
-    seconds: float
-    model: str
-    revision: str | None
+    run: StageRun
+
+    @property
+    def shards_done(self) -> int:
+        return self.run.shards_done
+
+    @property
+    def shards_skipped(self) -> int:
+        return self.run.shards_skipped
+
+    @property
+    def images(self) -> int:
+        return self.run.counts.get("images", 0)
+
+    @property
+    def captions(self) -> int:
+        return self.run.counts.get("captions", 0)
+
+    @property
+    def errors(self) -> int:
+        return self.run.counts.get("errors", 0)
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
+        return self.images / self.run.seconds if self.run.seconds else 0.0
+
+    @property
+    def model(self) -> dict:
+        return self.run.record.get("model", {})
 
 
-def caption_shard(captioner, images_table, config: CaptionConfig, on_images=None):
+def caption_shard(captioner, images_table, config: CaptionOptions, on_images=None):
     """Caption the successful images of one images/ table; return a CAPTIONS_SCHEMA table."""
     table = successful_images(images_table)
     keys = [str(k) for k in table["key"].to_pylist()]
@@ -158,72 +217,12 @@ def _caption_row(key: str, caption_id: int, text, model: str, error: str | None 
 
 
 def caption_dataset(
-    dataset: Dataset | str, config: CaptionConfig, captioner=None, progress: bool = True
+    dataset: Dataset | str, options: CaptionOptions, captioner=None, progress: bool = True
 ) -> CaptionResult:
-    """Caption every pending images/ shard of `dataset` into captions/ and record the run.
+    """Caption every images/ shard of `dataset` that is not done for these options.
 
     Under `accelerate launch` each process takes its own shards; pass `captioner` to reuse a
-    loaded model (else it is loaded only if some shard is pending).
+    loaded model (else it is loaded only if some shard is to be captioned).
     """
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    ds.require_stage("images", "run `capfilt fetch` or `capfilt ingest` first")
-    started = time.perf_counter()
-    processes = distributed.current()
-    all_shards = ds.shards("images")
-    pending = ds.pending("images", "captions", overwrite=config.overwrite)
-    mine = processes.my_shards(pending)
-    if processes.is_main:
-        ds.remove_temp_files("captions")
-    processes.wait_for_everyone()  # nobody writes before the leftovers are gone
-
-    counts = dict(shards=0, images=0, captions=0, errors=0)
-    if mine and captioner is None:
-        from capfilt.models.blip import Captioner
-
-        captioner = Captioner.load(
-            config.model,
-            config.precision,
-            config.device,
-            config.engine,
-            fast_options=dict(cuda_graphs=config.cuda_graphs),
-        )
-    if mine:
-        total = count_successful(ds, mine)
-        with image_progress(total, "caption", enabled=progress and processes.is_main) as bar:
-            # The next shard is read while this one is captioned.
-            shards = ordered_map(lambda s: (s, ds.read_shard("images", s)), mine, threads=1)
-            for shard, images_table in shards:
-                captions = caption_shard(captioner, images_table, config, on_images=bar.advance)
-                ds.write_shard("captions", shard, captions)
-                errors = sum(1 for s in captions["status"].to_pylist() if s != "success")
-                counts["shards"] += 1
-                counts["images"] += len(set(captions["key"].to_pylist()))
-                counts["captions"] += captions.num_rows - errors
-                counts["errors"] += errors
-
-    model_info = model_record(captioner, config.model)
-    totals = distributed.sum_counts(processes.gather(counts))
-    models = [m for m in processes.gather(model_info) if m["revision"] is not None]
-    seconds = time.perf_counter() - started
-    if models:
-        model_info = models[0]
-    if processes.is_main:
-        ds.record_run(
-            "caption",
-            options=recorded_options(config, captioner),
-            counts=dict(totals, shards_skipped=len(all_shards) - len(pending)),
-            model=model_info,
-            processes=processes.world_size,
-            seconds=round(seconds, 3),
-        )
-    processes.wait_for_everyone()
-    return CaptionResult(
-        shards_done=totals["shards"],
-        shards_skipped=len(all_shards) - len(pending),
-        images=totals["images"],
-        captions=totals["captions"],
-        errors=totals["errors"],
-        seconds=seconds,
-        model=model_info["id"],
-        revision=model_info["revision"],
-    )
+    stage = CaptionStage(options, model=captioner)
+    return CaptionResult(run_stage(stage, dataset, options.overwrite, progress))

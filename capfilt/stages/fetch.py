@@ -3,32 +3,35 @@
 capfilt reads the URL list itself first, so that a wrong column, an empty or unreadable list
 fails at once with an error the user can act on, and so that the progress display knows the
 total. Lists that are not Parquet are converted to Parquet (same rows, same order) in a
-temporary folder; img2dataset then downloads, resizes and writes the shards.
+temporary folder; img2dataset then downloads, resizes and writes the shards
+(sources/downloads.py).
 
-img2dataset writes each shard straight to its final name while it downloads; capfilt points it
-at a staging folder instead and moves a shard into images/ only once img2dataset has written
-the shard's stats file, so that a shard in images/ is always complete (the layout's rule).
-A re-run seeds the staging folder with the finished shards, so img2dataset's incremental mode
-downloads only the missing ones: no row is fetched or written twice."""
+The stage runner plans the run as for any stage (stages/runner.py): a shard is done when its
+provenance names these options and this list (a hash of its bytes); another list or other
+options are refused unless --overwrite. img2dataset writes each shard straight to its final
+name while it downloads; capfilt points it at a staging folder instead and moves a shard into
+images/, with its provenance, only once img2dataset has written the shard's stats file, so
+that a shard in images/ is always complete (the layout's rule). A re-run seeds the staging
+folder with the done shards, so img2dataset's incremental mode downloads only the others: no
+row is fetched or written twice.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import math
 import os
-import shutil
-import signal
-import sys
 import threading
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 from capfilt.core import parquet as io
+from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
+from capfilt.core.locks import folder_locks
+from capfilt.core.options import Options, option
+from capfilt.sources.downloads import USER_AGENT_TOKEN, check_distributor, download
 from capfilt.sources.manifests import load_manifest
 from capfilt.sources.safe_fetch import DEFAULT_IMAGE_DEADLINE, DEFAULT_MAX_IMAGE_BYTES
 from capfilt.sources.url_list import (
@@ -38,72 +41,95 @@ from capfilt.sources.url_list import (
     base_format,
     read_url_list,
 )
-
-RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-
+from capfilt.stages import provenance
+from capfilt.stages.image_shards import (
+    ImagesResult,
+    counts_of,
+    image_size_option,
+    overwrite_images_option,
+    resize_mode_option,
+    run_totals,
+    shard_size_option,
+)
+from capfilt.stages.provenance import DONE, Provenance
+from capfilt.stages.runner import Plan, Stage, plan_stage
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
-
-
 # Opt-out directives in X-Robots-Tag headers that make a download skip the image.
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
-
-
-USER_AGENT_TOKEN = "capfilt"
-
-
 STAGING = "_incoming"  # under images/; shard discovery ignores it (not a NNNNN.parquet name)
 
 
-@dataclass(frozen=True)
-class FetchOptions:
+@dataclass(frozen=True, kw_only=True)
+class FetchOptions(Options):
     """Everything `capfilt fetch` passes on to img2dataset (its defaults are capfilt's)."""
 
-    url_col: str = "url"
-    caption_col: str | None = None  # None: use a "caption" column when the list has one
-    input_format: str | None = None  # None: from the file name
-    column_names: tuple[str, ...] | None = None  # for csv/tsv lists without a header line
-    image_size: int = 384
-    resize_mode: str = "keep_ratio"
-    processes: int = 1
-    threads: int = 32
-    timeout: int = 10
-    retries: int = 0
-    distributor: str = "multiprocessing"
-    shard_size: int = 10_000
-    opt_out_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
+    url_col: str = option("url", "Column of image URLs.", output=True)
+    caption_col: str | None = option(
+        None, "Column of captions.", cli_default="caption, when the list has it", output=True
+    )
+    input_format: str | None = option(
+        None,
+        "csv, tsv, parquet, jsonl, json or txt (optionally .gz).",
+        cli_default="from the name",
+    )
+    column_names: tuple[str, ...] | None = option(
+        None,
+        "Comma-separated column names for a csv/tsv without a header line.",
+        flag="--columns",
+        split=",",
+        output=True,
+    )
+    image_size: int = image_size_option()
+    resize_mode: str = resize_mode_option()
+    processes: int = option(1, "Download processes (Spark cores).", ge=1)
+    threads: int = option(32, "Download threads per process.", ge=1)
+    timeout: int = option(10, "Seconds to wait for one image.", ge=1)
+    retries: int = option(0, "Retries of a failed download.", ge=0)
+    distributor: str = option(
+        "multiprocessing",
+        "multiprocessing on this machine, or pyspark / ray for a cluster (the engine must be "
+        "installed).",
+        choices=DISTRIBUTORS,
+    )
+    shard_size: int = shard_size_option()
+    opt_out_directives: tuple[str, ...] = option(
+        OPT_OUT_DIRECTIVES,
+        "X-Robots-Tag directives that mean 'do not use this image', comma-separated; such "
+        "images are recorded, not downloaded.",
+        flag="--opt-out",
+        split=",",
+        output=True,
+    )
     encode_quality: int = 95
     min_image_size: int = 0
-    overwrite: bool = False
+    overwrite: bool = overwrite_images_option("fetch")
     # Safety of the download itself (capfilt.safe_fetch): what may be reached, how much, how long.
-    allow_private_addresses: bool = False
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    image_deadline: float = DEFAULT_IMAGE_DEADLINE
+    allow_private_addresses: bool = option(
+        False,
+        "Also fetch from loopback, private and link-local addresses (a local server, an "
+        "intranet). Without it such URLs, also after a redirect or DNS lookup, become failed "
+        "rows. Cloud metadata addresses are always refused.",
+    )
+    max_image_bytes: int = option(
+        DEFAULT_MAX_IMAGE_BYTES,
+        "Largest image download in bytes.",
+        ge=1,
+        cli_default="33554432 (32 MiB)",
+    )
+    image_deadline: float = option(
+        DEFAULT_IMAGE_DEADLINE,
+        "Seconds one image's whole download may take (a server that drips bytes hits it).",
+        gt=0,
+    )
 
-    def validate(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise CapfiltError(
-                f"unknown --resize-mode {self.resize_mode!r}; "
-                f"choose one of {', '.join(RESIZE_MODES)}"
-            )
-        if self.distributor not in DISTRIBUTORS:
-            raise CapfiltError(
-                f"unknown --distributor {self.distributor!r}; "
-                f"choose one of {', '.join(DISTRIBUTORS)}"
-            )
+    def check(self) -> None:
         if self.input_format is not None and base_format(self.input_format) is None:
             raise CapfiltError(
                 f"unknown --input-format {self.input_format!r}; "
                 f"choose one of {', '.join(URL_LIST_FORMATS)} (optionally .gz)"
             )
-        for name in ("image_size", "processes", "threads", "timeout", "shard_size"):
-            if getattr(self, name) < 1:
-                raise CapfiltError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.retries < 0:
-            raise CapfiltError("--retries must be 0 or more")
-        if self.max_image_bytes < 1:
-            raise CapfiltError("--max-image-bytes must be at least 1")
-        if not (self.image_deadline > 0 and math.isfinite(self.image_deadline)):
+        if not math.isfinite(self.image_deadline):
             raise CapfiltError("--image-deadline must be a number of seconds more than 0")
 
     def list_columns(self) -> ListColumns:
@@ -169,24 +195,13 @@ def _manifest_setting(path, key: str, value):
 
 
 @dataclass
-class FetchResult:
+class FetchResult(ImagesResult):
     """What one `capfilt fetch` run did."""
 
-    dataset: str
-    rows_in_list: int
-    rows_in_images: int
-    shards_done_now: list[int]
-    shards_skipped: list[int]
-    shards_missing: list[int]
-    counts: dict  # this run: count, successes, failed_to_download, failed_to_resize
-    errors: dict  # this run: error message -> rows
-    skipped_columns: list[str]
+    rows_in_list: int = 0
+    rows_in_images: int = 0
+    shards_missing: list[int] | None = None
     log_path: str | None = None
-    invalid_utf8_values: int = 0  # list values whose invalid UTF-8 bytes became U+FFFD
-
-    @property
-    def success_rate(self) -> float:
-        return self.counts["successes"] / self.counts["count"] if self.counts["count"] else 0.0
 
     @property
     def complete(self) -> bool:
@@ -196,49 +211,23 @@ class FetchResult:
 ProgressCallback = Callable[[int, int, int], None]  # (rows done, rows in list, successes)
 
 
-def check_distributor(distributor: str) -> None:
-    """Fail clearly when the engine is missing (img2dataset would silently write nothing)."""
-    if distributor == "pyspark":
-        if importlib.util.find_spec("pyspark") is None:
-            raise CapfiltError(
-                "--distributor pyspark needs PySpark: pip install pyspark (and Java 17), "
-                "or use --distributor multiprocessing"
-            )
-        if not (os.environ.get("JAVA_HOME") or shutil.which("java")):
-            raise CapfiltError(
-                "--distributor pyspark needs Java (17 or newer) on PATH or in JAVA_HOME; "
-                "install a JDK or use --distributor multiprocessing"
-            )
-    elif distributor == "ray":
-        if importlib.util.find_spec("ray") is None:
-            raise CapfiltError(
-                "--distributor ray needs Ray: pip install ray (and start or join a cluster "
-                "with `ray start`), or use --distributor multiprocessing"
-            )
+class FetchStage(Stage):
+    """The URL list → images/ shards (img2dataset does the work, in bulk; see `fetch`)."""
 
+    name = "fetch"
+    output = "images"
+    inputs = ()
+    refuse_changed_inputs = True  # another list would replace images/ wholesale
 
-@contextlib.contextmanager
-def _spark_session(processes: int) -> Iterator[None]:
-    """Use the active Spark session, or start a local one with `processes` cores."""
-    from pyspark.sql import SparkSession
+    def __init__(self, options: FetchOptions, listing: UrlList):
+        super().__init__(options)
+        self.listing = listing
 
-    if SparkSession.getActiveSession() is not None:
-        yield
-        return
-    # Spark's Python workers must run this interpreter, which has img2dataset installed.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    spark = (
-        SparkSession.builder.master(f"local[{processes}]")
-        .appName("capfilt-fetch")
-        .config("spark.driver.memory", "2g")
-        .config("spark.ui.enabled", "false")
-        .getOrCreate()
-    )
-    try:
-        yield
-    finally:
-        spark.stop()
+    def shards(self, dataset: Dataset) -> list[int]:
+        return sorted(_expected_shards(self.listing, self.options.shard_size))
+
+    def input_fingerprints(self, dataset: Dataset, shard: int) -> dict:
+        return {"url_list": self.listing.fingerprint}
 
 
 def _shard_of(name: str) -> int | None:
@@ -249,9 +238,10 @@ def _shard_of(name: str) -> int | None:
 class _Staging:
     """img2dataset's output folder; complete shards move from here into images/."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, stage: FetchStage, plan: Plan, run: str):
+        self.dataset, self.stage, self.plan, self.run = dataset, stage, plan, run
         self.fs = dataset.fs
+        self.images = dataset.folder("images")
         self.path = dataset.join("images", STAGING)
         self.moved: set[int] = set()
         self.stats: dict[int, dict] = {}
@@ -262,10 +252,23 @@ class _Staging:
         return self.dataset.url("images", STAGING)
 
     def prepare(self) -> set[int]:
-        """Adopt shards a killed run finished, then mark every shard of images/ as done."""
+        """Adopt the shards a killed run of this same fetch finished, then mark the done ones."""
+        # Beside the staging folder: img2dataset reads every *.json inside it as a shard's.
+        marker = f"{self.path}_run.json"
+        made_for = {"options": self.plan.options, "url_list": self.stage.listing.fingerprint}
+        try:
+            with self.fs.open(marker, "rb") as f:
+                same = json.load(f) == made_for
+        except (FileNotFoundError, ValueError):
+            same = False
+        if not same and self.fs.exists(self.path):  # staged by another list or other options
+            self.fs.rm(self.path, recursive=True)
         self.fs.makedirs(self.path, exist_ok=True)
-        self.sweep()
-        done = set(self.dataset.shards("images"))
+        io.write_bytes_atomic(self.fs, marker, json.dumps(made_for).encode())
+        adopted = set(self.sweep())
+        done = adopted
+        if not self.plan.overwrite:
+            done |= set(self.plan.of(DONE))
         try:
             entries = self.fs.ls(self.path, detail=False)
         except FileNotFoundError:  # an object store has no empty folders
@@ -274,18 +277,17 @@ class _Staging:
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             shard = _shard_of(name)
             if name.endswith("_stats.json") and shard not in done:
-                self.fs.rm(entry)  # its parquet is gone from images/: fetch it again
-        for shard in done:
+                self.fs.rm(entry)  # a leftover marker or stats without its shard: fetch again
+        for shard in done - adopted:
             stats = self.dataset.stats_path("images", shard)
-            marker = f"{self.path}/{shard:05d}_stats.json"
-            if not self.fs.exists(marker):
+            seed = f"{self.path}/{shard:05d}_stats.json"
+            if not self.fs.exists(seed):
                 if self.fs.exists(stats):
-                    self.fs.copy(stats, marker)
+                    self.fs.copy(stats, seed)
                 else:
-                    with self.fs.open(marker, "w") as f:
+                    with self.fs.open(seed, "w") as f:
                         f.write("{}")
-        self.seeded = done
-        self.moved.clear()
+        self.seeded = done - adopted
         return done
 
     def successes_before(self) -> int:
@@ -297,7 +299,8 @@ class _Staging:
         return total
 
     def sweep(self) -> list[int]:
-        """Move every shard whose stats file exists (so its parquet is closed) into images/."""
+        """Move every shard whose stats file exists (so its parquet is closed) into images/,
+        its stats and provenance first."""
         with self._lock:
             found = []
             try:
@@ -314,8 +317,7 @@ class _Staging:
                     continue
                 if parquet not in names:
                     continue
-                stats_file = f"{self.path}/{name}"
-                with self.fs.open(stats_file, "rb") as f:
+                with self.fs.open(f"{self.path}/{name}", "rb") as f:
                     data = f.read()
                 try:
                     stats = json.loads(data)
@@ -323,18 +325,32 @@ class _Staging:
                     # img2dataset is still writing it, or was killed while it did: a later
                     # sweep retries, and a re-run's prepare() fetches the shard again.
                     continue
-                # Copy, not move (img2dataset's logger may still be reading the stats file),
-                # and before the parquet, so a shard in images/ always has its stats.
-                io.write_bytes_atomic(self.fs, self.dataset.stats_path("images", shard), data)
-                self.fs.mv(f"{self.path}/{parquet}", self.dataset.shard_path("images", shard))
+                self._move_in(shard, f"{self.path}/{parquet}", data, stats)
                 self.stats[shard] = stats
                 self.moved.add(shard)
                 found.append(shard)
             return found
 
+    def _move_in(self, shard: int, staged: str, stats_data: bytes, stats: dict) -> None:
+        # Copy the stats, not move (img2dataset's logger may still be reading the file), and
+        # write the provenance, before the parquet: a shard in images/ always has both.
+        io.write_bytes_atomic(self.fs, self.dataset.stats_path("images", shard), stats_data)
+        record = Provenance(
+            stage="fetch",
+            shard=shard,
+            file=io.file_fingerprint(self.fs, staged),
+            options=self.plan.options,
+            inputs=self.stage.input_fingerprints(self.dataset, shard),
+            run=self.run,
+            rows=stats.get("count"),
+        )
+        provenance.write(self.images, shard, record)
+        self.fs.mv(staged, self.images.shard_path(shard))
+
     def remove(self) -> None:
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
+        for path in (self.path, f"{self.path}_run.json"):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
 
 
 class _Watcher(threading.Thread):
@@ -384,29 +400,14 @@ def _rows_in_images(dataset: Dataset) -> int:
     return total
 
 
-def _check_resume(dataset: Dataset, listing: UrlList, options: FetchOptions) -> None:
-    """Refuse a re-run whose shards would not line up with the shards already fetched.
+def _rows_in_images(dataset: Dataset) -> int:
+    import pyarrow.parquet as pq
 
-    The source is recorded before the download starts, so a run that was killed half-way
-    resumes too.
-    """
-    if options.overwrite or not dataset.has_stage("images"):
-        return
-    source = dataset.read_manifest().get("source") or {}
-    if source.get("kind") != "url_list":
-        raise CapfiltError(
-            f"{dataset.root!r} already has images/ shards that `capfilt fetch` did not "
-            "write; pass --overwrite to replace them, or fetch into a new folder"
-        )
-    before = (source.get("shard_size"), source.get("rows"))
-    now = (options.shard_size, listing.rows)
-    if before != now:
-        raise CapfiltError(
-            f"{dataset.root!r} was fetched with --shard-size {before[0]} from a list of "
-            f"{before[1]} rows, but this run has --shard-size {now[0]} and {now[1]} rows: "
-            "resuming would mix shards. Re-run with the same list and --shard-size, or pass "
-            "--overwrite to fetch again from scratch"
-        )
+    total = 0
+    for shard in dataset.shards("images"):
+        with dataset.fs.open(dataset.shard_path("images", shard), "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def _describe_source(listing: UrlList, options: FetchOptions, source: dict | None) -> dict:
@@ -427,75 +428,6 @@ def _describe_source(listing: UrlList, options: FetchOptions, source: dict | Non
     return described
 
 
-def _remove_images(dataset: Dataset) -> None:
-    folder = dataset.stage_dir("images")
-    if dataset.fs.exists(folder):
-        dataset.fs.rm(folder, recursive=True)
-
-
-def _download_here(listing: UrlList, staging: _Staging, options: FetchOptions) -> None:
-    """img2dataset's reader and downloader, run in this process.
-
-    With one process, img2dataset's `download()` would still start a worker process and a
-    logger process, each importing img2dataset again (seconds on a laptop, more than the
-    download of a small list); the same reader, downloader and writer run here instead.
-    """
-    from img2dataset.reader import Reader
-    from img2dataset.writer import ParquetSampleWriter
-
-    from capfilt.sources.safe_fetch import SafeDownloader, SafeResizer
-
-    tmp_path = f"{staging.path}/_tmp"
-    staging.fs.makedirs(tmp_path, exist_ok=True)
-    done = {_shard_of(p) for p in staging.fs.glob(f"{staging.path}/*_stats.json")}
-    reader = Reader(
-        listing.img2dataset_input(),
-        "parquet",
-        listing.url_col,
-        listing.caption_col,
-        None,
-        None,
-        listing.extra_columns or None,
-        options.shard_size,
-        done,
-        staging.dataset.url("images", STAGING, "_tmp"),
-        0,
-    )
-    policy = options.download_policy()
-    resizer = SafeResizer.wrapping(
-        max_pixels=policy.max_image_pixels,
-        image_size=options.image_size,
-        resize_mode=options.resize_mode,
-        resize_only_if_bigger=False,
-        encode_quality=options.encode_quality,
-        min_image_size=options.min_image_size,
-    )
-    downloader = SafeDownloader.wrapping(
-        policy=policy,
-        sample_writer_class=ParquetSampleWriter,
-        resizer=resizer,
-        thread_count=options.threads,
-        save_caption=listing.caption_col is not None,
-        extract_exif=True,
-        output_folder=staging.url(),
-        column_list=reader.column_list,
-        timeout=options.timeout,
-        number_sample_per_shard=options.shard_size,
-        oom_shard_count=5,
-        compute_hash="sha256",
-        verify_hash_type=None,
-        encode_format="jpg",
-        retries=options.retries,
-        user_agent_token=USER_AGENT_TOKEN,
-        disallowed_header_directives=list(options.opt_out_directives) or None,
-    )
-    failed = [shard for ok, shard in map(downloader, reader) if not ok]
-    if failed:  # img2dataset's distributors retry a failed shard once
-        failed = [shard for ok, shard in map(downloader, failed) if not ok]
-    if staging.fs.exists(tmp_path):  # on an object store it vanished with its last file
-        staging.fs.rm(tmp_path, recursive=True)
-
-
 def fetch(
     url_list: str,
     dataset: Dataset | str,
@@ -507,76 +439,49 @@ def fetch(
 
     `source` (e.g. a data manifest's [source] table) is recorded in capfilt.json.
     """
+    from capfilt.stages.status import downstream_stale
+
     options = options or FetchOptions()
     dataset = Dataset(dataset) if isinstance(dataset, str) else dataset
-    options.validate()
     check_distributor(options.distributor)
     listing = read_url_list(str(url_list), options.list_columns())
     try:
         dataset.ensure_writable()
-        _check_resume(dataset, listing, options)
-        if options.overwrite:
-            _remove_images(dataset)
-        dataset.set_source(_describe_source(listing, options, source))
-        return _download(listing, dataset, options, on_progress)
+        stage = FetchStage(options, listing)
+        command = f"capfilt fetch {listing.source} {dataset.root}"
+        with folder_locks(dataset, ("images",), command):
+            plan = plan_stage(stage, dataset, options.overwrite)
+            if plan.refusal:
+                raise CapfiltError(plan.refusal)
+            # Recorded before the download starts, so that a killed run resumes too.
+            dataset.set_source(_describe_source(listing, options, source))
+            images = dataset.folder("images")
+            images.remove_temp_files()
+            for shard in plan.orphans:  # beyond the new list's end
+                images.remove_shard(shard)
+            staging = _Staging(dataset, stage, plan, provenance.new_run_id())
+            result = _download(listing, dataset, options, staging, on_progress)
+            if result.shards_done_now:
+                result.stale_downstream = downstream_stale(dataset)
+            _record(dataset, listing, options, result, staging)
+        return result
     finally:
         listing.cleanup()
 
 
-def _download(listing, dataset, options, on_progress) -> FetchResult:
-    staging = _Staging(dataset)
+def _download(listing, dataset, options, staging: _Staging, on_progress) -> FetchResult:
     done_before = staging.prepare()
     expected = _expected_shards(listing, options.shard_size)
-    rows_before = _rows_in_images(dataset)
+    rows_before = sum(stats.get("count", 0) for stats in staging.stats.values()) + _rows_of(
+        dataset, staging.seeded
+    )
     watcher = _Watcher(staging, listing.rows, rows_before, on_progress)
     watcher.report()
-    todo = expected - done_before
-    if todo:
+    if expected - done_before:
         watcher.start()
-        engine = (
-            _spark_session(options.processes)
-            if options.distributor == "pyspark"
-            else contextlib.nullcontext()
-        )
-        from img2dataset import download
-
-        sigint = signal.getsignal(signal.SIGINT)
         try:
-            from capfilt.sources.safe_fetch import guarded_img2dataset
-
-            # Worker processes get the guard with the pickled downloader (SafeDownloader).
-            with engine, guarded_img2dataset(options.download_policy()):
-                if options.processes == 1 and options.distributor == "multiprocessing":
-                    _download_here(listing, staging, options)
-                else:
-                    download(
-                        url_list=listing.img2dataset_input(),
-                        output_folder=staging.url(),
-                        input_format="parquet",
-                        output_format="parquet",
-                        url_col=listing.url_col,
-                        caption_col=listing.caption_col,
-                        save_additional_columns=listing.extra_columns or None,
-                        image_size=options.image_size,
-                        resize_mode=options.resize_mode,
-                        encode_quality=options.encode_quality,
-                        min_image_size=options.min_image_size,
-                        processes_count=options.processes,
-                        thread_count=options.threads,
-                        timeout=options.timeout,
-                        retries=options.retries,
-                        distributor=options.distributor,
-                        number_sample_per_shard=options.shard_size,
-                        incremental_mode="incremental",
-                        user_agent_token=USER_AGENT_TOKEN,
-                        # img2dataset reads an empty list as "respect nothing".
-                        disallowed_header_directives=list(options.opt_out_directives),
-                        compute_hash="sha256",
-                        enable_wandb=False,
-                    )
+            download(listing, staging.url(), done_before, options)
         finally:
-            # img2dataset installs a SIGINT handler that exits with status 0; put ours back.
-            signal.signal(signal.SIGINT, sigint)
             watcher.stop_event.set()
             watcher.join()
     staging.sweep()
@@ -585,37 +490,39 @@ def _download(listing, dataset, options, on_progress) -> FetchResult:
 
     present = set(dataset.shards("images"))
     done_now = sorted(staging.moved)
-    counts = Counter()
-    errors = Counter()
+    totals: dict = {}
     for shard in done_now:
-        stats = staging.stats[shard]
-        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            counts[key] += stats.get(key, 0)
-        for message, n in stats.get("status_dict", {}).items():
-            if message != "success":
-                errors[message] += n
-    counts = {
-        k: counts[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")
-    }
-    result = FetchResult(
+        totals = sum_counts([totals, counts_of(staging.stats[shard])])
+    counts, errors = run_totals(totals)
+    return FetchResult(
         dataset=dataset.root,
-        rows_in_list=listing.rows,
-        rows_in_images=_rows_in_images(dataset),
         shards_done_now=done_now,
-        shards_skipped=sorted(done_before & expected),
-        shards_missing=sorted(expected - present),
+        shards_skipped=sorted((done_before - set(done_now)) & expected),
         counts=counts,
-        errors=dict(errors.most_common()),
+        errors=errors,
         skipped_columns=listing.skipped_columns,
         invalid_utf8_values=listing.invalid_utf8_values,
+        rows_in_list=listing.rows,
+        rows_in_images=_rows_in_images(dataset),
+        shards_missing=sorted(expected - present),
     )
-    _record(dataset, listing, options, result)
-    return result
 
 
-def _record(dataset, listing: UrlList, options: FetchOptions, result: FetchResult):
-    recorded = asdict(options)
-    recorded["opt_out_directives"] = list(options.opt_out_directives)
+def _rows_of(dataset: Dataset, shards) -> int:
+    """Rows of done shards, from their stats files."""
+    total = 0
+    for shard in shards:
+        try:
+            with dataset.fs.open(dataset.stats_path("images", shard), "rb") as f:
+                total += json.load(f).get("count", 0)
+        except (FileNotFoundError, ValueError):
+            continue
+    return total
+
+
+def _record(dataset, listing: UrlList, options, result: FetchResult, staging: _Staging) -> None:
+    if not result.shards_done_now:
+        return  # nothing fetched: no run to record
     counts = {
         **result.counts,
         "rows_in_list": result.rows_in_list,
@@ -626,9 +533,11 @@ def _record(dataset, listing: UrlList, options: FetchOptions, result: FetchResul
     }
     dataset.record_run(
         "fetch",
-        recorded,
+        options.to_record(),
         counts,
         command=f"capfilt fetch {listing.source} {dataset.root}",
+        run=staging.run,
+        provenance_options=staging.plan.options,
         user_agent_token=USER_AGENT_TOKEN,
         errors=dict(list(result.errors.items())[:20]),
     )

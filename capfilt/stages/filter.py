@@ -2,85 +2,110 @@
 
 For each images/ shard, every downloaded image is paired with its web caption (text_id 0) and
 each synthetic caption from captions/ (text_id caption_id + 1). The vision encoder runs once
-per image; all pairs are scored into scores/. Then curated/ is derived from scores/ alone: the
-pairs with ITM probability ≥ threshold. A new threshold on a scored dataset only re-derives
-curated/, without loading a model.
+per image; all pairs are scored into scores/ (`ScoreStage`). Then curated/ is derived from
+scores/ alone (stages/curate.py): the pairs with ITM probability ≥ threshold, as a new
+generation switched in whole. A new threshold on a scored dataset only re-derives curated/,
+without loading a model.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from capfilt.core import distributed
 from capfilt.core import parquet as io
 from capfilt.core.ahead import ordered_map
-from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
-from capfilt.core.progress import image_progress
-from capfilt.images.batches import (
-    ShardImages,
-    count_successful,
-    recorded_options,
-    stage_batches,
-    successful_images,
+from capfilt.core.locks import folder_locks
+from capfilt.core.options import Options, option
+from capfilt.images.batches import ShardImages, stage_batches, successful_images
+from capfilt.models.blip import DEFAULT_FILTER, ITM_TOKENS
+from capfilt.stages.curate import CurateStage, SourceSummary, source_summaries
+from capfilt.stages.inference import (
+    ModelStage,
+    batch_size_option,
+    device_option,
+    engine_option,
+    fast_decode_option,
+    gpu_decode_option,
+    overwrite_option,
+    precision_option,
+    workers_option,
 )
-from capfilt.models.blip import (
-    DEFAULT_FILTER,
-    ITM_TOKENS,
-    PRECISIONS,
-    check_engine,
-    model_record,
-)
-
-SOURCES = ("web", "synthetic")
+from capfilt.stages.runner import StageRun, record_run, run_stage
 
 
-@dataclass(frozen=True)
-class FilterConfig:
+@dataclass(frozen=True, kw_only=True)
+class FilterOptions(Options):
     """Options of `capfilt filter`."""
 
-    threshold: float
-    model: str = DEFAULT_FILTER
-    itm_token: str = "auto"
-    batch_size: int = 32
-    precision: str = "auto"
-    device: str = "auto"
-    num_workers: int | None = None  # decoding processes; None: 2 on GPU, 0 (threads) on CPU
+    threshold: float = option(
+        help="Keep pairs whose ITM match probability (0 to 1) is at least this.", ge=0, le=1
+    )
+    model: str = option(DEFAULT_FILTER, "BLIP ITM filter: hub id or local directory (safetensors).")
+    itm_token: str = option(
+        "auto",
+        "First text token for ITM: [ENC] as BLIP trained, or [CLS] as HF; auto: [ENC] when "
+        "the tokenizer has it.",
+        choices=ITM_TOKENS,
+        output=True,
+    )
+    batch_size: int = batch_size_option()
     # BLIP's ITM reads at most 35 text tokens.
-    max_text_tokens: int = 35
-    engine: str = "fast"
-    fast_decode: bool = False  # JPEGs decoded at a reduced scale: faster, not pixel-exact
-    gpu_decode: bool = False  # plain JPEGs decoded on the model's device (torchvision)
-    overwrite: bool = False
+    max_text_tokens: int = option(35, "Longer captions are truncated.", ge=3, output=True)
+    precision: str = precision_option()
+    device: str = device_option()
+    num_workers: int | None = workers_option()
+    engine: str = engine_option(output=False)
+    fast_decode: bool = fast_decode_option()
+    gpu_decode: bool = gpu_decode_option()
+    overwrite: bool = overwrite_option()
 
-    def __post_init__(self):
-        check_engine(self.engine)
-        if not 0 <= self.threshold <= 1:
-            raise CapfiltError(
-                f"--threshold is an ITM probability and must be in [0, 1], got {self.threshold}"
+
+class ScoreStage(ModelStage):
+    """images/ (+ captions/) shard → scores/ shard: ITM and ITC of every web and synthetic pair."""
+
+    name = "filter"
+    output = "scores"
+    inputs = ("images",)
+    optional_inputs = ("captions",)
+
+    def provenance_options(self) -> dict:
+        options = super().provenance_options()
+        options.pop("threshold", None)  # scores do not depend on it; curated/ does
+        return options
+
+    def setup(self, dataset: Dataset, shards: list[int]) -> None:
+        if self.model is None:
+            from capfilt.models.blip import ItmScorer
+
+            options = self.options
+            self.model = ItmScorer.load(
+                options.model,
+                options.precision,
+                options.device,
+                itm_token=options.itm_token,
+                max_text_tokens=options.max_text_tokens,
+                engine=options.engine,
             )
-        if self.itm_token not in ITM_TOKENS:
-            raise CapfiltError(f"--itm-token must be one of {', '.join(ITM_TOKENS)}")
-        if self.batch_size < 1:
-            raise CapfiltError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise CapfiltError(f"--workers must be ≥ 0, got {self.num_workers}")
-        if self.max_text_tokens < 3:
-            raise CapfiltError(f"--max-text-tokens must be at least 3, got {self.max_text_tokens}")
-        if self.precision not in PRECISIONS:
-            raise CapfiltError(f"--precision must be one of {', '.join(PRECISIONS)}")
 
+    def process(self, shard: int, inputs: dict, advance):
+        return score_shard(
+            self.model, inputs["images"], inputs["captions"], self.options, on_images=advance
+        )
 
-@dataclass
-class SourceSummary:
-    """Scores of one caption source over the whole dataset, and what the threshold kept."""
+    def count(self, scores) -> dict:
+        return dict(
+            images=len(set(scores["key"].to_pylist())),
+            pairs=scores.num_rows - scores["itm_score"].null_count,
+            errors=_undecoded_images(scores),
+        )
 
-    pairs: int = 0
-    scored: int = 0
-    kept: int = 0
-    mean_itm: float | None = None
-    mean_itc: float | None = None
+    def run_record(self) -> dict:
+        record = super().run_record()
+        if self.model is not None:
+            record["itm_token"] = self.model.itm_token
+        return record
 
 
 @dataclass
@@ -88,20 +113,21 @@ class FilterResult:
     """What one `capfilt filter` run did, summed over its processes."""
 
     threshold: float
-    shards_scored: int
-    shards_skipped: int
-    images: int
-    pairs: int
-    errors: int
-    seconds: float
-    model: str
-    revision: str | None
-    itm_token: str | None
+    scored: StageRun
+    curated: StageRun
     sources: dict[str, SourceSummary] = field(default_factory=dict)
 
     @property
     def rescored(self) -> bool:
-        return self.shards_scored > 0
+        return self.scored.shards_done > 0
+
+    @property
+    def model(self) -> dict:
+        return self.scored.record.get("model", {})
+
+    @property
+    def itm_token(self) -> str | None:
+        return self.scored.record.get("itm_token")
 
 
 def synthetic_captions(captions_table) -> dict[str, list[tuple[int, str]]]:
@@ -123,7 +149,7 @@ def synthetic_captions(captions_table) -> dict[str, list[tuple[int, str]]]:
     return found
 
 
-def score_shard(scorer, images_table, captions_table, config: FilterConfig, on_images=None):
+def score_shard(scorer, images_table, captions_table, config: FilterOptions, on_images=None):
     """Score the web and synthetic captions of one shard's images; return a SCORES_SCHEMA table.
 
     Pairs of an image that cannot be decoded, and a missing web caption, get null scores.
@@ -192,154 +218,6 @@ class BatchPairs:
     tokens: tuple | None = None  # (input_ids, attention_mask) CPU tensors of `texts`
 
 
-def curate(scores_table, threshold: float):
-    """The pairs of a scores/ table with ITM probability ≥ threshold, as a CURATED_SCHEMA table."""
-    import pyarrow.compute as pc
-
-    mask = pc.fill_null(pc.greater_equal(scores_table["itm_score"], threshold), False)
-    return scores_table.filter(mask).select(io.CURATED_SCHEMA.names).cast(io.CURATED_SCHEMA)
-
-
-def source_totals(scores_table, curated_table) -> dict[str, dict]:
-    """Per source: pairs, scored pairs, kept pairs and score sums (to be merged across shards)."""
-    import pyarrow.compute as pc
-
-    totals = {}
-    for source in SOURCES:
-        scores = scores_table.filter(pc.equal(scores_table["source"], source))
-        kept = curated_table.filter(pc.equal(curated_table["source"], source))
-        totals[source] = dict(
-            pairs=scores.num_rows,
-            scored=scores.num_rows - scores["itm_score"].null_count,
-            kept=kept.num_rows,
-            itm_sum=pc.sum(scores["itm_score"]).as_py() or 0.0,
-            itc_sum=pc.sum(scores["itc_score"]).as_py() or 0.0,
-        )
-    return totals
-
-
-def stale_scores(ds: Dataset, shards: list[int]) -> list[int]:
-    """Scored shards whose captions/ shard was written after them (caption re-run since)."""
-    stale = []
-    for shard in shards:
-        captions = ds.shard_path("captions", shard)
-        try:
-            if ds.fs.exists(captions) and ds.fs.modified(captions) > ds.fs.modified(
-                ds.shard_path("scores", shard)
-            ):
-                stale.append(shard)
-        except (NotImplementedError, FileNotFoundError, OSError):  # no mtimes on this filesystem
-            pass
-    return stale
-
-
-def filter_dataset(
-    dataset: Dataset | str, config: FilterConfig, scorer=None, progress: bool = True
-) -> FilterResult:
-    """Score every pending shard into scores/, derive curated/ at the threshold, record the run.
-
-    A shard is pending when it has no scores/ shard, or its captions/ shard is newer. With
-    nothing pending no model is loaded: only curated/ is re-derived.
-    """
-    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    ds.require_stage("images", "run `capfilt fetch` or `capfilt ingest` first")
-    started = time.perf_counter()
-    processes = distributed.current()
-    all_shards = ds.shards("images")
-    pending = ds.pending("images", "scores", overwrite=config.overwrite)
-    if not config.overwrite:
-        pending = sorted(set(pending) | set(stale_scores(ds, ds.shards("scores"))))
-    mine = processes.my_shards(pending)
-    if processes.is_main:
-        ds.remove_temp_files("scores")
-        ds.remove_temp_files("curated")
-    processes.wait_for_everyone()
-
-    counts = dict(shards=0, images=0, pairs=0, errors=0, shards_without_captions=0)
-    if mine and scorer is None:
-        from capfilt.models.blip import ItmScorer
-
-        scorer = ItmScorer.load(
-            config.model,
-            config.precision,
-            config.device,
-            itm_token=config.itm_token,
-            max_text_tokens=config.max_text_tokens,
-            engine=config.engine,
-        )
-    if mine:
-        has_captions = set(ds.shards("captions"))
-        total = count_successful(ds, mine)
-        with image_progress(total, "filter", enabled=progress and processes.is_main) as bar:
-
-            def read(shard: int):
-                captions = ds.read_shard("captions", shard) if shard in has_captions else None
-                return shard, ds.read_shard("images", shard), captions
-
-            # The next shard is read while this one is scored.
-            for shard, images_table, captions_table in ordered_map(read, mine, threads=1):
-                if captions_table is None:
-                    counts["shards_without_captions"] += 1
-                scores = score_shard(
-                    scorer, images_table, captions_table, config, on_images=bar.advance
-                )
-                ds.write_shard("scores", shard, scores)
-                errors = _undecoded_images(scores)
-                counts["shards"] += 1
-                counts["images"] += len(set(scores["key"].to_pylist()))
-                counts["pairs"] += scores.num_rows - scores["itm_score"].null_count
-                counts["errors"] += errors
-    processes.wait_for_everyone()  # every scores/ shard exists before curated/ is derived
-
-    totals_by_source: dict = {}
-    for shard in processes.my_shards(ds.shards("scores")):
-        scores = ds.read_shard("scores", shard)
-        curated = curate(scores, config.threshold)
-        ds.write_shard("curated", shard, curated)
-        totals_by_source = distributed.sum_counts(
-            [totals_by_source, source_totals(scores, curated)]
-        )
-
-    model_info = _model_info(scorer, config.model)
-    totals = distributed.sum_counts(processes.gather(counts))
-    totals_by_source = distributed.sum_counts(processes.gather(totals_by_source))
-    loaded = [m for m in processes.gather(model_info) if m["revision"] is not None]
-    if loaded:
-        model_info = loaded[0]
-    sources = {name: _summary(totals_by_source.get(name)) for name in SOURCES}
-    seconds = time.perf_counter() - started
-    if processes.is_main:
-        ds.record_run(
-            "filter",
-            options=recorded_options(config, scorer),
-            counts=dict(
-                totals,
-                shards_skipped=len(all_shards) - len(pending),
-                kept={name: s.kept for name, s in sources.items()},
-                pairs_by_source={name: s.pairs for name, s in sources.items()},
-            ),
-            model=model_info,
-            itm_token=model_info.get("itm_token"),
-            rescored=bool(totals["shards"]),
-            processes=processes.world_size,
-            seconds=round(seconds, 3),
-        )
-    processes.wait_for_everyone()
-    return FilterResult(
-        threshold=config.threshold,
-        shards_scored=totals["shards"],
-        shards_skipped=len(all_shards) - len(pending),
-        images=totals["images"],
-        pairs=totals["pairs"],
-        errors=totals["errors"],
-        seconds=seconds,
-        model=model_info["id"],
-        revision=model_info["revision"],
-        itm_token=model_info.get("itm_token"),
-        sources=sources,
-    )
-
-
 def _undecoded_images(scores) -> int:
     """Images whose web caption exists but got no score: they could not be decoded."""
     import pyarrow.compute as pc
@@ -348,20 +226,42 @@ def _undecoded_images(scores) -> int:
     return len(set(failed["key"].to_pylist()))
 
 
-def _summary(totals: dict | None) -> SourceSummary:
-    if not totals:
-        return SourceSummary()
-    scored = totals["scored"]
-    return SourceSummary(
-        pairs=totals["pairs"],
-        scored=scored,
-        kept=totals["kept"],
-        mean_itm=totals["itm_sum"] / scored if scored else None,
-        mean_itc=totals["itc_sum"] / scored if scored else None,
-    )
+def filter_dataset(
+    dataset: Dataset | str, options: FilterOptions, scorer=None, progress: bool = True
+) -> FilterResult:
+    """Score every shard not done for these options into scores/, derive curated/ at the
+    threshold (a new generation, when anything changed), and record the run.
 
-
-def _model_info(scorer, model_id: str) -> dict:
-    if scorer is None:
-        return dict(id=model_id, revision=None, itm_token=None)
-    return dict(model_record(scorer, model_id), itm_token=scorer.itm_token)
+    With every shard scored no model is loaded: only curated/ is re-derived.
+    """
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    ds.ensure_writable()
+    processes = distributed.current()
+    with folder_locks(ds, ("scores", "curated"), "capfilt filter", processes):
+        scored = run_stage(
+            ScoreStage(options, model=scorer),
+            ds,
+            options.overwrite,
+            progress,
+            locked=True,
+            record=False,
+        )
+        curated = run_stage(
+            CurateStage(options), ds, options.overwrite, False, locked=True, record=False
+        )
+        sources = source_summaries(ds) if processes.is_main else {}
+        if processes.is_main and not (scored.plan.up_to_date and curated.plan.up_to_date):
+            record_run(
+                ds,
+                "filter",
+                options,
+                [scored, curated],
+                counts=dict(
+                    kept={name: s.kept for name, s in sources.items()},
+                    pairs_by_source={name: s.pairs for name, s in sources.items()},
+                ),
+                rescored=scored.shards_done > 0,
+                threshold=options.threshold,
+            )
+        processes.wait_for_everyone()
+    return FilterResult(options.threshold, scored, curated, sources)

@@ -21,61 +21,141 @@ import json
 import math
 import os
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from capfilt.core import parquet as io
-from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
-from capfilt.sources.local import LocalColumns, Pair, read_source
+from capfilt.core.options import Options, option
+from capfilt.sources.local import LocalColumns, Pair, SourcePairs, read_source
+from capfilt.stages.image_shards import (
+    ImagesResult,
+    counts_of,
+    image_size_option,
+    overwrite_images_option,
+    resize_mode_option,
+    run_totals,
+    shard_size_option,
+    shard_stats,
+)
+from capfilt.stages.runner import Stage, run_stage
 
-RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 
-
-@dataclass(frozen=True)
-class IngestOptions:
+@dataclass(frozen=True, kw_only=True)
+class IngestOptions(Options):
     """How `capfilt ingest` reads SOURCE and writes the shards."""
 
-    captions_file: str | None = None
-    file_col: str | None = None  # None: the first of FILE_COLUMN_GUESSES the file has
-    caption_col: str = "caption"
-    image_root: str | None = None
-    image_size: int = 384
-    resize_mode: str = "keep_ratio"
-    shard_size: int = 10_000
+    captions_file: str | None = option(
+        None, "Captions file for a folder SOURCE (csv, tsv, jsonl).", flag="--captions"
+    )
+    file_col: str | None = option(
+        None, "Column of image file names.", cli_default="file_name, file, image, ..."
+    )
+    caption_col: str = option("caption", "Column of captions.")
+    image_root: str | None = option(
+        None, "Folder the image paths are relative to.", cli_default="SOURCE's folder"
+    )
+    image_size: int = image_size_option()
+    resize_mode: str = resize_mode_option()
+    shard_size: int = shard_size_option()
     encode_quality: int = 95
-    overwrite: bool = False
+    overwrite: bool = overwrite_images_option("ingest")
 
     def local_columns(self) -> LocalColumns:
         return LocalColumns(self.captions_file, self.file_col, self.caption_col, self.image_root)
 
-    def validate(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise CapfiltError(
-                f"unknown --resize-mode {self.resize_mode!r}; "
-                f"choose one of {', '.join(RESIZE_MODES)}"
-            )
-        if self.image_size < 1 or self.shard_size < 1:
-            raise CapfiltError("--image-size and --shard-size must be at least 1")
-
 
 @dataclass
-class IngestResult:
-    dataset: str
-    kind: str
-    rows: int
-    shards_done_now: list[int]
-    shards_skipped: list[int]
-    counts: dict
-    errors: dict
-    unlisted_files: int
-    skipped_columns: list[str]
-    invalid_utf8_values: int = 0
+class IngestResult(ImagesResult):
+    kind: str = ""
+    rows: int = 0
+    unlisted_files: int = 0
 
-    @property
-    def success_rate(self) -> float:
-        return self.counts["successes"] / self.counts["count"] if self.counts["count"] else 0.0
+
+class IngestStage(Stage):
+    """A slice of SOURCE's pairs → one images/ shard in img2dataset's schema."""
+
+    name = "ingest"
+    output = "images"
+    inputs = ()
+    refuse_changed_inputs = True  # another SOURCE would replace images/ wholesale
+    unit = "rows"
+
+    def __init__(self, options: IngestOptions, found: SourcePairs):
+        super().__init__(options)
+        self.found = found
+        self.extra_columns = list(dict.fromkeys(k for p in found.pairs for k in p.extra))
+        self.resizer = None
+
+    def pairs(self, shard: int) -> list[Pair]:
+        size = self.options.shard_size
+        return self.found.pairs[shard * size : (shard + 1) * size]
+
+    def shards(self, dataset: Dataset) -> list[int]:
+        return list(range(math.ceil(len(self.found.pairs) / self.options.shard_size)))
+
+    def input_fingerprints(self, dataset: Dataset, shard: int) -> dict:
+        """The shard's rows of SOURCE, and the size and time of each image file they name."""
+        listed = []
+        for pair in self.pairs(shard):
+            path = os.path.join(self.found.root, pair.file) if pair.file else ""
+            try:
+                st = os.stat(path)
+                stat = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                stat = None
+            listed.append([pair.file, pair.caption, pair.extra, pair.error, stat])
+        data = json.dumps(listed, default=str, sort_keys=True).encode()
+        return {"source": io.bytes_fingerprint(data)}
+
+    def work(self, dataset: Dataset, shards: list[int]) -> int:
+        return sum(len(self.pairs(s)) for s in shards)
+
+    def setup(self, dataset: Dataset, shards: list[int]) -> None:
+        from capfilt.sources.safe_fetch import SafeResizer
+
+        # Refuses decompression bombs, and turns EXIF-rotated, 16-bit, CMYK, alpha, palette and
+        # animated images into upright RGB before img2dataset's resizer (OpenCV) sees them.
+        self.resizer = SafeResizer.wrapping(
+            image_size=self.options.image_size,
+            resize_mode=self.options.resize_mode,
+            resize_only_if_bigger=False,
+            encode_quality=self.options.encode_quality,
+        )
+
+    def read(self, dataset: Dataset, shard: int):
+        return self.pairs(shard), self.input_fingerprints(dataset, shard)
+
+    def process(self, shard: int, pairs: list[Pair], advance):
+        start = time.time()
+        rows = []
+        for index, pair in enumerate(pairs):
+            row = _process(pair, self.found.root, self.resizer)
+            row["key"], row["extra"] = _key(shard, index, self.options.shard_size), pair.extra
+            rows.append(row)
+            advance(1)
+        stats = shard_stats(
+            [r["status"] for r in rows], [r["error_message"] for r in rows], start, time.time()
+        )
+        return _table(rows, self.extra_columns), stats
+
+    def write(self, folder, shard: int, result, before_rename) -> str:
+        table, stats = result
+
+        def with_stats(fingerprint: str) -> None:
+            io.write_bytes_atomic(
+                folder.fs,
+                folder.dataset.stats_path("images", shard),
+                json.dumps(stats, indent=2).encode(),
+            )
+            before_rename(fingerprint)
+
+        return super().write(folder, shard, table, with_stats)
+
+    def count(self, result) -> dict:
+        return counts_of(result[1])
+
+    def rows(self, result) -> int:
+        return result[0].num_rows
 
 
 def _key(shard: int, index: int, shard_size: int) -> str:
@@ -170,131 +250,73 @@ def _table(rows: list[dict], extra_columns: list[str]):
     return pa.table(columns)
 
 
-def _shards(pairs: list[Pair], shard_size: int) -> Iterator[tuple[int, list[Pair]]]:
-    for shard in range(math.ceil(len(pairs) / shard_size)):
-        yield shard, pairs[shard * shard_size : (shard + 1) * shard_size]
-
-
-def _check_resume(dataset: Dataset, rows: int, options: IngestOptions) -> None:
-    """Refuse a re-run whose shards would not line up with the shards already written."""
-    if options.overwrite or not dataset.has_stage("images"):
-        return
-    source = dataset.read_manifest().get("source") or {}
-    if (source.get("shard_size"), source.get("rows")) != (options.shard_size, rows):
-        raise CapfiltError(
-            f"{dataset.root!r} already has images/ shards from another source or shard size; "
-            "re-run with the same SOURCE and --shard-size to resume, or pass --overwrite"
-        )
-
-
 def ingest(
     source: str,
     dataset: Dataset | str,
     options: IngestOptions | None = None,
-    on_progress: Callable[[int, int, int], None] | None = None,
+    progress: bool = True,
 ) -> IngestResult:
-    """Write SOURCE's images and captions to DATASET/images/ shards; resume a re-run."""
+    """Write SOURCE's images and captions to DATASET/images/ shards; resume a re-run.
+
+    A re-run with the same SOURCE and options resumes; another SOURCE (or the same files
+    changed) or other options are refused unless `overwrite`, which replaces the shards and
+    leaves the later stages' shards stale (they are redone by their next run).
+    """
+    from capfilt.stages.status import downstream_stale
+
     options = options or IngestOptions()
     dataset = Dataset(dataset) if isinstance(dataset, str) else dataset
-    options.validate()
     found = read_source(str(source), options.local_columns())
     dataset.ensure_writable()
-    _check_resume(dataset, len(found.pairs), options)
-    if options.overwrite and dataset.fs.exists(dataset.stage_dir("images")):
-        dataset.fs.rm(dataset.stage_dir("images"), recursive=True)
-    dataset.remove_temp_files("images")
-    extra_columns = list(dict.fromkeys(k for p in found.pairs for k in p.extra))
-    # Recorded before any shard is written, so that a killed run can resume.
-    dataset.set_source(
-        {
-            "kind": found.kind,
-            "path": os.path.abspath(str(source)),
-            "image_root": os.path.abspath(found.root),
-            "rows": len(found.pairs),
-            "shard_size": options.shard_size,
-            "extra_columns": extra_columns,
-            **(
-                {"invalid_utf8_values": found.invalid_utf8_values}
-                if found.invalid_utf8_values
-                else {}
-            ),
-        }
-    )
-
-    from capfilt.sources.safe_fetch import SafeResizer
-
-    # Refuses decompression bombs, and turns EXIF-rotated, 16-bit, CMYK, alpha, palette and
-    # animated images into upright RGB before img2dataset's resizer (OpenCV) sees them.
-    resizer = SafeResizer.wrapping(
-        image_size=options.image_size,
-        resize_mode=options.resize_mode,
-        resize_only_if_bigger=False,
-        encode_quality=options.encode_quality,
-    )
-    done = set(dataset.shards("images"))
-    total, rows_done = len(found.pairs), 0
-    counts, errors, done_now, skipped = Counter(), Counter(), [], []
-    for shard, pairs in _shards(found.pairs, options.shard_size):
-        if shard in done:
-            skipped.append(shard)
-            rows_done += len(pairs)
-            continue
-        start = time.time()
-        rows = []
-        for index, pair in enumerate(pairs):
-            row = _process(pair, found.root, resizer)
-            row["key"], row["extra"] = _key(shard, index, options.shard_size), pair.extra
-            rows.append(row)
-        statuses = Counter(r["status"] for r in rows)
-        messages = Counter(r["error_message"] or "success" for r in rows)
-        stats = {
-            "count": len(rows),
-            "successes": statuses["success"],
-            "failed_to_download": statuses["failed_to_download"],
-            "failed_to_resize": statuses["failed_to_resize"],
-            "duration": time.time() - start,
-            "start_time": start,
-            "end_time": time.time(),
-            "status_dict": dict(messages),
-        }
-        dataset.write_shard("images", shard, _table(rows, extra_columns))
-        io.write_bytes_atomic(
-            dataset.fs, dataset.stats_path("images", shard), json.dumps(stats, indent=2).encode()
-        )
-        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
-            counts[key] += stats[key]
-        errors.update({m: n for m, n in messages.items() if m != "success"})
-        done_now.append(shard)
-        rows_done += len(rows)
-        if on_progress is not None:
-            on_progress(rows_done, total, counts["successes"])
-
-    counts = {
-        k: counts[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")
+    stage = IngestStage(options, found)
+    source_record = {
+        "kind": found.kind,
+        "path": os.path.abspath(str(source)),
+        "image_root": os.path.abspath(found.root),
+        "rows": len(found.pairs),
+        "shard_size": options.shard_size,
+        "extra_columns": stage.extra_columns,
     }
+    if found.invalid_utf8_values:
+        source_record["invalid_utf8_values"] = found.invalid_utf8_values
+    run = run_stage(
+        stage,
+        dataset,
+        options.overwrite,
+        progress,
+        command=f"capfilt ingest {source} {dataset.root}",
+        record=False,
+        before_work=lambda: dataset.set_source(source_record),
+    )
+    counts, errors = run_totals(run.counts)
+    done_now = sorted(run.plan.todo)
     result = IngestResult(
         dataset=dataset.root,
-        kind=found.kind,
-        rows=total,
         shards_done_now=done_now,
-        shards_skipped=skipped,
+        shards_skipped=sorted(set(run.plan.shards) - set(done_now)),
         counts=counts,
-        errors=dict(errors.most_common()),
-        unlisted_files=found.unlisted_files,
+        errors=errors,
         skipped_columns=found.skipped_columns,
         invalid_utf8_values=found.invalid_utf8_values,
+        kind=found.kind,
+        rows=len(found.pairs),
+        unlisted_files=found.unlisted_files,
     )
-    dataset.record_run(
-        "ingest",
-        asdict(options),
-        {
-            **counts,
-            "rows": total,
-            "shards_done": len(done_now),
-            "shards_skipped": len(skipped),
-            "unlisted_files": found.unlisted_files,
-        },
-        command=f"capfilt ingest {source} {dataset.root}",
-        errors=dict(list(result.errors.items())[:20]),
-    )
+    if done_now:
+        result.stale_downstream = downstream_stale(dataset)
+        dataset.record_run(
+            "ingest",
+            options.to_record(),
+            {
+                **counts,
+                "rows": result.rows,
+                "shards_done": len(done_now),
+                "shards_skipped": len(result.shards_skipped),
+                "unlisted_files": found.unlisted_files,
+            },
+            command=f"capfilt ingest {source} {dataset.root}",
+            run=run.run,
+            provenance_options=run.plan.options,
+            errors=dict(list(errors.items())[:20]),
+        )
     return result

@@ -1,4 +1,9 @@
-"""`capfilt report`: gather the figures, write reports/summary.json and report.html."""
+"""`capfilt report`: gather the figures, write summary.json and report.html as a new
+generation of reports/ (reports/gen-N/), switched in whole.
+
+The report's provenance (in reports/current.json) holds its options and a fingerprint of every
+folder it read, so `capfilt status` can tell when the data moved on since.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from capfilt.report.figures import (
     view_columns,
 )
 from capfilt.report.html import render_html
+from capfilt.stages.runner import folder_fingerprint, publish_generation
+
+REPORT_FILE, SUMMARY_FILE = "report.html", "summary.json"
 
 
 @dataclass
@@ -27,44 +35,76 @@ class Report:
     html_path: str
     summary_path: str
     html_url: str
+    generation: int
+
+
+def read_summary(dataset: Dataset) -> dict | None:
+    """summary.json of the report that readers see, None when no report was written."""
+    folder = dataset.folder("reports")
+    try:
+        with dataset.fs.open(f"{folder.path}/{SUMMARY_FILE}", "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def report_file(dataset: Dataset) -> str:
+    """Where the report that readers see is (a path or URL)."""
+    folder = dataset.folder("reports")
+    relative = folder.path[len(dataset.path) + 1 :].split("/")
+    return dataset.url(*relative, REPORT_FILE)
+
+
+def report_inputs(folders: dict) -> dict:
+    """A fingerprint of each stage folder a report reads."""
+    return {stage: folder_fingerprint(folder) for stage, folder in folders.items()}
 
 
 def build_report(
     dataset: Dataset, threshold: float | None = None, examples_per_group: int = 6
 ) -> Report:
-    """Gather the figures, write reports/summary.json and reports/report.html."""
+    """Gather the figures, write a new generation of reports/ and switch it in."""
     from capfilt.core.sql import connect
 
     if not dataset.exists():
         raise CapfiltError(f"dataset folder {dataset.root!r} does not exist; check the path")
-    if not any(dataset.has_stage(stage) for stage in STAGES):
+    folders = {stage: dataset.folder(stage) for stage in STAGES}  # one generation of curated/
+    if not any(folder.shards() for folder in folders.values()):
         raise CapfiltError(
             f"{dataset.root!r} has no images/ shards yet; run `capfilt fetch` or "
             "`capfilt ingest` first"
         )
-    threshold, origin = resolve_threshold(dataset, threshold)
-    con = connect(dataset)
-    summary = collect_summary(dataset, threshold, origin, con)
+    dataset.ensure_writable()  # before the work, not after it
+    threshold, origin = resolve_threshold(folders["curated"], threshold)
+    con = connect(dataset, folders=folders)
+    summary = collect_summary(dataset, threshold, origin, con, folders)
 
-    image_columns = view_columns(con, "images") if dataset.has_stage("images") else None
+    has_images, has_scores = bool(folders["images"].shards()), bool(folders["scores"].shards())
+    image_columns = view_columns(con, "images") if has_images else None
     examples: dict = {}
     samples: list[dict] = []
-    if dataset.has_stage("scores"):
+    if has_scores:
         examples = pick_examples(con, threshold, examples_per_group, image_columns)
-    elif dataset.has_stage("images"):
+    elif has_images:
         samples = sample_images(con, examples_per_group * 2)
 
     keys = {r["key"] for groups in examples.values() for rows in groups.values() for r in rows}
     keys |= {r["key"] for r in samples}
     thumbs: dict = {}
-    if keys and dataset.has_stage("images"):
-        thumbs = thumbnails(connect(dataset, with_images=True), keys)
-
+    if keys and has_images:
+        thumbs = thumbnails(connect(dataset, with_images=True, folders=folders), keys)
     page = render_html(summary, examples, samples, thumbs)
-    dataset.fs.makedirs(dataset.reports_dir(), exist_ok=True)
-    summary_path = dataset.join("reports", "summary.json")
-    html_path = dataset.join("reports", "report.html")
     summary_json = json.dumps(summary, indent=2, ensure_ascii=False, default=str)
-    io.write_bytes_atomic(dataset.fs, summary_path, summary_json.encode("utf-8"))
-    io.write_bytes_atomic(dataset.fs, html_path, page.encode("utf-8"))
-    return Report(summary, html_path, summary_path, dataset.url("reports", "report.html"))
+
+    def write(path: str) -> None:
+        io.write_bytes_atomic(dataset.fs, f"{path}/{SUMMARY_FILE}", summary_json.encode("utf-8"))
+        io.write_bytes_atomic(dataset.fs, f"{path}/{REPORT_FILE}", page.encode("utf-8"))
+
+    record = dict(
+        stage="report",
+        options=dict(threshold=threshold, examples=examples_per_group),
+        inputs=report_inputs(folders),
+    )
+    generation, path = publish_generation(dataset, "reports", write, record, "capfilt report")
+    html_url = dataset.url(*path[len(dataset.path) + 1 :].split("/"), REPORT_FILE)
+    return Report(summary, f"{path}/{REPORT_FILE}", f"{path}/{SUMMARY_FILE}", html_url, generation)

@@ -1,0 +1,201 @@
+"""What made each shard: its provenance, stored beside it, and the check that says whether a
+shard is done for a run.
+
+    captions/00003.parquet
+    captions/_provenance/00003.json  {"stage": "caption", "shard": 3,
+                                      "file": "sha256:…",            the shard file it describes
+                                      "options": {"model_revision": …, "num_captions": 3, …},
+                                      "inputs": {"images": "sha256:…"}, fingerprints of what was read
+                                      "run": "20261202T061502-4f1c", "written": …, "rows": 42}
+
+A shard is done only when its file exists, its provenance describes that very file, its
+options are this run's and its inputs are the input shards as they are now. The provenance is
+written before the shard file is renamed into place: a kill in between leaves a provenance
+that does not describe the file there, which reads as "interrupted", never as done.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+
+from capfilt.core import parquet
+from capfilt.core.layout import ShardFolder, shard_name
+
+FORMAT = 1
+
+DONE, PENDING, STALE = "done", "pending", "stale"
+# An option value this machine cannot tell (a hub model's commit when it is not cached here):
+# it matches whatever the shards recorded.
+UNRESOLVED = "(not resolvable here)"
+# Why a shard is stale; the runner redoes all but OPTIONS (and, for fetch and ingest, INPUTS),
+# which it refuses without --overwrite.
+OPTIONS, INPUTS, INTERRUPTED, UNKNOWN = "options", "inputs", "interrupted", "unknown"
+
+
+def new_run_id() -> str:
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Provenance:
+    """The provenance of one shard file."""
+
+    stage: str
+    shard: int
+    file: str  # fingerprint of the shard file this describes
+    options: dict
+    inputs: dict  # input name (a folder, or "url_list", ...) -> fingerprint, None if absent
+    run: str
+    written: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    rows: int | None = None
+    format: int = FORMAT
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True, default=str).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Provenance | None:
+        try:
+            raw = json.loads(data)
+            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+            record = cls(**known)
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(record.options, dict) or not isinstance(record.inputs, dict):
+            return None
+        return record
+
+
+def read(folder: ShardFolder, shard: int) -> Provenance | None:
+    """The provenance stored beside a shard; None when there is none or it cannot be read."""
+    try:
+        with folder.fs.open(folder.provenance_path(shard), "rb") as f:
+            return Provenance.from_bytes(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def write(folder: ShardFolder, shard: int, provenance: Provenance) -> None:
+    path = folder.provenance_path(shard)
+    folder.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    parquet.write_bytes_atomic(folder.fs, path, provenance.to_bytes())
+
+
+@dataclass
+class ShardCheck:
+    """Whether one output shard is done for a run, and if not, why."""
+
+    shard: int
+    state: str  # DONE, PENDING or STALE
+    cause: str | None = None  # for STALE: OPTIONS, INPUTS, INTERRUPTED or UNKNOWN
+    why: str = ""
+    changed_options: dict = field(default_factory=dict)  # name -> (old, new)
+    provenance: Provenance | None = None
+
+
+def check(
+    folder: ShardFolder,
+    shard: int,
+    options: dict | None,
+    inputs: dict,
+    file: str | None = None,
+    provenance: Provenance | None = None,
+) -> ShardCheck:
+    """Check one output shard against this run's `options` and the `inputs` as they are now.
+
+    `options` None skips the comparison of options (`capfilt status` has none of its own).
+    `file`/`provenance`: already read by the caller (the shard's fingerprint and record).
+    """
+    file = (
+        file if file is not None else parquet.file_fingerprint(folder.fs, folder.shard_path(shard))
+    )
+    if file is None:
+        return ShardCheck(shard, PENDING, why="not written yet")
+    provenance = provenance or read(folder, shard)
+    if provenance is None:
+        return ShardCheck(
+            shard,
+            STALE,
+            UNKNOWN,
+            "no provenance (written by another tool or an older capfilt)",
+        )
+    if provenance.file != file:
+        return ShardCheck(
+            shard,
+            STALE,
+            INTERRUPTED,
+            "the file is not the one its provenance describes (a write was interrupted)",
+            provenance=provenance,
+        )
+    changed_inputs = input_changes(provenance.inputs, inputs)
+    changed = option_changes(provenance.options, options) if options is not None else {}
+    if changed_inputs:
+        return ShardCheck(
+            shard, STALE, INPUTS, "; ".join(changed_inputs), changed, provenance=provenance
+        )
+    if changed:
+        why = "made with " + ", ".join(f"{k} {_show(old)}" for k, (old, _) in changed.items())
+        return ShardCheck(shard, STALE, OPTIONS, why, changed, provenance=provenance)
+    return ShardCheck(shard, DONE, provenance=provenance)
+
+
+def option_changes(old: dict, new: dict) -> dict:
+    """name -> (old value, new value) of every option that differs."""
+    missing = object()
+    changes = {}
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name, missing), new.get(name, missing)
+        if after == UNRESOLVED:
+            continue
+        if before != after:
+            changes[name] = (
+                None if before is missing else before,
+                None if after is missing else after,
+            )
+    return changes
+
+
+def input_changes(recorded: dict, now: dict) -> list[str]:
+    """Human reasons for every input that is not the one the shard was made from."""
+    reasons = []
+    for name in sorted(set(recorded) | set(now)):
+        before, after = recorded.get(name), now.get(name)
+        if before == after:
+            continue
+        label = name if name.startswith(("url", "source", "files")) else f"{name}/"
+        if after is None:
+            reasons.append(f"{label} shard it was made from is gone")
+        elif before is None:
+            reasons.append(f"{label} shard appeared since")
+        else:
+            reasons.append(f"{label} changed since")
+    return reasons
+
+
+def describe_changes(changes: dict, names: dict | None = None) -> str:
+    """'--num-captions 10 → 1, --top-p 0.9 → 0.95' (`names`: option → its flag)."""
+    names = names or {}
+    return ", ".join(
+        f"{names.get(k, k)} {_show(old)} → {_show(new)}" for k, (old, new) in changes.items()
+    )
+
+
+def shard_list(shards: list[int], limit: int = 8) -> str:
+    """'00001, 00003, 00004 and 2 more'"""
+    names = [shard_name(s) for s in shards[:limit]]
+    more = len(shards) - limit
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+
+
+def _show(value) -> str:
+    if isinstance(value, str):
+        return repr(value) if (" " in value or not value) else value
+    if value is None:
+        return "(none)"
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)

@@ -1,0 +1,173 @@
+"""`capfilt status DATASET`: each stage folder's shards as done, stale or pending, and why.
+
+A shard is checked as the stage that writes it checks it before a run (stages/provenance.py):
+its file against its provenance, and the input shards it was made from against the input
+shards as they are now. Without a command's options to compare with, the options of a folder's
+most recently written shard stand for the folder's: shards made with other options (a run
+killed half-way through an --overwrite, two runs at once) show as stale, naming the options.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from capfilt.core.errors import CapfiltError
+from capfilt.core.layout import Dataset
+from capfilt.stages import provenance
+from capfilt.stages.provenance import DONE, PENDING, STALE, UNKNOWN
+
+FOLDERS = ("images", "captions", "scores", "curated", "reports")
+
+
+@dataclass
+class FolderStatus:
+    """The shards of one stage folder, by state, with the reasons of those not done."""
+
+    folder: str
+    shards: int = 0
+    done: list[int] = field(default_factory=list)
+    stale: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    orphans: list[int] = field(default_factory=list)  # no input shard any more
+    reasons: dict[str, list[int]] = field(default_factory=dict)  # "stale: why" -> shards
+    note: str = ""  # e.g. "generation 3, threshold 0.4"
+    options: dict = field(default_factory=dict)  # of the newest shard
+
+    @property
+    def up_to_date(self) -> bool:
+        return not (self.stale or self.pending or self.orphans)
+
+
+@dataclass
+class DatasetStatus:
+    dataset: str
+    folders: list[FolderStatus]
+
+    def folder(self, name: str) -> FolderStatus:
+        return next(f for f in self.folders if f.folder == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dataset_status(dataset: Dataset | str) -> DatasetStatus:
+    """Check every shard of every stage folder of `dataset`; nothing is written."""
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    if not ds.exists():
+        raise CapfiltError(f"dataset folder {ds.root!r} does not exist; check the path")
+    folders = [_images(ds)]
+    for name in ("captions", "scores", "curated"):
+        folders.append(_derived(ds, name))
+    folders.append(_reports(ds))
+    return DatasetStatus(ds.root, folders)
+
+
+def downstream_stale(dataset: Dataset) -> dict[str, int]:
+    """Shards of captions/, scores/ and curated/ not done now (after images/ changed)."""
+    found = {}
+    for name in ("captions", "scores", "curated"):
+        status = _derived(dataset, name)
+        if status.stale:
+            found[name] = len(status.stale)
+    return found
+
+
+def _images(ds: Dataset) -> FolderStatus:
+    folder = ds.folder("images")
+    shards = folder.shards()
+    status = FolderStatus("images", len(shards))
+    for shard in shards:
+        record = provenance.read(folder, shard)
+        # Its source (a URL list, local files) is outside the dataset: only the file is checked.
+        inputs = record.inputs if record else {}
+        check = provenance.check(folder, shard, None, inputs, provenance=record)
+        if check.state == STALE and check.cause == UNKNOWN:
+            check = provenance.ShardCheck(shard, DONE)  # another tool's images: nothing to check
+        _add(status, check)
+        if check.provenance is not None:
+            status.options = check.provenance.options
+    source = ds.read_manifest().get("source") or {}
+    rows, shard_size = source.get("rows"), source.get("shard_size")
+    if isinstance(rows, int) and isinstance(shard_size, int) and shard_size > 0:
+        expected = set(range(math.ceil(rows / shard_size)))
+        missing = sorted(expected - set(shards))
+        for shard in missing:
+            _add(status, provenance.ShardCheck(shard, PENDING, why="not fetched yet"))
+        status.shards = len(expected | set(shards))
+        what = source.get("url_list") or source.get("path") or source.get("kind")
+        status.note = f"from {what} ({rows} rows)"
+    return status
+
+
+def _derived(ds: Dataset, name: str) -> FolderStatus:
+    stage = _stage_of(name)
+    folder = ds.folder(name)
+    status = FolderStatus(name)
+    if folder.generation:
+        threshold = (folder.record.get("options") or {}).get("threshold")
+        status.note = f"generation {folder.generation}" + (
+            f", threshold {threshold:g}" if isinstance(threshold, int | float) else ""
+        )
+    present = folder.shards()
+    try:
+        shards = stage.shards(ds)
+    except CapfiltError:  # its input folder has no shards
+        shards = []
+    if not present and not shards:
+        return status  # neither it nor its input has run
+    status.shards = len(shards)
+    records = {s: provenance.read(folder, s) for s in present}
+    newest = max((r for r in records.values() if r), key=lambda r: r.written, default=None)
+    reference = dict(folder.record.get("options") or {}) or (newest.options if newest else None)
+    status.options = reference or {}
+    for shard in shards:
+        inputs = stage.input_fingerprints(ds, shard)
+        check = provenance.check(folder, shard, reference, inputs, provenance=records.get(shard))
+        if check.state == PENDING:
+            check.why = f"not {_verb(name)} yet"
+        _add(status, check)
+    status.orphans = sorted(set(present) - set(shards))
+    if status.orphans:
+        status.reasons.setdefault("orphan: its input shard is gone", []).extend(status.orphans)
+    return status
+
+
+def _reports(ds: Dataset) -> FolderStatus:
+    from capfilt.stages.report import report_inputs
+
+    status = FolderStatus("reports")
+    record = ds.generation_record("reports")
+    if not record:
+        return status
+    status.shards = 1
+    status.note = f"generation {record.get('generation')}"
+    folders = {stage: ds.folder(stage) for stage in ("images", "captions", "scores", "curated")}
+    changed = provenance.input_changes(record.get("inputs") or {}, report_inputs(folders))
+    if changed:
+        status.stale = [0]
+        status.reasons["stale: " + "; ".join(changed)] = [0]
+    else:
+        status.done = [0]
+    return status
+
+
+def _add(status: FolderStatus, check) -> None:
+    getattr(status, check.state).append(check.shard)
+    if check.state != DONE:
+        status.reasons.setdefault(f"{check.state}: {check.why}", []).append(check.shard)
+
+
+def _stage_of(name: str):
+    from capfilt.stages.caption import CaptionStage
+    from capfilt.stages.curate import CurateStage
+    from capfilt.stages.filter import ScoreStage
+
+    return {"captions": CaptionStage, "scores": ScoreStage, "curated": CurateStage}[name](None)
+
+
+def _verb(name: str) -> str:
+    return {"captions": "captioned", "scores": "scored", "curated": "curated"}[name]
+
+
+__all__ = ["DONE", "PENDING", "STALE", "DatasetStatus", "FolderStatus", "dataset_status"]
