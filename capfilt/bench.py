@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from capfilt.core.errors import CapfiltError
+from capfilt.core.options import Options, option
+from capfilt.models.blip import PRECISIONS
 from capfilt.models.shapes import BERT_BASE, TINY_TEXT, TINY_VISION, VIT_B16, VIT_L16
 
 WORKLOADS = ("caption", "filter", "pretrain")
@@ -52,47 +54,54 @@ SPEC_PEAK_TFLOPS = {
 }
 
 
-@dataclass(frozen=True)
-class BenchConfig:
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig(Options):
     """Options of `capfilt bench`."""
 
-    workload: str
-    model: str | None = None
-    arch: str = "tiny"
-    level: str = "e2e"
-    images: int = 16
-    batch_size: int = 8
-    captions_per_image: int = 1  # caption: samples per image; filter: synthetic captions
-    precision: str = "auto"
-    device: str = "auto"
-    new_tokens: int = 20
-    text_tokens: int = 20  # filter: tokens of each caption ([CLS] and [SEP] included)
+    workload: str = option(help="What to measure.", choices=WORKLOADS, positional=True)
+    model: str | None = option(
+        None, "BLIP checkpoint (local dir or hub id); default random --arch weights."
+    )
+    arch: str = option(
+        "tiny", "Random-weight architecture: tiny, base (ViT-B/16) or large (ViT-L/16).",
+        choices=ARCHS,
+    )
+    level: str = option(
+        "e2e", "e2e: JPEG bytes in Parquet to rows written; model: tensors in.", choices=LEVELS
+    )
+    images: int = option(16, "Images per timed run.", ge=1)
+    batch_size: int = option(8, "Images per batch (both sides).", ge=1)
+    captions_per_image: int = option(
+        1, "caption: samples per image; filter: synthetic captions (+1 web).", ge=1
+    )
+    precision: str = option(
+        "auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", choices=PRECISIONS
+    )
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    new_tokens: int = option(20, "caption: new tokens per caption.", ge=1)
+    # filter: tokens of each caption ([CLS] and [SEP] included)
+    text_tokens: int = option(20, "filter/pretrain: tokens per caption.", ge=3)
     top_p: float = 0.9
-    itc: bool = True
-    workers: int | None = None  # image decoding processes (e2e); None: data.resolve_workers
-    fast_decode: bool = False  # e2e caption/filter: capfilt's JPEG draft decoding (approximate)
-    gpu_decode: bool = False  # e2e caption/filter: capfilt decodes plain JPEGs on the GPU
-    repeats: int = 1
-    peak_tflops: float | None = None
-    threads: int | None = None  # torch CPU threads; None leaves torch's default
-    cuda_graphs: bool = False  # caption, GPU: replay each decode step as a CUDA graph
-    compile: bool = False  # caption, GPU: torch.compile the decode step
+    itc: bool = option(True, "filter: score ITC as well as ITM, both sides.")
+    workers: int | None = option(
+        None, "e2e image-decoding processes (default as caption/filter --workers).", ge=0
+    )
+    fast_decode: bool = option(False, "e2e caption/filter: capfilt decodes JPEGs at reduced scale.")
+    gpu_decode: bool = option(False, "e2e caption/filter: capfilt decodes plain JPEGs on the GPU.")
+    repeats: int = option(1, "Timed runs per side; the best counts.", ge=1)
+    peak_tflops: float | None = option(
+        None, "FLOP bound in TFLOP/s (default: a measured matmul).", gt=0
+    )
+    threads: int | None = option(
+        None, "CPU threads for torch (default: torch's own choice).", ge=1
+    )
+    cuda_graphs: bool = option(
+        False, "caption on GPU: replay capfilt's decode step as a CUDA graph."
+    )
+    compile: bool = option(
+        False, "caption on GPU: torch.compile capfilt's decode step; pretrain: its layers."
+    )
     seed: int = 0
-
-    def __post_init__(self):
-        if self.workload not in WORKLOADS:
-            raise CapfiltError(f"workload must be one of {', '.join(WORKLOADS)}")
-        if self.arch not in ARCHS:
-            raise CapfiltError(f"--arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
-        if self.level not in LEVELS:
-            raise CapfiltError(f"--level must be one of {', '.join(LEVELS)}, not {self.level!r}")
-        for name in ("images", "batch_size", "captions_per_image", "new_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise CapfiltError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.text_tokens < 3:
-            raise CapfiltError("--text-tokens must be at least 3 ([CLS] word [SEP])")
-        if not 0 < self.top_p <= 1:
-            raise CapfiltError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 # --- models with random weights --------------------------------------------------------------

@@ -7,7 +7,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from capfilt.bench import BenchConfig
 from capfilt.cli import app
+from capfilt.core.errors import CapfiltError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +60,11 @@ def test_bench_filter_of_a_checkpoint_counts_pairs(tiny_filter):
 def test_bench_rejects_bad_options():
     result = CliRunner().invoke(app, ["bench", "caption", "--arch", "huge"])
     assert result.exit_code == 2
-    assert "--arch must be one of tiny, base, large" in result.output
+    assert "--arch" in result.output and "'huge' is not one of" in result.output
+    result = CliRunner().invoke(app, ["bench", "caption", "--images", "0"])
+    assert result.exit_code == 2 and "--images must be at least 1" in result.output
+    with pytest.raises(CapfiltError, match="--arch must be one of tiny, base, large"):
+        BenchConfig(workload="caption", arch="huge")
 
 
 @pytest.mark.parametrize(

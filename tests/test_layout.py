@@ -8,8 +8,8 @@ import multiprocessing as mp
 import pyarrow as pa
 import pytest
 
-from capfilt.core.errors import CapfiltError, StageNotRunError
 from capfilt.core import parquet
+from capfilt.core.errors import CapfiltError, StageNotRunError
 from capfilt.core.layout import Dataset
 from capfilt.core.parquet import CAPTIONS_SCHEMA, rows_to_table
 

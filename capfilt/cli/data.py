@@ -16,6 +16,7 @@ from capfilt.stages.export_data import ExportOptions
 from capfilt.stages.fetch import FetchOptions
 from capfilt.stages.filter import FilterOptions
 from capfilt.stages.ingest import IngestOptions
+from capfilt.stages.report import ReportOptions
 
 
 # --- fetch, ingest (capfilt/fetch.py, capfilt/ingest.py) -------------------------------------
@@ -330,28 +331,20 @@ def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
 
 # --- report, export-data (capfilt/report.py, capfilt/export_data.py) -------------------------
 @command()
+@with_options(ReportOptions)
 def report(
     dataset: DatasetArg,
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            help="ITM threshold to report at; defaults to the one curated/ was made at, else 0.5.",
-            min=0.0,
-            max=1.0,
-        ),
-    ] = None,
-    examples: Annotated[
-        int, typer.Option(help="Examples per group (kept/dropped, clear/borderline).", min=1)
-    ] = 6,
+    options: ReportOptions,
     open_report: Annotated[
-        bool, typer.Option("--open", help="Open reports/report.html in the web browser.")
+        bool, typer.Option("--open", help="Open the report in the web browser.")
     ] = False,
 ):
-    """Summarise the dataset in the terminal and write reports/report.html and summary.json.
+    """Summarise the dataset in the terminal and write a report: report.html, summary.json.
 
     The HTML report is one self-contained file: totals per stage, fetch errors, ITM
     histograms with the threshold, what each threshold would keep, kept and dropped examples
     with thumbnails, and the filter's precision and recall where the dataset has truth columns.
+    Each run writes a new generation of reports/ (reports/gen-N/) and switches it in whole.
 
     Example: capfilt report ds --threshold 0.6 --open
     """
@@ -359,7 +352,9 @@ def report(
     from capfilt.report.terminal import print_summary
     from capfilt.stages.report import build_report
 
-    result = build_report(Dataset(dataset), threshold=threshold, examples_per_group=examples)
+    result = build_report(
+        Dataset(dataset), threshold=options.threshold, examples_per_group=options.examples
+    )
     out = console()
     print_summary(result.summary, out)
     out.print(f"wrote {result.html_url} and {result.summary_path}", soft_wrap=True)

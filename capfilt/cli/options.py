@@ -32,12 +32,16 @@ def with_options(
     *,
     exclude: tuple[str, ...] = (),
     defaults: dict | None = None,
+    required: tuple[str, ...] = (),
+    choices: dict | None = None,
     given_only: bool = False,
     param: str = "options",
 ):
     """Replace the `param` parameter of a command by the declared options of `options_cls`.
 
     `defaults`: other defaults for this command (finetune's, for instance).
+    `required`: options this command requires although the dataclass has a default.
+    `choices`: fewer choices for an option on this command (finetune's --task).
     `given_only`: pass a dict of the options given on the command line instead of building
     the dataclass (fetch merges them over a data manifest's settings); --help still shows the
     dataclass defaults.
@@ -54,7 +58,15 @@ def with_options(
         derived = []
         for field, spec, hint in fields:
             default = defaults.get(field.name, default_of(field))
+            if field.name in (choices or {}):
+                spec = dataclasses.replace(spec, choices=tuple(choices[field.name]))
+            if field.name in required:
+                default = dataclasses.MISSING
             derived.append(_parameter(field, spec, hint, default, given_only))
+        # Library-only fields with other defaults here (finetune's min_lr) are passed as well.
+        hidden_defaults = {
+            k: v for k, v in defaults.items() if k not in {f.name for f, _, _ in fields}
+        }
         hints = typing.get_type_hints(func, include_extras=True)  # resolve string annotations
         params = []
         for p in signature.parameters.values():
@@ -64,15 +76,22 @@ def with_options(
                 annotation = hints.get(p.name, p.annotation)
                 params.append(p.replace(annotation=annotation, kind=inspect.Parameter.KEYWORD_ONLY))
         specs = {f.name: spec for f, spec, _ in fields}
+        # A repeated option given no times arrives as None; the field's default applies then.
+        not_none = {f.name for f, _, hint in fields if not _unwrap_optional(hint)[1]}
 
         @functools.wraps(func)
         def wrapper(**kwargs):
             values = {name: _plain(kwargs.pop(name), spec) for name, spec in specs.items()}
+            for name in not_none & {k for k, v in values.items() if v is None}:
+                if name in defaults:
+                    values[name] = defaults[name]
+                else:
+                    del values[name]
             if given_only:  # an option left out (None, or a flag not set) is not given
                 values = {k: v for k, v in values.items() if v is not None and v is not False}
                 kwargs[param] = values
             else:
-                kwargs[param] = options_cls(**values)
+                kwargs[param] = options_cls(**hidden_defaults, **values)
             return func(**kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params)
@@ -89,16 +108,18 @@ def _parameter(field, spec, hint, default, given_only: bool) -> inspect.Paramete
     shown = spec.cli_default
     python_type: Any = base
     cli_default = default
+    given = default is not None and default is not dataclasses.MISSING
     if spec.choices is not None:
         python_type = _choice_enum(field.name, spec.choices)
-        cli_default = None if default is None else python_type(default)
+        cli_default = python_type(default) if given else default
     elif typing.get_origin(base) is tuple:
         if spec.split:  # one string on the command line, split
             python_type = str
-            cli_default = None if default is None else spec.split.join(default)
+            cli_default = spec.split.join(default) if given else default
         else:  # the option repeated
             python_type = list[typing.get_args(base)[0]]
-            cli_default = None if not default else list(default)
+            if given:
+                cli_default = list(default) or None
     if given_only:
         # None means "not given": the manifest or the dataclass default applies.
         if shown is None and cli_default is not None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from capfilt.bench import BenchConfig
 from capfilt.cli.app import app, command, console
+from capfilt.cli.options import with_options
 from capfilt.cli.training import percent
 from capfilt.core.errors import CapfiltError
+from capfilt.demo.loop import DemoConfig
 
 
 @command()
@@ -109,66 +111,10 @@ def run(
 
 
 # --- bench (capfilt/bench.py) ------------------------------------------------------------------
-class BenchWorkload(str, Enum):
-    caption = "caption"
-    filter = "filter"
-    pretrain = "pretrain"
-
-
 @command()
+@with_options(BenchConfig)
 def bench(
-    workload: Annotated[BenchWorkload, typer.Argument(help="What to measure.")],
-    model: Annotated[
-        str | None,
-        typer.Option(help="BLIP checkpoint (local dir or hub id); default random --arch weights."),
-    ] = None,
-    arch: Annotated[
-        str,
-        typer.Option(help="Random-weight architecture: tiny, base (ViT-B/16) or large (ViT-L/16)."),
-    ] = "tiny",
-    level: Annotated[
-        str,
-        typer.Option(help="e2e: JPEG bytes in Parquet to rows written; model: tensors in."),
-    ] = "e2e",
-    images: Annotated[int, typer.Option(help="Images per timed run.")] = 16,
-    batch_size: Annotated[int, typer.Option(help="Images per batch (both sides).")] = 8,
-    captions_per_image: Annotated[
-        int,
-        typer.Option(help="caption: samples per image; filter: synthetic captions (+1 web)."),
-    ] = 1,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")
-    ] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    new_tokens: Annotated[int, typer.Option(help="caption: new tokens per caption.")] = 20,
-    text_tokens: Annotated[int, typer.Option(help="filter/pretrain: tokens per caption.")] = 20,
-    itc: Annotated[bool, typer.Option(help="filter: score ITC as well as ITM, both sides.")] = True,
-    workers: Annotated[
-        int | None,
-        typer.Option(help="e2e image-decoding processes (default as caption/filter --workers)."),
-    ] = None,
-    fast_decode: Annotated[
-        bool, typer.Option(help="e2e caption/filter: capfilt decodes JPEGs at reduced scale.")
-    ] = False,
-    gpu_decode: Annotated[
-        bool, typer.Option(help="e2e caption/filter: capfilt decodes plain JPEGs on the GPU.")
-    ] = False,
-    repeats: Annotated[int, typer.Option(help="Timed runs per side; the best counts.")] = 1,
-    peak_tflops: Annotated[
-        float | None, typer.Option(help="FLOP bound in TFLOP/s (default: a measured matmul).")
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="CPU threads for torch (default: torch's own choice).")
-    ] = None,
-    cuda_graphs: Annotated[
-        bool, typer.Option(help="caption on GPU: replay capfilt's decode step as a CUDA graph.")
-    ] = False,
-    compile: Annotated[
-        bool,
-        typer.Option(
-            help="caption on GPU: torch.compile capfilt's decode step; pretrain: its layers."
-        ),
-    ] = False,
+    options: BenchConfig,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ):
     """Measure a stage's throughput against the plain Hugging Face recipe, in one run.
@@ -178,31 +124,9 @@ def bench(
 
     Example: capfilt bench caption --arch base --images 64 --batch-size 32 --json
     """
-    from capfilt.bench import BenchConfig, run_bench
+    from capfilt.bench import run_bench
 
-    config = BenchConfig(
-        workload=workload.value,
-        model=model,
-        arch=arch,
-        level=level,
-        images=images,
-        batch_size=batch_size,
-        captions_per_image=captions_per_image,
-        precision=precision,
-        device=device,
-        new_tokens=new_tokens,
-        text_tokens=text_tokens,
-        itc=itc,
-        workers=workers,
-        fast_decode=fast_decode,
-        gpu_decode=gpu_decode,
-        repeats=repeats,
-        peak_tflops=peak_tflops,
-        threads=threads,
-        cuda_graphs=cuda_graphs,
-        compile=compile,
-    )
-    result = run_bench(config)
+    result = run_bench(options)
     if json_output:
         import json
 
@@ -252,17 +176,10 @@ def print_bench(result: dict) -> None:
 
 # --- demo (capfilt/demo) ------------------------------------
 @command()
+@with_options(DemoConfig)
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the toy data, datasets and runs.")],
-    images: Annotated[int, typer.Option(help="Toy web image-text pairs.")] = 2000,
-    annotated_images: Annotated[
-        int, typer.Option(help="Pairs of the clean, human-annotated-like set (plays COCO).")
-    ] = 400,
-    heldout_images: Annotated[int, typer.Option(help="Held-out pairs for retrieval R@K.")] = 300,
-    wrong_fraction: Annotated[
-        float, typer.Option(help="Fraction of web captions that are wrong.")
-    ] = 0.3,
-    seed: Annotated[int, typer.Option(help="Random seed of the toy data.")] = 0,
+    options: DemoConfig,
     pipeline: Annotated[
         Path | None, typer.Option(help="Pipeline file to run.  [default: pipelines/demo.toml]")
     ] = None,
@@ -294,7 +211,6 @@ def demo(
 
     from capfilt.demo.loop import (
         DEFAULT_PIPELINE,
-        DemoConfig,
         demo_figures,
         make_toy_data,
         serve_toy_web,
@@ -303,18 +219,12 @@ def demo(
     if threads is not None or not torch.cuda.is_available():
         torch.set_num_threads(threads or 1)
     started = time.perf_counter()
-    config = DemoConfig(
-        images=images,
-        annotated_images=annotated_images,
-        heldout_images=heldout_images,
-        wrong_fraction=wrong_fraction,
-        seed=seed,
-    )
-    data = make_toy_data(out_dir, config)
+    data = make_toy_data(out_dir, options)
     out = console()
     out.print(
         f"toy web: {len(data.web_pairs)} pairs, {data.wrong_captions} with a wrong caption; "
-        f"{annotated_images} annotated and {heldout_images} held-out pairs; in {out_dir}/toy"
+        f"{options.annotated_images} annotated and {options.heldout_images} held-out pairs; "
+        f"in {out_dir}/toy"
     )
     with serve_toy_web(data) as variables:
         overrides = [f"{name}={value}" for name, value in variables.items()]

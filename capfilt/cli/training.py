@@ -2,68 +2,18 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from capfilt.cli.app import DatasetArg, command, console
+from capfilt.cli.options import with_options
+from capfilt.training.config import FINETUNE_DEFAULTS, TrainConfig
+from capfilt.training.evaluate import EvaluateConfig
 
 
 # --- pretrain, finetune, export, run (capfilt/train.py, capfilt/pipeline.py) -----------------
-class Preset(str, Enum):
-    tiny = "tiny"
-    base = "base"
-    large = "large"
-
-
-class Source(str, Enum):
-    all = "all"
-    web = "web"
-    synthetic = "synthetic"
-
-
-class FinetuneTask(str, Enum):
-    caption = "caption"
-    itm = "itm"
-
-
-RunOut = Annotated[str, typer.Option("--out", help="Run folder: checkpoints step-N/, log.jsonl.")]
-InitOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        help="Start from HF BLIP weights (captioner and/or ITM model: hub id or local "
-        "dir, safetensors only; repeat for both) or a capfilt run/export folder."
-    ),
-]
-TokenizerOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Tokenizer folder; default: --init's, else a WordPiece trained on the training texts."
-    ),
-]
-SourceOpt = Annotated[Source, typer.Option(help="Train on web texts, synthetic ones, or all.")]
-BatchOpt = Annotated[int, typer.Option(help="Pairs per batch per process.")]
-AccumOpt = Annotated[int, typer.Option(help="Gradient accumulation steps.")]
-EpochsOpt = Annotated[int, typer.Option(help="Epochs (ignored with --max-steps).")]
-MaxStepsOpt = Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")]
-WarmupOpt = Annotated[int, typer.Option(help="Linear warm-up steps (at most 10% of the run).")]
-WeightDecayOpt = Annotated[float, typer.Option(help="AdamW weight decay.")]
-QueueOpt = Annotated[int | None, typer.Option(help="ITC feature queue size (BLIP: 57600).")]
-PrecisionOpt = Annotated[
-    str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
-]
-FlipOpt = Annotated[
-    bool, typer.Option(help="Random horizontal flips (turn off when captions say left/right).")
-]
-SeedOpt = Annotated[int, typer.Option(help="Seed of initialisation, data order and augmentation.")]
-SaveEveryOpt = Annotated[int, typer.Option(help="Checkpoint every N optimizer steps.")]
-KeepOpt = Annotated[int, typer.Option(help="Keep the last K checkpoints.")]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader worker processes for JPEG decoding.")]
-OverwriteRunOpt = Annotated[bool, typer.Option(help="Start again instead of resuming --out.")]
-
-
 def _train_summary(result) -> None:
     if not result.is_main_process:
         return
@@ -80,37 +30,9 @@ def _train_summary(result) -> None:
         out.print(f"checkpoint: {result.checkpoint}")
 
 
-CompileOpt = Annotated[
-    bool,
-    typer.Option(help="torch.compile each transformer layer (GPU; the first steps compile)."),
-]
-
-
 @command()
-def pretrain(
-    datasets: Annotated[list[str], typer.Argument(help="Dataset folders (curated/ or images/).")],
-    out: RunOut,
-    preset: Annotated[Preset, typer.Option(help="Model size when not --init.")] = Preset.base,
-    init: InitOpt = None,
-    tokenizer: TokenizerOpt = None,
-    source: SourceOpt = Source.all,
-    batch_size: BatchOpt = 32,
-    grad_accum: AccumOpt = 1,
-    epochs: EpochsOpt = 20,
-    max_steps: MaxStepsOpt = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-4,
-    warmup_steps: WarmupOpt = 3000,
-    weight_decay: WeightDecayOpt = 0.05,
-    queue_size: QueueOpt = None,
-    precision: PrecisionOpt = "auto",
-    compile: CompileOpt = False,
-    flip: FlipOpt = True,
-    seed: SeedOpt = 42,
-    save_every: SaveEveryOpt = 1000,
-    keep_last: KeepOpt = 2,
-    num_workers: WorkersOpt = 4,
-    overwrite: OverwriteRunOpt = False,
-):
+@with_options(TrainConfig, exclude=("task", "prompt"))
+def pretrain(options: TrainConfig):
     """Pretrain BLIP's MED model (ITC + ITM + LM) on one or more datasets through Accelerate.
 
     Reads each dataset's curated/ pairs (its web captions when it has not been filtered).
@@ -119,99 +41,29 @@ def pretrain(
 
     Example: capfilt pretrain ds1 ds2 --out runs/base --preset base --batch-size 75
     """
-    from capfilt.training.loop import TrainConfig, train
+    from capfilt.training.loop import train
 
-    config = TrainConfig(
-        datasets=tuple(datasets),
-        out=out,
-        task="pretrain",
-        preset=preset.value,
-        init=tuple(init or ()),
-        tokenizer=tokenizer,
-        source=source.value,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        queue_size=queue_size,
-        precision=precision,
-        compile=compile,
-        flip=flip,
-        seed=seed,
-        save_every=save_every,
-        keep_last=keep_last,
-        num_workers=num_workers,
-        overwrite=overwrite,
-    )
-    _train_summary(train(config, console=console()))
+    _train_summary(train(options, console=console()))
 
 
 @command()
-def finetune(
-    datasets: Annotated[list[str], typer.Argument(help="Dataset folders (e.g. COCO ingested).")],
-    init: Annotated[list[str], typer.Option(help="A capfilt run folder (or HF BLIP weights).")],
-    out: RunOut,
-    task: Annotated[
-        FinetuneTask, typer.Option(help="caption: LM with a prompt; itm: ITC + ITM (the filter).")
-    ] = FinetuneTask.caption,
-    prompt: Annotated[str, typer.Option(help="Captioner prompt (its tokens get no loss).")] = (
-        "a picture of "
-    ),
-    source: SourceOpt = Source.all,
-    batch_size: BatchOpt = 32,
-    grad_accum: AccumOpt = 1,
-    epochs: EpochsOpt = 5,
-    max_steps: MaxStepsOpt = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-5,
-    warmup_steps: WarmupOpt = 0,
-    weight_decay: WeightDecayOpt = 0.05,
-    queue_size: QueueOpt = None,
-    precision: PrecisionOpt = "auto",
-    compile: CompileOpt = False,
-    flip: FlipOpt = True,
-    seed: SeedOpt = 42,
-    save_every: SaveEveryOpt = 1000,
-    keep_last: KeepOpt = 2,
-    num_workers: WorkersOpt = 4,
-    overwrite: OverwriteRunOpt = False,
-):
+@with_options(
+    TrainConfig,
+    exclude=("preset", "tokenizer"),
+    defaults=FINETUNE_DEFAULTS,
+    required=("init",),
+    choices={"task": ("caption", "itm")},
+)
+def finetune(options: TrainConfig):
     """Finetune a pretrained MED into a captioner (LM) or a filter (ITC + ITM), as on COCO.
 
     Then `capfilt export --out DIR` writes the Hugging Face checkpoints caption/filter load.
 
     Example: capfilt finetune coco --task caption --init runs/base --out runs/base-cap
     """
-    from capfilt.training.loop import TrainConfig, train
+    from capfilt.training.loop import train
 
-    config = TrainConfig(
-        datasets=tuple(datasets),
-        out=out,
-        task=task.value,
-        init=tuple(init),
-        source=source.value,
-        prompt=prompt,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        epochs=epochs,
-        max_steps=max_steps,
-        lr=lr,
-        min_lr=0.0,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
-        queue_size=queue_size,
-        precision=precision,
-        compile=compile,
-        flip=flip,
-        seed=seed,
-        save_every=save_every,
-        keep_last=keep_last,
-        num_workers=num_workers,
-        overwrite=overwrite,
-    )
-    _train_summary(train(config, console=console()))
+    _train_summary(train(options, console=console()))
 
 
 @command()
@@ -244,6 +96,7 @@ def percent(rate) -> str:
 
 
 @command()
+@with_options(EvaluateConfig)
 def evaluate(
     model: Annotated[
         str,
@@ -253,14 +106,7 @@ def evaluate(
         ),
     ],
     dataset: DatasetArg,
-    caption_col: Annotated[
-        str, typer.Option(help="Column of images/ with the reference texts (e.g. true_caption).")
-    ] = "caption",
-    batch_size: Annotated[int, typer.Option(help="Images or texts per forward pass.")] = 64,
-    max_images: Annotated[
-        int | None, typer.Option(help="Evaluate on the first N usable images only.")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    options: EvaluateConfig,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write the result as JSON to this file.")
@@ -276,12 +122,9 @@ def evaluate(
     """
     import json
 
-    from capfilt.training.evaluate import EvaluateConfig, evaluate_retrieval
+    from capfilt.training.evaluate import evaluate_retrieval
 
-    config = EvaluateConfig(
-        caption_col=caption_col, batch_size=batch_size, max_images=max_images, device=device
-    )
-    result = evaluate_retrieval(model, dataset, config)
+    result = evaluate_retrieval(model, dataset, options)
     text = json.dumps(result.to_dict(), indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import datetime as _dt
 import json
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
@@ -94,7 +95,8 @@ class Dataset:
         """Create the folder, or raise a CapfiltError saying why it cannot be written."""
         try:
             self.fs.makedirs(self.path, exist_ok=True)
-            probe = self.join(".capfilt-write-probe")
+            # One probe per process: processes of one run check at the same moment.
+            probe = self.join(f".capfilt-write-probe-{uuid.uuid4().hex[:8]}")
             with self.fs.open(probe, "wb") as f:
                 f.write(b"ok")
             self.fs.rm(probe)

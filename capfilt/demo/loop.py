@@ -33,6 +33,7 @@ from pathlib import Path
 
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
+from capfilt.core.options import Options, option
 from capfilt.demo import toyweb
 from capfilt.stages.query import run_query
 from capfilt.stages.report import read_summary, report_file
@@ -49,24 +50,18 @@ COMPARED_RUNS = (("noisy web", "web"), ("after CapFilt", "capfilt"))
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[2] / "pipelines" / "demo.toml"
 
 
-@dataclass(frozen=True)
-class DemoConfig:
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig(Options):
     """Sizes of the toy data; the training recipe itself lives in the pipeline file."""
 
-    images: int = 2000  # toy web pairs
-    annotated_images: int = 400  # the clean, human-annotated-like set
-    heldout_images: int = 300  # held-out scenes for retrieval
-    wrong_fraction: float = 0.3
-    seed: int = 0
+    images: int = option(2000, "Toy web image-text pairs.", ge=2)
+    annotated_images: int = option(
+        400, "Pairs of the clean, human-annotated-like set (plays COCO).", ge=2
+    )
+    heldout_images: int = option(300, "Held-out pairs for retrieval R@K.", ge=2)
+    wrong_fraction: float = option(0.3, "Fraction of web captions that are wrong.", ge=0, le=1)
+    seed: int = option(0, "Random seed of the toy data.")
     image_size: int = 96
-
-    def __post_init__(self):
-        if not 0.0 <= self.wrong_fraction <= 1.0:
-            raise CapfiltError(
-                f"--wrong-fraction must be between 0 and 1, got {self.wrong_fraction}"
-            )
-        if min(self.images, self.annotated_images, self.heldout_images) < 2:
-            raise CapfiltError("the demo needs at least 2 images in every toy set")
 
 
 @dataclass

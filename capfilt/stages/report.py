@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import STAGES, Dataset
+from capfilt.core.options import Options, option
 from capfilt.report.figures import (
     collect_summary,
     pick_examples,
@@ -25,6 +26,20 @@ from capfilt.report.html import render_html
 from capfilt.stages.runner import folder_fingerprint, publish_generation
 
 REPORT_FILE, SUMMARY_FILE = "report.html", "summary.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportOptions(Options):
+    """Options of `capfilt report`."""
+
+    threshold: float | None = option(
+        None,
+        "ITM threshold to report at.",
+        ge=0,
+        le=1,
+        cli_default="the one curated/ was made at, else 0.5",
+    )
+    examples: int = option(6, "Examples per group (kept/dropped, clear/borderline).", ge=1)
 
 
 @dataclass

@@ -1,76 +1,90 @@
-"""Options of one `pretrain` or `finetune` run."""
+"""Options of one `pretrain` or `finetune` run, declared once (core/options.py): both
+commands are derived from `TrainConfig`, finetune with its own defaults (FINETUNE_DEFAULTS).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from capfilt.core.errors import CapfiltError
+from capfilt.core.options import Options, option
 
 TASKS = {"pretrain": ("itc", "itm", "lm"), "caption": ("lm",), "itm": ("itc", "itm")}
-
-
 SOURCES = ("all", "web", "synthetic")
-
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
+PRESETS = ("tiny", "base", "large")
 
 # Options that fix the data order: a resumed run must use the same ones.
 RESUME_KEYS = ("task", "datasets", "source", "batch_size", "grad_accum", "seed")
 
+# The paper's COCO finetuning, where it differs from pretraining.
+FINETUNE_DEFAULTS = dict(task="caption", epochs=5, lr=1e-5, min_lr=0.0, warmup_steps=0)
 
-@dataclass(frozen=True)
-class TrainConfig:
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Options):
     """Options of one `pretrain` or `finetune` run (defaults follow BLIP's pretraining)."""
 
-    datasets: tuple[str, ...]
-    out: str
-    task: str = "pretrain"  # pretrain (ITC+ITM+LM) | caption (LM) | itm (ITC+ITM)
-    preset: str = "base"
-    init: tuple[str, ...] = ()
-    tokenizer: str | None = None
+    datasets: tuple[str, ...] = option(
+        help="Dataset folders (curated/, or images/ with their web captions).", positional=True
+    )
+    out: str = option(help="Run folder: checkpoints step-N/, log.jsonl.", flag="--out")
+    task: str = option(
+        "pretrain",
+        "pretrain: ITC + ITM + LM; caption: LM with a prompt; itm: ITC + ITM (the filter).",
+        choices=tuple(TASKS),
+    )
+    preset: str = option("base", "Model size when not --init.", choices=PRESETS)
+    init: tuple[str, ...] = option(
+        (),
+        "Start from HF BLIP weights (captioner and/or ITM model: hub id or local dir, "
+        "safetensors only; repeat for both) or a capfilt run/export folder.",
+    )
+    tokenizer: str | None = option(
+        None,
+        "Tokenizer folder.",
+        cli_default="--init's, else a WordPiece trained on the training texts",
+    )
     vocab_size: int = 30522  # of a WordPiece trained from scratch
-    source: str = "all"
-    batch_size: int = 32  # per process
-    grad_accum: int = 1
-    epochs: int = 20
-    max_steps: int | None = None
-    lr: float = 3e-4
+    source: str = option("all", "Train on web texts, synthetic ones, or all.", choices=SOURCES)
+    batch_size: int = option(32, "Pairs per batch per process.", ge=1)
+    grad_accum: int = option(1, "Gradient accumulation steps.", ge=1)
+    epochs: int = option(20, "Epochs (ignored with --max-steps).", ge=1)
+    max_steps: int | None = option(None, "Stop after this many optimizer steps.", ge=1)
+    lr: float = option(3e-4, "Peak learning rate.", ge=0)
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
-    warmup_steps: int = 3000
-    weight_decay: float = 0.05
+    warmup_steps: int = option(3000, "Linear warm-up steps (at most 10% of the run).", ge=0)
+    weight_decay: float = option(0.05, "AdamW weight decay.", ge=0)
     max_grad_norm: float | None = None
     max_words: int = 30
-    prompt: str = "a picture of "  # the captioner's prompt (task caption)
-    flip: bool = True
+    prompt: str = option("a picture of ", "Captioner prompt (its tokens get no loss).")
+    flip: bool = option(
+        True, "Random horizontal flips (turn off when captions say left/right)."
+    )
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    queue_size: int | None = None
+    queue_size: int | None = option(None, "ITC feature queue size (BLIP: 57600).", ge=1)
     alpha: float | None = None
-    precision: str = "auto"
-    compile: bool = False  # torch.compile each transformer layer
-    seed: int = 42
-    save_every: int = 1000
-    keep_last: int = 2
+    precision: str = option(
+        "auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.", choices=PRECISIONS
+    )
+    compile: bool = option(
+        False, "torch.compile each transformer layer (GPU; the first steps compile)."
+    )
+    seed: int = option(42, "Seed of initialisation, data order and augmentation.")
+    save_every: int = option(1000, "Checkpoint every N optimizer steps.", ge=1)
+    keep_last: int = option(2, "Keep the last K checkpoints.", ge=1)
     log_every: int = 10
-    num_workers: int = 4
-    overwrite: bool = False
+    num_workers: int = option(4, "DataLoader worker processes for JPEG decoding.", ge=0)
+    overwrite: bool = option(False, "Start again instead of resuming --out.")
     progress: bool = True
 
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise CapfiltError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
-        if self.source not in SOURCES:
-            raise CapfiltError(f"--source must be one of {', '.join(SOURCES)}, not {self.source!r}")
-        if self.precision not in PRECISIONS:
-            raise CapfiltError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    def check(self) -> None:
         if self.batch_size < 2 and self.task != "caption":
             raise CapfiltError(
                 "--batch-size must be at least 2: ITM samples its negatives "
                 "from the other pairs of the batch"
             )
-        if self.grad_accum < 1 or self.save_every < 1 or self.keep_last < 1:
-            raise CapfiltError("--grad-accum, --save-every and --keep-last must be at least 1")
         if not self.datasets:
             raise CapfiltError("give at least one DATASET folder")
         lo, hi = self.crop_scale

@@ -19,24 +19,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from capfilt.core.errors import CapfiltError
+from capfilt.core.options import Options, option
 
 KS = (1, 5, 10)
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(Options):
     """Options of one retrieval evaluation."""
 
-    caption_col: str = "caption"  # the column of images/ holding the reference texts
-    batch_size: int = 64
-    max_images: int | None = None  # the first N usable images, for a quick look
-    device: str = "auto"
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise CapfiltError("--batch-size must be at least 1")
-        if self.max_images is not None and self.max_images < 1:
-            raise CapfiltError("--max-images must be at least 1")
+    caption_col: str = option(
+        "caption", "Column of images/ with the reference texts (e.g. true_caption)."
+    )
+    batch_size: int = option(64, "Images or texts per forward pass.", ge=1)
+    max_images: int | None = option(None, "Evaluate on the first N usable images only.", ge=1)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
 
 
 @dataclass
