@@ -92,6 +92,14 @@ def run_filter(root: str, model: str, threshold: float) -> None:
     filter_dataset(root, config, progress=False)
 
 
+def run_export(root: str, out: str, format: str, overwrite: bool) -> None:
+    from capfilt.core.layout import Dataset
+    from capfilt.stages.export_data import export_data
+
+    _child_setup()
+    export_data(Dataset(root), format, out, overwrite=overwrite)
+
+
 def run_pretrain(options: dict, resumes_log: str) -> None:
     """`capfilt pretrain`, with a spy that notes which checkpoint `load_state` resumes from."""
     from accelerate import Accelerator
@@ -118,8 +126,15 @@ class ShardWatcher:
     `expect(stage, shard, table)` raises AssertionError when a complete-looking file is wrong.
     """
 
-    def __init__(self, root: Path, stages: tuple[str, ...], expect: Callable | None = None):
-        self.root, self.stages, self.expect = Path(root), stages, expect
+    def __init__(
+        self,
+        root: Path,
+        stages: tuple[str, ...],
+        expect: Callable | None = None,
+        whole: Callable[[], None] | None = None,
+    ):
+        """`whole()`: a check of what a reader sees as a whole (a generation, an export)."""
+        self.root, self.stages, self.expect, self.whole = Path(root), stages, expect, whole
         self.seen: dict[Path, tuple] = {}  # file → (size, mtime) already checked
         self.files_checked = 0
         self.temp_files_seen = 0
@@ -150,6 +165,8 @@ class ShardWatcher:
             assert isinstance(json.loads(text), dict), "capfilt.json is not a JSON object"
         if self.temp_files():
             self.temp_files_seen += 1
+        if self.whole is not None:
+            self.whole()
         for stage in self.stages:
             for shard in self.shards(stage):
                 path = self.root / stage / f"{shard:05d}.parquet"
@@ -288,6 +305,68 @@ def kill_until_done(
         return
 
 
+def read_curated_as_a_reader(root: Path):
+    """(threshold of the generation readers see, its (key, text_id) pairs), or None when a
+    generation was removed between resolving and reading it (a reader would retry)."""
+    from capfilt.core.layout import Dataset
+
+    folder = Dataset(str(root)).folder("curated")
+    try:
+        table = folder.read_all(["key", "text_id", "itm_score"])
+    except FileNotFoundError:
+        return None
+    threshold = (folder.record.get("options") or {}).get("threshold")
+    rows = [] if table is None else table.to_pylist()
+    return threshold, rows
+
+
+def read_export_as_a_reader(out: Path) -> dict | None:
+    """What a reader of --out sees, opened through one handle on the folder so that a rename
+    meanwhile cannot mix two exports: its marker and, per shard, the samples it holds.
+
+    None when there is no --out (between the renames of a switch), or when the export this
+    reader opened was replaced and removed while it read (its files vanish: it fails, and
+    reads again, as any reader of a replaced folder does; it never sees a mix)."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    try:
+        names = set(os.listdir(fd))
+        with os.fdopen(os.open("_capfilt_export.json", os.O_RDONLY, dir_fd=fd), "rb") as f:
+            marker = json.loads(f.read())
+        samples = {}
+        for name in marker["files"]:
+            assert name in names or "/" in name, f"{name} listed but missing from {out}"
+            if name.endswith(".tar"):
+                with os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as f:
+                    with tarfile.open(fileobj=f) as tar:
+                        samples[name] = len([m for m in tar.getnames() if m.endswith(".txt")])
+            elif name.endswith(".parquet"):
+                with os.fdopen(os.open(name, os.O_RDONLY, dir_fd=fd), "rb") as f:
+                    samples[name] = pq.ParquetFile(f).metadata.num_rows
+        return dict(marker=marker, samples=samples, names=names)
+    except FileNotFoundError:
+        try:
+            replaced = os.fstat(fd).st_ino != os.stat(out).st_ino
+        except FileNotFoundError:
+            replaced = True
+        if replaced:
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
 def temp_leftovers(root: Path) -> list[str]:
-    """Temporary files anywhere under a dataset folder."""
-    return [str(p.relative_to(root)) for p in Path(root).rglob("*") if ".tmp-" in p.name]
+    """Temporary files anywhere under a folder (which a writer may be changing meanwhile)."""
+    found = []
+    for folder, dirs, files in os.walk(root):  # os.walk skips what vanishes under it
+        for name in dirs + files:
+            if ".tmp-" in name:
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+    return found

@@ -26,8 +26,11 @@ from _kill import (
     context,
     download_in_flight,
     kill_until_done,
+    read_curated_as_a_reader,
+    read_export_as_a_reader,
     run_caption,
     run_checkpoints,
+    run_export,
     run_fetch,
     run_filter,
     run_pretrain,
@@ -180,6 +183,131 @@ def test_filter_killed_anywhere_scores_every_pair_once(ctx, reference, tiny_filt
         f"filter: {log} files checked={watcher.files_checked} "
         f"polls with a temporary file={watcher.temp_files_seen}"
     )
+
+
+def test_threshold_change_killed_anywhere_never_shows_a_mixed_curated(
+    ctx, reference, tiny_filter, tmp_path
+):
+    """filter at 0.3 over curated/ at 0.5, killed anywhere: a reader sees all of one or all of
+    the other, never some shards of each; the resumed run ends with all of 0.3."""
+    new_threshold = 0.3
+    rng = random.Random(10)
+    root = tmp_path / "ds"
+    scores = sorted_rows(reference, "scores", ("key", "text_id"))
+
+    def kept(threshold: float) -> list:
+        return [
+            (r["key"], r["text_id"])
+            for r in scores
+            if r["itm_score"] is not None and r["itm_score"] >= threshold
+        ]
+
+    wanted = {THRESHOLD: kept(THRESHOLD), new_threshold: kept(new_threshold)}
+    assert wanted[THRESHOLD] != wanted[new_threshold]
+    seen: dict = {THRESHOLD: 0, new_threshold: 0}
+
+    def whole() -> None:
+        read = read_curated_as_a_reader(root)
+        if read is None:
+            return
+        threshold, rows = read
+        assert threshold in wanted, threshold
+        got = sorted((r["key"], r["text_id"]) for r in rows)
+        assert got == wanted[threshold], f"curated/ at {threshold} is not whole"
+        seen[threshold] += 1
+
+    def curated_written() -> int:
+        return len(list((root / "curated").glob("gen-*/*.parquet")))
+
+    watcher = ShardWatcher(root, ("scores",), whole=whole)
+    log = KillLog()
+    while log.kills < KILLS:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(reference, root)  # scored and curated at THRESHOLD
+        kill_until_done(
+            ctx,
+            run_filter,
+            (str(root), str(tiny_filter), new_threshold),
+            rng,
+            watcher,
+            progress=curated_written,
+            log=log,
+            max_delay=0.6,
+            max_kills=KILLS - log.kills,
+            in_flight=lambda: bool(temp_leftovers(root / "curated")),
+        )
+        threshold, rows = read_curated_as_a_reader(root)
+        assert threshold == new_threshold
+        assert sorted((r["key"], r["text_id"]) for r in rows) == wanted[new_threshold]
+        assert not temp_leftovers(root), temp_leftovers(root)
+        assert len(Dataset(str(root)).generations("curated")) <= 2
+    print(f"threshold change: {log} reads of a whole curated/ at each threshold: {seen}")
+    assert seen[THRESHOLD] and seen[new_threshold]
+
+
+def test_export_killed_anywhere_is_resumed_and_switched_in_whole(
+    ctx, reference, tiny_filter, tmp_path
+):
+    """export-data --overwrite of a parquet export as webdataset, killed anywhere: --out is
+    always one whole export (the old or the new); the last run leaves nothing in staging."""
+    dataset = tmp_path / "ds"
+    shutil.copytree(reference, dataset)  # export-data records its run in the manifest
+    run_uninterrupted(ctx, run_filter, str(dataset), str(tiny_filter), 0.3)  # keeps some pairs
+    first, straight = tmp_path / "first", tmp_path / "straight"
+    run_uninterrupted(ctx, run_export, str(dataset), str(first), "parquet", False)
+    run_uninterrupted(ctx, run_export, str(dataset), str(straight), "webdataset", False)
+    pairs = read_export_as_a_reader(first)["marker"]["pairs"]
+    assert pairs == read_export_as_a_reader(straight)["marker"]["pairs"] > 0
+
+    out = tmp_path / "out"
+    staging = tmp_path / ".out.capfilt-export"
+    formats_seen: dict = {"parquet": 0, "webdataset": 0}
+
+    def whole() -> None:
+        read = read_export_as_a_reader(out)
+        if read is None:
+            return
+        marker = read["marker"]
+        assert sum(read["samples"].values()) == marker["pairs"] == pairs, marker["format"]
+        listed = {f for f in marker["files"] if "/" not in f}
+        assert read["names"] - {"_capfilt_export.json", "_provenance"} == listed
+        formats_seen[marker["format"]] += 1
+
+    def staged() -> int:
+        return len(list(staging.glob("*.tar")))
+
+    watcher = ShardWatcher(out, (), whole=whole)
+    rng = random.Random(11)
+    log = KillLog()
+    while log.kills < KILLS:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(first, out)
+        kill_until_done(
+            ctx,
+            run_export,
+            (str(dataset), str(out), "webdataset", True),
+            rng,
+            watcher,
+            progress=staged,
+            log=log,
+            max_delay=0.5,
+            max_kills=KILLS - log.kills,
+            in_flight=lambda: bool(temp_leftovers(tmp_path)),
+        )
+        assert read_export_as_a_reader(out)["marker"]["format"] == "webdataset"
+        for name in sorted(p.name for p in straight.glob("*.tar")):
+            assert _tar_samples(out / name) == _tar_samples(straight / name), name
+        assert not staging.exists() and not (tmp_path / ".out.capfilt-export-old").exists()
+        assert not temp_leftovers(tmp_path), temp_leftovers(tmp_path)
+    print(f"export: {log} reads of a whole --out: {formats_seen}")
+    assert formats_seen["parquet"] and formats_seen["webdataset"]
+
+
+def _tar_samples(path: Path) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return sorted((m.name, tar.extractfile(m).read()) for m in tar.getmembers())
 
 
 # --- fetch -----------------------------------------------------------------------------------

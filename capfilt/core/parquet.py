@@ -127,7 +127,10 @@ def file_fingerprint(fs, path: str) -> str | None:
     """The fingerprint of a Parquet file (see the module docstring), None if there is none."""
     try:
         with fs.open(path, "rb") as f:
-            return _footer_fingerprint(f)
+            try:
+                return _footer_fingerprint(f)
+            except ValueError:  # damaged, or not Parquet: it matches no provenance
+                return f"unreadable:{f.seek(0, 2)}"
     except FileNotFoundError:
         return None
 

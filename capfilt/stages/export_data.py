@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from capfilt.core import parquet as io
+from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import MANIFEST, STAGES, Dataset, ShardFolder
 from capfilt.core.locks import path_lock
 from capfilt.core.options import Options, option
+from capfilt.stages import provenance
 from capfilt.stages.runner import Stage, run_stage
 
 MARKER = "_capfilt_export.json"
@@ -148,6 +150,7 @@ class ExportStage(Stage):
         return "parquet" if self.options.format == "hf" else self.options.format
 
     def process(self, shard: int, inputs: dict, advance):
+        """(the shard's table, keys of curated pairs without image bytes)"""
         table, missing = join_images(inputs["curated"], inputs["images"])
         self.missing_images += missing
         if self.options.format == "hf":
@@ -157,9 +160,10 @@ class ExportStage(Stage):
             )
         elif self.options.format == "parquet":
             table = table.select(export_schema().names)
-        return table
+        return table, missing
 
-    def write(self, folder, shard: int, table, before_rename) -> str:
+    def write(self, folder, shard: int, result, before_rename) -> str:
+        table, _ = result
         folder.fs.makedirs(folder.path, exist_ok=True)
         if self.staged_format == "webdataset":
             return write_webdataset_shard(
@@ -167,8 +171,13 @@ class ExportStage(Stage):
             )
         return super().write(folder, shard, table, before_rename)
 
-    def count(self, table) -> dict:
-        return dict(pairs=table.num_rows, images=len(set(table.column("key").to_pylist())))
+    def count(self, result) -> dict:
+        table, missing = result
+        images = len(set(table.column("key").to_pylist()))
+        return dict(pairs=table.num_rows, images=images, missing_images=len(missing))
+
+    def rows(self, result) -> int:
+        return result[0].num_rows
 
 
 def webdataset_key(key: str, text_id: int) -> str:
@@ -325,13 +334,18 @@ def export_data(
         if options.format == "hf":
             final = f"{target.staging}/hf"
             _build_hf(target, shards_dir, final)
+        # Totals of every shard, also those a killed run staged before this one resumed.
+        staged = ShardFolder(target.fs, shards_dir, suffix)
+        totals = sum_counts(
+            [provenance.read(staged, s).counts for s in run.plan.shards]
+        )
         marker = dict(
             wanted,
             run=run.run,
-            pairs=run.counts.get("pairs", 0),
-            images=run.counts.get("images", 0),
+            pairs=totals.get("pairs", 0),
+            images=totals.get("images", 0),
             shards=len(run.plan.shards),
-            missing_images=len(stage.missing_images),
+            missing_images=totals.get("missing_images", 0),
         )
         marker["files"] = [f for f in target.files(final) if not f.startswith("_provenance/")]
         io.write_bytes_atomic(

@@ -521,8 +521,6 @@ def _rows_of(dataset: Dataset, shards) -> int:
 
 
 def _record(dataset, listing: UrlList, options, result: FetchResult, staging: _Staging) -> None:
-    if not result.shards_done_now:
-        return  # nothing fetched: no run to record
     counts = {
         **result.counts,
         "rows_in_list": result.rows_in_list,

@@ -250,7 +250,7 @@ def filter_dataset(
             CurateStage(options), ds, options.overwrite, False, locked=True, record=False
         )
         sources = source_summaries(ds) if processes.is_main else {}
-        if processes.is_main and not (scored.plan.up_to_date and curated.plan.up_to_date):
+        if processes.is_main:
             record_run(
                 ds,
                 "filter",

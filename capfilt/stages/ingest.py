@@ -304,19 +304,19 @@ def ingest(
     )
     if done_now:
         result.stale_downstream = downstream_stale(dataset)
-        dataset.record_run(
-            "ingest",
-            options.to_record(),
-            {
-                **counts,
-                "rows": result.rows,
-                "shards_done": len(done_now),
-                "shards_skipped": len(result.shards_skipped),
-                "unlisted_files": found.unlisted_files,
-            },
-            command=f"capfilt ingest {source} {dataset.root}",
-            run=run.run,
-            provenance_options=run.plan.options,
-            errors=dict(list(errors.items())[:20]),
-        )
+    dataset.record_run(
+        "ingest",
+        options.to_record(),
+        {
+            **counts,
+            "rows": result.rows,
+            "shards_done": len(done_now),
+            "shards_skipped": len(result.shards_skipped),
+            "unlisted_files": found.unlisted_files,
+        },
+        command=f"capfilt ingest {source} {dataset.root}",
+        run=run.run,
+        provenance_options=run.plan.options,
+        errors=dict(list(errors.items())[:20]),
+    )
     return result

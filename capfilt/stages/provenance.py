@@ -54,6 +54,7 @@ class Provenance:
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
     rows: int | None = None
+    counts: dict = field(default_factory=dict)  # the stage's counters of this shard
     format: int = FORMAT
 
     def to_bytes(self) -> bytes:
@@ -112,9 +113,7 @@ def check(
     `options` None skips the comparison of options (`capfilt status` has none of its own).
     `file`/`provenance`: already read by the caller (the shard's fingerprint and record).
     """
-    file = (
-        file if file is not None else parquet.file_fingerprint(folder.fs, folder.shard_path(shard))
-    )
+    file = file if file is not None else folder.fingerprint(shard)
     if file is None:
         return ShardCheck(shard, PENDING, why="not written yet")
     provenance = provenance or read(folder, shard)

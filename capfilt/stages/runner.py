@@ -408,7 +408,7 @@ def run_stage(
                 plan.generation,
                 dict(run=run_id, stage=stage.name, options=plan.options),
             )
-        if record and target is None and not plan.up_to_date:
+        if record and target is None:
             record_run(ds, stage.name, stage.options, [result])
     processes.wait_for_everyone()
     return result
@@ -436,6 +436,7 @@ def _commit(stage, folder, shard, result, options, fingerprints, run_id) -> None
             inputs=fingerprints,
             run=run_id,
             rows=stage.rows(result),
+            counts=stage.count(result),
         )
         provenance.write(folder, shard, entry)
 

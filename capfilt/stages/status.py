@@ -56,21 +56,19 @@ def dataset_status(dataset: Dataset | str) -> DatasetStatus:
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     if not ds.exists():
         raise CapfiltError(f"dataset folder {ds.root!r} does not exist; check the path")
-    folders = [_images(ds)]
+    folders = {"images": _images(ds)}
     for name in ("captions", "scores", "curated"):
-        folders.append(_derived(ds, name))
-    folders.append(_reports(ds))
-    return DatasetStatus(ds.root, folders)
+        folders[name] = _derived(ds, name, folders)
+    folders["reports"] = _reports(ds)
+    return DatasetStatus(ds.root, list(folders.values()))
 
 
 def downstream_stale(dataset: Dataset) -> dict[str, int]:
     """Shards of captions/, scores/ and curated/ not done now (after images/ changed)."""
-    found = {}
+    folders = {"images": _images(dataset)}
     for name in ("captions", "scores", "curated"):
-        status = _derived(dataset, name)
-        if status.stale:
-            found[name] = len(status.stale)
-    return found
+        folders[name] = _derived(dataset, name, folders)
+    return {name: len(f.stale) for name, f in folders.items() if f.stale and name != "images"}
 
 
 def _images(ds: Dataset) -> FolderStatus:
@@ -100,7 +98,9 @@ def _images(ds: Dataset) -> FolderStatus:
     return status
 
 
-def _derived(ds: Dataset, name: str) -> FolderStatus:
+def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
+    """`upstream`: the status of the folders before it; a shard made from a stale input shard
+    is stale too, though its own input has not changed yet."""
     stage = _stage_of(name)
     folder = ds.folder(name)
     status = FolderStatus(name)
@@ -126,6 +126,11 @@ def _derived(ds: Dataset, name: str) -> FolderStatus:
         check = provenance.check(folder, shard, reference, inputs, provenance=records.get(shard))
         if check.state == PENDING:
             check.why = f"not {_verb(name)} yet"
+        elif check.state == DONE:
+            stale_inputs = [i for i in inputs if i in upstream and shard in upstream[i].stale]
+            if stale_inputs:
+                why = ", ".join(f"{i}/" for i in stale_inputs) + " shard it was made from is stale"
+                check = provenance.ShardCheck(shard, STALE, provenance.INPUTS, why)
         _add(status, check)
     status.orphans = sorted(set(present) - set(shards))
     if status.orphans:
