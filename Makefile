@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE := disabled
 DEMO_DIR ?= demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check capfilt tests
 	$(VENV)/bin/ruff format --check capfilt tests
+
+docs: setup
+	$(PY) -m capfilt.cli.reference --write README.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,47 @@ def test_every_command_has_an_example_and_documented_options():
 def test_readme_documents_every_command():
     for name in COMMANDS:
         assert f"`capfilt {name}" in README, f"README does not document `capfilt {name}`"
+
+
+def test_readme_command_reference_is_generated_from_help():
+    """The README's reference is what `make docs` renders from the commands, word for word."""
+    from capfilt.cli.reference import END, START, render, replace_block
+
+    assert START in README and END in README
+    assert replace_block(README, render()) == README, "README is stale: run `make docs`"
+    for name, command in COMMANDS.items():
+        for param in command.params:
+            if param.param_type_name == "option" and not param.hidden:
+                assert f"`{param.opts[0]}" in README, f"capfilt {name} {param.opts[0]}"
+
+
+def test_options_are_declared_once_and_the_commands_derive_from_them():
+    """caption/filter/fetch/...: each declared option is on its command with its default."""
+    from capfilt.core.options import declared, default_of, flag_of
+    from capfilt.stages.caption import CaptionOptions
+    from capfilt.stages.filter import FilterOptions
+    from capfilt.training.config import FINETUNE_DEFAULTS, TrainConfig
+
+    for name, options, defaults in (
+        ("caption", CaptionOptions, {}),
+        ("filter", FilterOptions, {}),
+        ("finetune", TrainConfig, FINETUNE_DEFAULTS),
+    ):
+        params = {p.opts[0]: p for p in COMMANDS[name].params if p.param_type_name == "option"}
+        for field, spec, _ in declared(options):
+            if spec.positional or flag_of(field) not in params:
+                continue
+            param = params[flag_of(field)]
+            want = defaults.get(field.name, default_of(field))
+            got = param.default
+            got = getattr(got, "value", got)
+            if isinstance(want, tuple):
+                got = tuple(got or ())
+            assert got == want or (want is dataclasses.MISSING and param.required), (name, field.name)
+    # finetune is pretrain with its own defaults, not a copy of it
+    assert {p.name for p in COMMANDS["pretrain"].params} - {"preset", "tokenizer"} == {
+        p.name for p in COMMANDS["finetune"].params
+    } - {"task", "prompt"}
 
 
 def test_readme_starts_with_the_two_setup_commands():

@@ -443,7 +443,8 @@ def print_status(result) -> None:
     out.print(table)
     for folder in result.folders:
         for reason, shards in folder.reasons.items():
-            out.print(Text(f"{folder.folder}/ {shard_list(shards)} {reason}"), soft_wrap=True)
+            which = "" if folder.folder == "reports" else f" {shard_list(shards)}"
+            out.print(Text(f"{folder.folder}/{which} {reason}"), soft_wrap=True)
     if all(f.up_to_date for f in result.folders):
         out.print("every stage is up to date")
 

@@ -120,13 +120,12 @@ def _parameter(field, spec, hint, default, given_only: bool) -> inspect.Paramete
             python_type = list[typing.get_args(base)[0]]
             if given:
                 cli_default = list(default) or None
-    if given_only:
+    if given_only and base is not bool:
         # None means "not given": the manifest or the dataclass default applies.
         if shown is None and cli_default is not None:
             shown = cli_default.value if isinstance(cli_default, enum.Enum) else str(cli_default)
-        if base is not bool:
-            cli_default = None
-            optional = True
+        cli_default = None
+        optional = True
     if optional and python_type is not bool:
         python_type = python_type | None
     if shown is not None:  # written into the help, as click would show a plain default

@@ -167,11 +167,12 @@ def input_changes(recorded: dict, now: dict) -> list[str]:
         before, after = recorded.get(name), now.get(name)
         if before == after:
             continue
-        label = name if name.startswith(("url", "source", "files")) else f"{name}/"
+        label = {"url_list": "the URL list", "source": "SOURCE"}.get(name, f"{name}/")
+        shard = "" if label in ("the URL list", "SOURCE") else " shard"
         if after is None:
-            reasons.append(f"{label} shard it was made from is gone")
+            reasons.append(f"{label}{shard} it was made from is gone")
         elif before is None:
-            reasons.append(f"{label} shard appeared since")
+            reasons.append(f"{label}{shard} appeared since")
         else:
             reasons.append(f"{label} changed since")
     return reasons
