@@ -63,7 +63,8 @@ class BenchConfig(Options):
         None, "BLIP checkpoint (local dir or hub id); default random --arch weights."
     )
     arch: str = option(
-        "tiny", "Random-weight architecture: tiny, base (ViT-B/16) or large (ViT-L/16).",
+        "tiny",
+        "Random-weight architecture: tiny, base (ViT-B/16) or large (ViT-L/16).",
         choices=ARCHS,
     )
     level: str = option(
@@ -92,9 +93,7 @@ class BenchConfig(Options):
     peak_tflops: float | None = option(
         None, "FLOP bound in TFLOP/s (default: a measured matmul).", gt=0
     )
-    threads: int | None = option(
-        None, "CPU threads for torch (default: torch's own choice).", ge=1
-    )
+    threads: int | None = option(None, "CPU threads for torch (default: torch's own choice).", ge=1)
     cuda_graphs: bool = option(
         False, "caption on GPU: replay capfilt's decode step as a CUDA graph."
     )

@@ -162,7 +162,10 @@ def test_rerun_skips_done_shards_and_redoes_a_deleted_one(tmp_path, captioner):
     assert ds.read_shard("captions", 1).to_pylist() == before  # same seed, same captions
 
     overwrite = caption_dataset(
-        ds, CaptionOptions(model="tiny", overwrite=True, **FAST), captioner=captioner, progress=False
+        ds,
+        CaptionOptions(model="tiny", overwrite=True, **FAST),
+        captioner=captioner,
+        progress=False,
     )
     assert overwrite.shards_done == 2
     assert ds.fs.modified(path0) > mtime0

@@ -66,7 +66,10 @@ def test_options_are_declared_once_and_the_commands_derive_from_them():
             got = getattr(got, "value", got)
             if isinstance(want, tuple):
                 got = tuple(got or ())
-            assert got == want or (want is dataclasses.MISSING and param.required), (name, field.name)
+            assert got == want or (want is dataclasses.MISSING and param.required), (
+                name,
+                field.name,
+            )
     # finetune is pretrain with its own defaults, not a copy of it
     assert {p.name for p in COMMANDS["pretrain"].params} - {"preset", "tokenizer"} == {
         p.name for p in COMMANDS["finetune"].params

@@ -135,7 +135,11 @@ def test_an_earlier_export_is_replaced_whole_only_with_overwrite(scored, tmp_pat
     with pytest.raises(CapfiltError, match="--overwrite"):
         export_data(Dataset(scored.root), "parquet", str(out))
     export_data(Dataset(scored.root), "parquet", str(out), overwrite=True)
-    assert sorted(p.suffix for p in out.iterdir() if p.is_file()) == [".json", ".parquet", ".parquet"]
+    assert sorted(p.suffix for p in out.iterdir() if p.is_file()) == [
+        ".json",
+        ".parquet",
+        ".parquet",
+    ]
     assert not list(tmp_path.glob(".wds.capfilt-export*"))  # no staging left beside it
     # A file of the user's inside an export is never deleted.
     (out / "notes.txt").write_text("mine")

@@ -133,7 +133,9 @@ def test_new_threshold_rederives_curated_without_a_model(scored, tiny_filter):
 
     # The bogus model is used, and fails clearly, as soon as there is something to score.
     ds.fs.rm(ds.shard_path("scores", 1))
-    result = invoke("filter", root, "--threshold", threshold, "--model", "/no/such/model", "--overwrite")
+    result = invoke(
+        "filter", root, "--threshold", threshold, "--model", "/no/such/model", "--overwrite"
+    )
     assert result.exit_code == 2 and "does not exist" in result.output
 
 

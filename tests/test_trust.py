@@ -84,8 +84,16 @@ def test_another_model_or_other_options_are_refused_naming_them(
     assert run["provenance_options"] == runs[-1]["provenance_options"]
 
     # --overwrite redoes them with the new options, and says so in the manifest.
-    ok("caption", captioned, "--model", other_captioner, "--num-captions", "2", "--overwrite",
-       *MODEL_OPTIONS)
+    ok(
+        "caption",
+        captioned,
+        "--model",
+        other_captioner,
+        "--num-captions",
+        "2",
+        "--overwrite",
+        *MODEL_OPTIONS,
+    )
     assert ds.read_stage("captions").num_rows == 2 * 4 * 3  # 4 images per shard, 3 shards
     run = ds.read_manifest()["runs"][-1]
     assert run["provenance_options"]["num_captions"] == 2
@@ -193,7 +201,9 @@ def test_deleted_captions_are_not_kept_in_scores_or_curated(captioned, tiny_filt
 
     status = dataset_status(ds)
     assert status.folder("scores").stale == [0, 1, 2]
-    assert any("captions/ shard it was made from is gone" in r for r in status.folder("scores").reasons)
+    assert any(
+        "captions/ shard it was made from is gone" in r for r in status.folder("scores").reasons
+    )
     out = ok("filter", captioned, "--threshold", "0.6", "--model", tiny_filter, *MODEL_OPTIONS[:4])
     assert "redone" in out and "captions/ shard it was made from is gone" in " ".join(out.split())
     assert set(ds.read_stage("scores")["source"].to_pylist()) == {"web"}
@@ -241,7 +251,9 @@ def test_refetch_of_a_shuffled_list_makes_every_later_stage_redo_its_shards(
     refused = invoke("fetch", urls_shuffled, root, *fetch)
     assert refused.exit_code == 2 and "another source" in refused.output
     out = " ".join(ok("fetch", urls_shuffled, root, *fetch, "--overwrite").split())
-    assert "images/ changed" in out and "captions/ (4 shards)" in out and "scores/ (4 shards)" in out
+    assert (
+        "images/ changed" in out and "captions/ (4 shards)" in out and "scores/ (4 shards)" in out
+    )
     ds = Dataset(str(root))
     status = dataset_status(ds)
     assert status.folder("images").done == [0, 1, 2, 3]
@@ -284,8 +296,16 @@ def test_status_lists_done_stale_and_pending_shards_with_their_reasons(
     assert "every stage is up to date" in ok("status", captioned)
 
     # Captions redone by hand with another seed: scores, curated and the report are stale.
-    ok("caption", captioned, "--model", tiny_captioner, "--seed", "9", "--overwrite",
-       *MODEL_OPTIONS)
+    ok(
+        "caption",
+        captioned,
+        "--model",
+        tiny_captioner,
+        "--seed",
+        "9",
+        "--overwrite",
+        *MODEL_OPTIONS,
+    )
     status = dataset_status(ds)
     assert status.folder("scores").stale == [0, 1, 2]
     assert status.folder("curated").stale == [0, 1, 2]  # its scores will change

@@ -20,24 +20,6 @@ from capfilt.stages.report import ReportOptions
 
 
 # --- fetch, ingest (capfilt/fetch.py, capfilt/ingest.py) -------------------------------------
-class ResizeMode(str, Enum):
-    keep_ratio = "keep_ratio"
-    center_crop = "center_crop"
-    border = "border"
-    keep_ratio_largest = "keep_ratio_largest"
-    no = "no"
-
-
-class Distributor(str, Enum):
-    multiprocessing = "multiprocessing"
-    pyspark = "pyspark"
-    ray = "ray"
-
-
-def _value(option):
-    return option.value if isinstance(option, Enum) else option
-
-
 def _rows_progress(terminal, total_label: str = "rows"):
     """A rich progress bar over rows, printed to `terminal` (not to redirected stdout)."""
     from rich.console import Console

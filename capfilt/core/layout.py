@@ -77,10 +77,6 @@ class Dataset:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return f"{protocol}://" + "/".join([self.path, *parts])
 
-    def stage_dir(self, stage: str) -> str:
-        """The folder of `stage`; for a generational stage, its current generation's folder."""
-        return self.folder(stage).path
-
     def shard_path(self, stage: str, shard: int) -> str:
         return self.folder(stage).shard_path(shard)
 

@@ -65,44 +65,47 @@ def with_write_id(schema):
     return schema.with_metadata({**(schema.metadata or {}), WRITE_ID: uuid.uuid4().hex.encode()})
 
 
-def write_table_atomic(fs, path: str, table, before_rename=None) -> str:
-    """Write `table` to `path` so that readers see the whole file or no file.
+def write_atomic(fs, path: str, write, fingerprint=None, before_rename=None) -> str | None:
+    """Write a file so that readers see the whole file or no file: `write(f)` fills a hidden
+    temporary sibling, which is renamed to `path` once complete.
 
-    `before_rename(fingerprint)` runs once the file is complete under its temporary name (the
-    stage runner writes the shard's provenance there). Returns the file's fingerprint.
+    `fingerprint(fs, tmp)` fingerprints the complete file, and `before_rename(fingerprint)` runs
+    before the rename (the stage runner writes the shard's provenance there). Returns the
+    fingerprint (None without `fingerprint`).
     """
-    import pyarrow.parquet as pq
-
     tmp = temp_name(path)
     try:
         with fs.open(tmp, "wb") as f:
-            pq.write_table(
-                table.replace_schema_metadata(with_write_id(table.schema).metadata),
-                f,
-                compression="zstd",
-            )
-        fingerprint = file_fingerprint(fs, tmp)
+            write(f)
+        made = fingerprint(fs, tmp) if fingerprint is not None else None
         if before_rename is not None:
-            before_rename(fingerprint)
+            before_rename(made)
         fs.mv(tmp, path)
-        return fingerprint
+        return made
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+
+
+def write_table_atomic(fs, path: str, table, before_rename=None) -> str:
+    """Write `table` as Parquet, whole or not at all (`write_atomic`), with a fresh write id in
+    its footer; returns the file's fingerprint."""
+    import pyarrow.parquet as pq
+
+    table = table.replace_schema_metadata(with_write_id(table.schema).metadata)
+    return write_atomic(
+        fs,
+        path,
+        lambda f: pq.write_table(table, f, compression="zstd"),
+        file_fingerprint,
+        before_rename,
+    )
 
 
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old or the new file, never a part."""
-    tmp = temp_name(path)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
+    write_atomic(fs, path, lambda f: f.write(data))
 
 
 def read_table(fs, path: str, columns: list[str] | None = None):

@@ -321,13 +321,3 @@ def stage_batches(rows: ShardImages, model, config):
         fast_decode=config.fast_decode,
         device_decode=config.gpu_decode,
     )
-
-
-def recorded_options(config, model) -> dict:
-    """A caption/filter config for the manifest, with the decoding workers `model` used."""
-    import dataclasses
-
-    options = dataclasses.asdict(config)
-    if model is not None:
-        options["num_workers"] = resolve_workers(config.num_workers, model.device)
-    return options

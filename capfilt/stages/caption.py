@@ -18,17 +18,8 @@ from capfilt.core.options import Options, option
 from capfilt.images.batches import ShardImages, stage_batches, successful_images
 from capfilt.models.blip import DEFAULT_CAPTIONER
 from capfilt.models.sampling import caption_seed
-from capfilt.stages.inference import (
-    ModelStage,
-    batch_size_option,
-    device_option,
-    engine_option,
-    fast_decode_option,
-    gpu_decode_option,
-    overwrite_option,
-    precision_option,
-    workers_option,
-)
+from capfilt.stages import inference
+from capfilt.stages.inference import ModelStage
 from capfilt.stages.runner import StageRun, run_stage
 
 DECODINGS = ("nucleus", "beam", "greedy")
@@ -60,20 +51,20 @@ class CaptionOptions(Options):
     prompt: str = option(
         "a picture of ", "Text the decoder starts from; stripped from the captions.", output=True
     )
-    batch_size: int = batch_size_option()
-    precision: str = precision_option()
-    device: str = device_option()
+    batch_size: int = inference.batch_size_option()
+    precision: str = inference.precision_option()
+    device: str = inference.device_option()
     seed: int = option(
         0, "Sampling seed; each caption's seed derives from it and the key.", output=True
     )
-    num_workers: int | None = workers_option()
-    engine: str = engine_option(output=True)
+    num_workers: int | None = inference.workers_option()
+    engine: str = inference.engine_option(output=True)
     cuda_graphs: bool = option(
         False, "GPU, fast engine: replay each decoding step as a CUDA graph (fewer launches)."
     )
-    fast_decode: bool = fast_decode_option()
-    gpu_decode: bool = gpu_decode_option()
-    overwrite: bool = overwrite_option()
+    fast_decode: bool = inference.fast_decode_option()
+    gpu_decode: bool = inference.gpu_decode_option()
+    overwrite: bool = inference.overwrite_option()
 
     def check(self) -> None:
         if self.decoding == "greedy" and self.num_captions != 1:

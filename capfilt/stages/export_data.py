@@ -189,9 +189,9 @@ def write_webdataset_shard(fs, path: str, table, before_rename=None) -> str:
     """Write one tar shard of samples (KEY.jpg, KEY.txt, KEY.json), whole or not at all.
 
     `before_rename(fingerprint)` runs once the tar is complete under its temporary name."""
-    tmp = io.temp_name(path)
-    try:
-        with fs.open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
+
+    def write(f) -> None:
+        with tarfile.open(fileobj=f, mode="w|") as tar:
             for row in table.to_pylist():
                 sample = webdataset_key(row["key"], row["text_id"])
                 meta = {name: row.get(name) for name in ("key", "text_id", "source", "text")}
@@ -207,15 +207,8 @@ def write_webdataset_shard(fs, path: str, table, before_rename=None) -> str:
                     info = tarfile.TarInfo(f"{sample}.{ext}")
                     info.size, info.mode = len(data), 0o644
                     tar.addfile(info, _io.BytesIO(data))
-        fingerprint = io.content_fingerprint(fs, tmp)
-        if before_rename is not None:
-            before_rename(fingerprint)
-        fs.mv(tmp, path)
-        return fingerprint
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
+
+    return io.write_atomic(fs, path, write, io.content_fingerprint, before_rename)
 
 
 # --- the output folder ---------------------------------------------------------------------------
@@ -336,9 +329,7 @@ def export_data(
             _build_hf(target, shards_dir, final)
         # Totals of every shard, also those a killed run staged before this one resumed.
         staged = ShardFolder(target.fs, shards_dir, suffix)
-        totals = sum_counts(
-            [provenance.read(staged, s).counts for s in run.plan.shards]
-        )
+        totals = sum_counts([provenance.read(staged, s).counts for s in run.plan.shards])
         marker = dict(
             wanted,
             run=run.run,

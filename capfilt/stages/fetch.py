@@ -41,16 +41,8 @@ from capfilt.sources.url_list import (
     base_format,
     read_url_list,
 )
-from capfilt.stages import provenance
-from capfilt.stages.image_shards import (
-    ImagesResult,
-    counts_of,
-    image_size_option,
-    overwrite_images_option,
-    resize_mode_option,
-    run_totals,
-    shard_size_option,
-)
+from capfilt.stages import image_shards, provenance
+from capfilt.stages.image_shards import ImagesResult, counts_of, run_totals
 from capfilt.stages.provenance import DONE, Provenance
 from capfilt.stages.runner import Plan, Stage, plan_stage
 
@@ -80,8 +72,8 @@ class FetchOptions(Options):
         split=",",
         output=True,
     )
-    image_size: int = image_size_option()
-    resize_mode: str = resize_mode_option()
+    image_size: int = image_shards.image_size_option()
+    resize_mode: str = image_shards.resize_mode_option()
     processes: int = option(1, "Download processes (Spark cores).", ge=1)
     threads: int = option(32, "Download threads per process.", ge=1)
     timeout: int = option(10, "Seconds to wait for one image.", ge=1)
@@ -92,7 +84,7 @@ class FetchOptions(Options):
         "installed).",
         choices=DISTRIBUTORS,
     )
-    shard_size: int = shard_size_option()
+    shard_size: int = image_shards.shard_size_option()
     opt_out_directives: tuple[str, ...] = option(
         OPT_OUT_DIRECTIVES,
         "X-Robots-Tag directives that mean 'do not use this image', comma-separated; such "
@@ -103,7 +95,7 @@ class FetchOptions(Options):
     )
     encode_quality: int = 95
     min_image_size: int = 0
-    overwrite: bool = overwrite_images_option("fetch")
+    overwrite: bool = image_shards.overwrite_images_option("fetch")
     # Safety of the download itself (capfilt.safe_fetch): what may be reached, how much, how long.
     allow_private_addresses: bool = option(
         False,
@@ -388,16 +380,6 @@ def _expected_shards(listing: UrlList, shard_size: int) -> set[int]:
         shards.update(range(start, start + count))
         start += count
     return shards
-
-
-def _rows_in_images(dataset: Dataset) -> int:
-    import pyarrow.parquet as pq
-
-    total = 0
-    for shard in dataset.shards("images"):
-        with dataset.fs.open(dataset.shard_path("images", shard), "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
 
 
 def _rows_in_images(dataset: Dataset) -> int:

@@ -20,18 +20,9 @@ from capfilt.core.locks import folder_locks
 from capfilt.core.options import Options, option
 from capfilt.images.batches import ShardImages, stage_batches, successful_images
 from capfilt.models.blip import DEFAULT_FILTER, ITM_TOKENS
+from capfilt.stages import inference
 from capfilt.stages.curate import CurateStage, SourceSummary, source_summaries
-from capfilt.stages.inference import (
-    ModelStage,
-    batch_size_option,
-    device_option,
-    engine_option,
-    fast_decode_option,
-    gpu_decode_option,
-    overwrite_option,
-    precision_option,
-    workers_option,
-)
+from capfilt.stages.inference import ModelStage
 from capfilt.stages.runner import StageRun, record_run, run_stage
 
 
@@ -50,16 +41,16 @@ class FilterOptions(Options):
         choices=ITM_TOKENS,
         output=True,
     )
-    batch_size: int = batch_size_option()
+    batch_size: int = inference.batch_size_option()
     # BLIP's ITM reads at most 35 text tokens.
     max_text_tokens: int = option(35, "Longer captions are truncated.", ge=3, output=True)
-    precision: str = precision_option()
-    device: str = device_option()
-    num_workers: int | None = workers_option()
-    engine: str = engine_option(output=False)
-    fast_decode: bool = fast_decode_option()
-    gpu_decode: bool = gpu_decode_option()
-    overwrite: bool = overwrite_option()
+    precision: str = inference.precision_option()
+    device: str = inference.device_option()
+    num_workers: int | None = inference.workers_option()
+    engine: str = inference.engine_option(output=False)
+    fast_decode: bool = inference.fast_decode_option()
+    gpu_decode: bool = inference.gpu_decode_option()
+    overwrite: bool = inference.overwrite_option()
 
 
 class ScoreStage(ModelStage):
@@ -69,11 +60,6 @@ class ScoreStage(ModelStage):
     output = "scores"
     inputs = ("images",)
     optional_inputs = ("captions",)
-
-    def provenance_options(self) -> dict:
-        options = super().provenance_options()
-        options.pop("threshold", None)  # scores do not depend on it; curated/ does
-        return options
 
     def setup(self, dataset: Dataset, shards: list[int]) -> None:
         if self.model is None:

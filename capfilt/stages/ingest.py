@@ -27,16 +27,8 @@ from capfilt.core import parquet as io
 from capfilt.core.layout import Dataset
 from capfilt.core.options import Options, option
 from capfilt.sources.local import LocalColumns, Pair, SourcePairs, read_source
-from capfilt.stages.image_shards import (
-    ImagesResult,
-    counts_of,
-    image_size_option,
-    overwrite_images_option,
-    resize_mode_option,
-    run_totals,
-    shard_size_option,
-    shard_stats,
-)
+from capfilt.stages import image_shards
+from capfilt.stages.image_shards import ImagesResult, counts_of, run_totals, shard_stats
 from capfilt.stages.runner import Stage, run_stage
 
 
@@ -54,11 +46,11 @@ class IngestOptions(Options):
     image_root: str | None = option(
         None, "Folder the image paths are relative to.", cli_default="SOURCE's folder"
     )
-    image_size: int = image_size_option()
-    resize_mode: str = resize_mode_option()
-    shard_size: int = shard_size_option()
+    image_size: int = image_shards.image_size_option()
+    resize_mode: str = image_shards.resize_mode_option()
+    shard_size: int = image_shards.shard_size_option()
     encode_quality: int = 95
-    overwrite: bool = overwrite_images_option("ingest")
+    overwrite: bool = image_shards.overwrite_images_option("ingest")
 
     def local_columns(self) -> LocalColumns:
         return LocalColumns(self.captions_file, self.file_col, self.caption_col, self.image_root)

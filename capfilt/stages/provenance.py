@@ -2,11 +2,12 @@
 shard is done for a run.
 
     captions/00003.parquet
-    captions/_provenance/00003.json  {"stage": "caption", "shard": 3,
-                                      "file": "sha256:…",            the shard file it describes
-                                      "options": {"model_revision": …, "num_captions": 3, …},
-                                      "inputs": {"images": "sha256:…"}, fingerprints of what was read
-                                      "run": "20261202T061502-4f1c", "written": …, "rows": 42}
+    captions/_provenance/00003.json
+        {"stage": "caption", "shard": 3,
+         "file": "sha256:…",                     the shard file it describes
+         "options": {"model_revision": …, "num_captions": 3, …},
+         "inputs": {"images": "sha256:…"},       fingerprints of exactly what was read
+         "run": "20261202T061502Z-4f1c2a", "written": …, "rows": 42, "counts": {…}}
 
 A shard is done only when its file exists, its provenance describes that very file, its
 options are this run's and its inputs are the input shards as they are now. The provenance is

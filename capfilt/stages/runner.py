@@ -238,11 +238,11 @@ def refusal(stage: Stage, plan: Plan, dataset: Dataset) -> str | None:
         for shard in by_options:
             for name, change in plan.checks[shard].changed_options.items():
                 changes.setdefault(name, change)
+        differ = provenance.describe_changes(changes, _flags(stage))
         return (
             f"{stage.name}: {len(by_options)} of the {len(plan.shards)} shards of {where} were "
-            f"made with other options ({provenance.describe_changes(changes, _flags(stage))}). Pass "
-            f"--overwrite to redo them with the new options, or run with the options they "
-            "were made with"
+            f"made with other options ({differ}). Pass --overwrite to redo them with the new "
+            "options, or run with the options they were made with"
         )
     if unknown:
         return (
@@ -286,11 +286,12 @@ def _refuse_stale_inputs(stage: Stage, dataset: Dataset, shards: list[int]) -> N
             command = {"captions": "caption", "scores": "filter", "curated": "filter"}.get(
                 name, name
             )
+            shards = provenance.shard_list([s for s, _ in stale])
+            made_from = ", ".join(f"{u}/" for u in upstreams)
             raise StaleInputError(
-                f"{stage.name}: {len(stale)} {name}/ shards ({provenance.shard_list([s for s, _ in stale])}) "
-                f"were made from {', '.join(u + '/' for u in upstreams)} shards that have "
-                f"changed since; run `capfilt {command} {dataset.root}` first to bring them up "
-                "to date"
+                f"{stage.name}: {len(stale)} {name}/ shards ({shards}) were made from "
+                f"{made_from} shards that have changed since; run `capfilt {command} "
+                f"{dataset.root}` first to bring them up to date"
             )
 
 

@@ -59,9 +59,7 @@ class TrainConfig(Options):
     max_grad_norm: float | None = None
     max_words: int = 30
     prompt: str = option("a picture of ", "Captioner prompt (its tokens get no loss).")
-    flip: bool = option(
-        True, "Random horizontal flips (turn off when captions say left/right)."
-    )
+    flip: bool = option(True, "Random horizontal flips (turn off when captions say left/right).")
     crop_scale: tuple[float, float] = (0.5, 1.0)
     queue_size: int | None = option(None, "ITC feature queue size (BLIP: 57600).", ge=1)
     alpha: float | None = None
