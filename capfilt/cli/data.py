@@ -19,7 +19,7 @@ from capfilt.stages.ingest import IngestOptions
 from capfilt.stages.report import ReportOptions
 
 
-# --- fetch, ingest (capfilt/fetch.py, capfilt/ingest.py) -------------------------------------
+# --- fetch, ingest (capfilt/stages/fetch.py, ingest.py) ----------------------------------------
 def _rows_progress(terminal, total_label: str = "rows"):
     """A rich progress bar over rows, printed to `terminal` (not to redirected stdout)."""
     from rich.console import Console
@@ -311,7 +311,7 @@ def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
     console().print(table)
 
 
-# --- report, export-data (capfilt/report.py, capfilt/export_data.py) -------------------------
+# --- report, export-data (capfilt/stages/report.py, export_data.py) ----------------------------
 @command()
 @with_options(ReportOptions)
 def report(
@@ -431,7 +431,7 @@ def print_status(result) -> None:
         out.print("every stage is up to date")
 
 
-# --- query ---------------------------------------------------------------------------------
+# --- query (capfilt/stages/query.py) ----------------------------------------------------------
 class OutputFormat(str, Enum):
     table = "table"
     csv = "csv"

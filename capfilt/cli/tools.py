@@ -56,7 +56,7 @@ def toyweb(
     )
 
 
-# --- run (capfilt/pipeline.py) ----------------------------------------------------------------
+# --- run (capfilt/cli/pipeline.py) ------------------------------------------------------------
 @command()
 def run(
     pipeline_file: Annotated[
@@ -110,7 +110,7 @@ def run(
             raise typer.Exit(exit_code)
 
 
-# --- bench (capfilt/bench.py) ------------------------------------------------------------------
+# --- bench (capfilt/bench/) ---------------------------------------------------------------------
 @command()
 @with_options(BenchConfig)
 def bench(
@@ -174,7 +174,7 @@ def print_bench(result: dict) -> None:
         out.print(f"[bold]MFU {100 * result['mfu']:.1f} %[/] (of the {basis})")
 
 
-# --- demo (capfilt/demo) ------------------------------------
+# --- demo (capfilt/demo/) ----------------------------------------------------------------------
 @command()
 @with_options(DemoConfig)
 def demo(

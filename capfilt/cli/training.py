@@ -13,7 +13,7 @@ from capfilt.training.config import FINETUNE_DEFAULTS, TrainConfig
 from capfilt.training.evaluate import EvaluateConfig
 
 
-# --- pretrain, finetune, export, run (capfilt/train.py, capfilt/pipeline.py) -----------------
+# --- pretrain, finetune, export (capfilt/training/) --------------------------------------------
 def _train_summary(result) -> None:
     if not result.is_main_process:
         return

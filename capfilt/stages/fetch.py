@@ -23,7 +23,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from capfilt.core import parquet as io
 from capfilt.core.distributed import sum_counts
@@ -32,7 +32,7 @@ from capfilt.core.layout import Dataset
 from capfilt.core.locks import folder_locks
 from capfilt.core.options import Options, option
 from capfilt.sources.downloads import USER_AGENT_TOKEN, check_distributor, download
-from capfilt.sources.manifests import load_manifest
+from capfilt.sources.manifests import manifest_options
 from capfilt.sources.safe_fetch import DEFAULT_IMAGE_DEADLINE, DEFAULT_MAX_IMAGE_BYTES
 from capfilt.sources.url_list import (
     URL_LIST_FORMATS,
@@ -143,47 +143,8 @@ def options_from_manifest(path: str | os.PathLike, **overrides) -> tuple[FetchOp
 
     Returns the options and the manifest's `[source]` table (recorded in capfilt.json).
     """
-    manifest = load_manifest(path)
-    table = manifest.get("fetch")
-    if not isinstance(table, dict):
-        raise CapfiltError(
-            f"{path} has no [fetch] table: this source is not fetched from URLs"
-            + (
-                "; it is local data: use `capfilt ingest` as its [ingest] table and command say"
-                if "ingest" in manifest
-                else ""
-            )
-        )
     # A manifest may come from anyone: it cannot open the way to private networks.
-    known = {f.name for f in fields(FetchOptions)} - {"allow_private_addresses"}
-    settings = {k: _manifest_setting(path, k, v) for k, v in table.items() if k in known}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    source = manifest.get("source", {})
-    if not isinstance(source, dict):
-        raise CapfiltError(f"{path}: [source] must be a table, not {type(source).__name__}")
-    return FetchOptions(**settings), dict(source)
-
-
-def _manifest_setting(path, key: str, value):
-    """A [fetch] value checked against FetchOptions' type (fuzzing found the traceback)."""
-    annotation = next(f.type for f in fields(FetchOptions) if f.name == key)
-    annotation = str(annotation)
-    if annotation.startswith("tuple"):
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
-        wanted = "a list of strings"
-        value = tuple(value) if ok else value
-    elif annotation.startswith("bool"):
-        ok, wanted = isinstance(value, bool), "true or false"
-    elif annotation.startswith("int"):
-        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-    elif annotation.startswith("float"):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        wanted = "a number"
-    else:  # str, or str | None
-        ok, wanted = isinstance(value, str), "a string"
-    if not ok:
-        raise CapfiltError(f"{path}: [fetch] {key} must be {wanted}, not {value!r}")
-    return value
+    return manifest_options(path, "fetch", FetchOptions, overrides, {"allow_private_addresses"})
 
 
 @dataclass

@@ -1,0 +1,88 @@
+"""Options of `capfilt bench`, and the architectures it builds with random weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capfilt.core.options import Options, option
+from capfilt.models.blip import PRECISIONS
+from capfilt.models.shapes import BERT_BASE, TINY_TEXT, TINY_VISION, VIT_B16, VIT_L16
+
+WORKLOADS = ("caption", "filter", "pretrain")
+
+
+ARCHS = ("tiny", "base", "large")
+
+
+LEVELS = ("e2e", "model")
+
+
+BLIP_VOCAB = 30524  # bert-base-uncased + [DEC] + [ENC]
+
+
+# The released BLIP checkpoints' shapes: ViT-B/16 or ViT-L/16 at 384 px, BERT-base text.
+ARCH_SHAPES = {
+    # the same shapes as the tiny checkpoints of the tests and the demo
+    "tiny": dict(vision=TINY_VISION, text=TINY_TEXT),
+    "base": dict(vision=VIT_B16, text=BERT_BASE),
+    "large": dict(vision=VIT_L16, text=BERT_BASE),
+}
+
+
+# Dense (no sparsity) tensor-core peaks from the vendors' data sheets, TFLOP/s, for reference.
+SPEC_PEAK_TFLOPS = {
+    ("H200", "bf16"): 989.0,
+    ("H100", "bf16"): 989.0,
+    ("A100", "bf16"): 312.0,
+    ("L40S", "bf16"): 362.0,
+    ("L4", "bf16"): 121.0,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig(Options):
+    """Options of `capfilt bench`."""
+
+    workload: str = option(help="What to measure.", choices=WORKLOADS, positional=True)
+    model: str | None = option(
+        None, "BLIP checkpoint (local dir or hub id); default random --arch weights."
+    )
+    arch: str = option(
+        "tiny",
+        "Random-weight architecture: tiny, base (ViT-B/16) or large (ViT-L/16).",
+        choices=ARCHS,
+    )
+    level: str = option(
+        "e2e", "e2e: JPEG bytes in Parquet to rows written; model: tensors in.", choices=LEVELS
+    )
+    images: int = option(16, "Images per timed run.", ge=1)
+    batch_size: int = option(8, "Images per batch (both sides).", ge=1)
+    captions_per_image: int = option(
+        1, "caption: samples per image; filter: synthetic captions (+1 web).", ge=1
+    )
+    precision: str = option(
+        "auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.", choices=PRECISIONS
+    )
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    new_tokens: int = option(20, "caption: new tokens per caption.", ge=1)
+    # filter: tokens of each caption ([CLS] and [SEP] included)
+    text_tokens: int = option(20, "filter/pretrain: tokens per caption.", ge=3)
+    top_p: float = 0.9
+    itc: bool = option(True, "filter: score ITC as well as ITM, both sides.")
+    workers: int | None = option(
+        None, "e2e image-decoding processes (default as caption/filter --workers).", ge=0
+    )
+    fast_decode: bool = option(False, "e2e caption/filter: capfilt decodes JPEGs at reduced scale.")
+    gpu_decode: bool = option(False, "e2e caption/filter: capfilt decodes plain JPEGs on the GPU.")
+    repeats: int = option(1, "Timed runs per side; the best counts.", ge=1)
+    peak_tflops: float | None = option(
+        None, "FLOP bound in TFLOP/s (default: a measured matmul).", gt=0
+    )
+    threads: int | None = option(None, "CPU threads for torch (default: torch's own choice).", ge=1)
+    cuda_graphs: bool = option(
+        False, "caption on GPU: replay capfilt's decode step as a CUDA graph."
+    )
+    compile: bool = option(
+        False, "caption on GPU: torch.compile capfilt's decode step; pretrain: its layers."
+    )
+    seed: int = 0
