@@ -264,6 +264,16 @@ def test_refetch_of_a_shuffled_list_makes_every_later_stage_redo_its_shards(
     # Filtering now would score old synthetic captions against the new images: refused.
     result = invoke("filter", root, "--threshold", "0.0", "--model", tiny_filter)
     assert result.exit_code == 2 and "run `capfilt caption" in result.output
+    # So would shipping or training on the old curated/ texts joined to the new images.
+    result = invoke("export-data", root, "--out", tmp_path / "export")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "curated/ shards" in message and "stale" in message
+    assert not (tmp_path / "export").exists()
+    from capfilt.core.errors import CapfiltError
+    from capfilt.training.pairs import load_pairs
+
+    with pytest.raises(CapfiltError, match="curated/ .* is stale"):
+        load_pairs((str(root),))
     out = ok("caption", root, "--model", tiny_captioner, *MODEL_OPTIONS)
     assert "shards captioned             │ 4" in out
     ok("filter", root, "--threshold", "0.0", "--model", tiny_filter, *MODEL_OPTIONS[:4])

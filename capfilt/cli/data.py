@@ -275,7 +275,7 @@ def filter_(dataset: DatasetArg, options: FilterOptions):
 
 def _print_stage_notes(run) -> None:
     """What the runner did beyond the usual: stale shards redone, orphans removed."""
-    from capfilt.stages.provenance import STALE, shard_list
+    from capfilt.core.provenance import STALE, shard_list
 
     stale = [s for s in run.plan.todo if run.plan.checks[s].state == STALE]
     if stale and not run.plan.overwrite:
@@ -406,7 +406,7 @@ def print_status(result) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from capfilt.stages.provenance import shard_list
+    from capfilt.core.provenance import shard_list
 
     out = console()
     table = Table("folder", "shards", "done", "stale", "pending", "", title=result.dataset)

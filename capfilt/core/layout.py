@@ -10,7 +10,7 @@ A DATASET is a folder (local path or any fsspec URL):
     curated/gen-000002/00000.parquet   the kept pairs of that generation
     reports/current.json, reports/gen-000001/report.html, summary.json
 
-Every shard has its provenance beside it (_provenance/00000.json, see stages/provenance.py).
+Every shard has its provenance beside it (_provenance/00000.json, see core/provenance.py).
 Shards are aligned by number across folders; a shard file appears only when complete.
 
 Outputs that a run replaces as a whole (curated/, reports/) are generations: a new one is

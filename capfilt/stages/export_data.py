@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from capfilt.core import parquet as io
+from capfilt.core import provenance
 from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import MANIFEST, STAGES, Dataset, ShardFolder
 from capfilt.core.locks import path_lock
 from capfilt.core.options import Options, option
-from capfilt.stages import provenance
 from capfilt.stages.runner import Stage, run_stage
 
 MARKER = "_capfilt_export.json"

@@ -26,11 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from capfilt.core import parquet as io
+from capfilt.core import provenance
 from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.core.locks import folder_locks
 from capfilt.core.options import Options, option
+from capfilt.core.provenance import DONE, Provenance
 from capfilt.sources.downloads import USER_AGENT_TOKEN, check_distributor, download
 from capfilt.sources.manifests import manifest_options
 from capfilt.sources.safe_fetch import DEFAULT_IMAGE_DEADLINE, DEFAULT_MAX_IMAGE_BYTES
@@ -41,9 +43,8 @@ from capfilt.sources.url_list import (
     base_format,
     read_url_list,
 )
-from capfilt.stages import image_shards, provenance
+from capfilt.stages import image_shards
 from capfilt.stages.image_shards import ImagesResult, counts_of, run_totals
-from capfilt.stages.provenance import DONE, Provenance
 from capfilt.stages.runner import Plan, Stage, plan_stage
 
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")

@@ -5,9 +5,9 @@ declared once, and the base of their stages (model identity in the provenance, t
 from __future__ import annotations
 
 from capfilt.core.options import option
+from capfilt.core.provenance import UNRESOLVED
 from capfilt.images.batches import count_successful, resolve_workers
 from capfilt.models.blip import ENGINES, PRECISIONS
-from capfilt.stages.provenance import UNRESOLVED
 from capfilt.stages.runner import Stage
 
 # --- options both commands take, each declared once ---------------------------------------------

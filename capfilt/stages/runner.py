@@ -6,7 +6,7 @@ which of its options shape the output, and how to make one output shard from its
 
 1. takes the write lock of the stage's output folders (one writer at a time);
 2. plans: checks every output shard against this run's options and the input shards as they
-   are now (stages/provenance.py): done, pending, or stale, and why;
+   are now (core/provenance.py): done, pending, or stale, and why;
 3. refuses, in one line, to redo shards made with other options unless --overwrite (and the
    stages whose inputs come from outside the dataset, fetch and ingest, a changed source),
    and to read input shards that are themselves stale; redoes the other stale shards;
@@ -27,14 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from capfilt.core import distributed, parquet
+from capfilt.core import distributed, parquet, provenance
 from capfilt.core.ahead import ordered_map
 from capfilt.core.errors import CapfiltError, StageNotRunError
-from capfilt.core.layout import GENERATIONAL, STAGES, Dataset, ShardFolder
+from capfilt.core.layout import GENERATIONAL, Dataset, ShardFolder
 from capfilt.core.locks import folder_locks
 from capfilt.core.progress import image_progress
-from capfilt.stages import provenance
-from capfilt.stages.provenance import (
+from capfilt.core.provenance import (
     DONE,
     INPUTS,
     OPTIONS,
@@ -263,35 +262,27 @@ def _flags(stage: Stage) -> dict:
 
 
 def _refuse_stale_inputs(stage: Stage, dataset: Dataset, shards: list[int]) -> None:
-    """Refuse to read input shards that are stale themselves (made from other inputs)."""
+    """Refuse to read input shards that are stale themselves, at any depth: made from input
+    shards that have changed since (captions/ of images/ re-fetched since)."""
+    memo: dict = {}
     for name in stage.inputs + stage.optional_inputs:
         folder = stage.folder(dataset, name)
         present = set(folder.shards())
-        stale = []
-        for shard in shards:
-            if shard not in present:
-                continue
-            record = provenance.read(folder, shard)
-            if record is None:
-                continue  # no provenance (another tool): nothing to check it against
-            for upstream, fingerprint in record.inputs.items():
-                if upstream not in STAGES and upstream not in GENERATIONAL:
-                    continue  # an outside source (a URL list): fetch's business
-                up = dataset.folder(upstream)
-                if parquet.file_fingerprint(up.fs, up.shard_path(shard)) != fingerprint:
-                    stale.append((shard, upstream))
-                    break
+        stale = [
+            (shard, why)
+            for shard in shards
+            if shard in present
+            and (why := provenance.stale_ancestor(dataset, name, shard, folder, memo))
+        ]
         if stale:
-            upstreams = sorted({u for _, u in stale})
             command = {"captions": "caption", "scores": "filter", "curated": "filter"}.get(
                 name, name
             )
-            shards = provenance.shard_list([s for s, _ in stale])
-            made_from = ", ".join(f"{u}/" for u in upstreams)
+            shard_names = provenance.shard_list([s for s, _ in stale])
             raise StaleInputError(
-                f"{stage.name}: {len(stale)} {name}/ shards ({shards}) were made from "
-                f"{made_from} shards that have changed since; run `capfilt {command} "
-                f"{dataset.root}` first to bring them up to date"
+                f"{stage.name}: {len(stale)} {name}/ shards ({shard_names}) are stale "
+                f"({stale[0][1]}); run `capfilt {command} {dataset.root}` first to bring "
+                "them up to date"
             )
 
 

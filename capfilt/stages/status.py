@@ -1,6 +1,6 @@
 """`capfilt status DATASET`: each stage folder's shards as done, stale or pending, and why.
 
-A shard is checked as the stage that writes it checks it before a run (stages/provenance.py):
+A shard is checked as the stage that writes it checks it before a run (core/provenance.py):
 its file against its provenance, and the input shards it was made from against the input
 shards as they are now. Without a command's options to compare with, the options of a folder's
 most recently written shard stand for the folder's: shards made with other options (a run
@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from capfilt.core import provenance
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
-from capfilt.stages import provenance
-from capfilt.stages.provenance import DONE, PENDING, STALE, UNKNOWN
+from capfilt.core.provenance import DONE, PENDING, STALE, UNKNOWN
 
 FOLDERS = ("images", "captions", "scores", "curated", "reports")
 

@@ -70,8 +70,10 @@ def load_pairs(
                 else:
                     image_of[key] = len(pairs.images)
                     pairs.images.append(jpg)
-        if ds.has_stage("curated"):
-            rows = ds.read_stage("curated", columns=["key", "source", "text"]).to_pylist()
+        curated = ds.folder("curated")  # one generation, whatever a filter run does meanwhile
+        if curated.shards():
+            _refuse_stale(ds, curated)
+            rows = curated.read_all(columns=["key", "source", "text"]).to_pylist()
         else:
             if source == "synthetic":
                 raise CapfiltError(
@@ -112,6 +114,25 @@ def load_pairs(
             f"(source={source}; skipped: {skipped or 'none'})"
         )
     return pairs
+
+
+def _refuse_stale(ds, curated) -> None:
+    """Training on curated/ pairs whose images were replaced since would pair texts with other
+    images (keys are reused): refuse, saying which stage to run."""
+    from capfilt.core import provenance
+
+    memo: dict = {}
+    stale = [
+        (shard, why)
+        for shard in curated.shards()
+        if (why := provenance.stale_ancestor(ds, "curated", shard, curated, memo))
+    ]
+    if stale:
+        raise CapfiltError(
+            f"curated/ of {ds.root!r} is stale in {len(stale)} shards "
+            f"({provenance.shard_list([s for s, _ in stale])}: {stale[0][1]}); bring it up to "
+            "date first (`capfilt status` says what changed; run caption and filter again)"
+        )
 
 
 def random_resized_crop(

@@ -200,3 +200,31 @@ def _show(value) -> str:
     if value is None:
         return "(none)"
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+def stale_ancestor(dataset, name: str, shard: int, folder=None, memo: dict | None = None):
+    """Why shard `shard` of folder `name` no longer follows from the data as it is now, or
+    None: each input shard it was made from, and recursively each of theirs, must still be the
+    shard its provenance names (images/ re-fetched under captions/ under scores/ under
+    curated/ makes all three stale). `folder`: the folder of `name` already resolved (one
+    generation of curated/). Shards without provenance (another tool's) are not checked."""
+    from capfilt.core.layout import STAGES
+
+    memo = {} if memo is None else memo
+    if (name, shard) in memo:
+        return memo[(name, shard)]
+    folder = folder or dataset.folder(name)
+    record = read(folder, shard)
+    why = None
+    for upstream, fingerprint in (record.inputs if record else {}).items():
+        if upstream not in STAGES:
+            continue  # an outside source (a URL list, local files): fetch's and ingest's
+        if dataset.folder(upstream).fingerprint(shard) != fingerprint:
+            why = f"{upstream}/ changed since it was made"
+        else:
+            deeper = stale_ancestor(dataset, upstream, shard, memo=memo)
+            why = f"made from {upstream}/, which is stale: {deeper}" if deeper else None
+        if why:
+            break
+    memo[(name, shard)] = why
+    return why
