@@ -89,8 +89,7 @@ class Stage:
         """What shard `shard` would be made from now: a fingerprint per input, None if absent."""
         found = {}
         for name in self.inputs + self.optional_inputs:
-            folder = self.folder(dataset, name)
-            found[name] = parquet.file_fingerprint(folder.fs, folder.shard_path(shard))
+            found[name] = self.folder(dataset, name).fingerprint(shard)
         return found
 
     def work(self, dataset: Dataset, shards: list[int]) -> int | None:
@@ -174,10 +173,6 @@ class Plan:
             return list(self.shards)
         return [s for s in self.shards if self.checks[s].state != DONE]
 
-    @property
-    def up_to_date(self) -> bool:
-        return not self.todo and self.generation is None
-
 
 def plan_stage(
     stage: Stage, dataset: Dataset, overwrite: bool = False, target: ShardFolder | None = None
@@ -206,9 +201,11 @@ def plan_stage(
         generation = newer[-1] if newer else max([current, *dataset.generations(stage.output)]) + 1
         folder = dataset.generation_folder(stage.output, generation)
         checks = {s: provenance.check(folder, s, options, inputs[s]) for s in shards}
-        return Plan(
+        plan = Plan(
             stage.name, stage.output, shards, checks, overwrite, generation, current, options
         )
+        plan.orphans = sorted(set(folder.shards()) - set(shards))
+        return plan
 
     folder = target or dataset.folder(stage.output)
     checks = {s: provenance.check(folder, s, options, inputs[s]) for s in shards}
