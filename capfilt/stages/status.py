@@ -56,19 +56,24 @@ def dataset_status(dataset: Dataset | str) -> DatasetStatus:
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     if not ds.exists():
         raise CapfiltError(f"dataset folder {ds.root!r} does not exist; check the path")
-    folders = {"images": _images(ds)}
-    for name in ("captions", "scores", "curated"):
-        folders[name] = _derived(ds, name, folders)
+    folders = _shard_folders(ds)
     folders["reports"] = _reports(ds)
     return DatasetStatus(ds.root, list(folders.values()))
 
 
 def downstream_stale(dataset: Dataset) -> dict[str, int]:
     """Shards of captions/, scores/ and curated/ not done now (after images/ changed)."""
-    folders = {"images": _images(dataset)}
-    for name in ("captions", "scores", "curated"):
-        folders[name] = _derived(dataset, name, folders)
+    folders = _shard_folders(dataset)
     return {name: len(f.stale) for name, f in folders.items() if f.stale and name != "images"}
+
+
+def _shard_folders(ds: Dataset) -> dict[str, FolderStatus]:
+    """images/, captions/, scores/, curated/ in the order they are made, each checked knowing
+    what is stale before it."""
+    folders = {"images": _images(ds)}
+    for name in ("captions", "scores", "curated"):
+        folders[name] = _derived(ds, name, folders)
+    return folders
 
 
 def _images(ds: Dataset) -> FolderStatus:
