@@ -57,6 +57,25 @@ def test_every_stage_of_the_demo_pipeline_writes_its_outputs(small_demo):
         assert evaluation["images"] == 8 and "R@1" in evaluation["text_to_image"]
 
 
+def test_running_the_demo_again_resumes_it(small_demo):
+    """Every stage finds its shards done: the toy web is served on the port of the first run,
+    so its URL list is the same source."""
+    root, first = small_demo
+    assert first.exit_code == 0, first.output
+    web = Dataset(str(root / "web"))
+    runs_before = len(web.read_manifest()["runs"])
+    generations = web.current_generation("curated")
+    with single_torch_thread():
+        again = CliRunner().invoke(app, ["demo", str(root), *SMALL])
+    assert again.exit_code == 0, again.output
+    assert "14/14" in again.output
+    runs = web.read_manifest()["runs"][runs_before:]
+    assert [r["stage"] for r in runs] == ["fetch", "caption", "filter"]
+    assert all(r["counts"].get("shards", 0) == 0 for r in runs if r["stage"] != "fetch")
+    assert runs[0]["counts"]["shards_done"] == 0
+    assert web.current_generation("curated") == generations  # nothing changed: no switch
+
+
 def test_the_demo_prints_its_figures(small_demo):
     root, result = small_demo
     output = result.output

@@ -23,6 +23,7 @@ after CapFilt.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -75,11 +76,12 @@ def write_annotated_set(pairs: list[toyweb.ToyPair], folder: Path) -> Path:
     """Write a folder of images with a captions.csv of their TRUE captions (`capfilt ingest`)."""
     toyweb.write_images(pairs, folder)
     path = folder / CAPTIONS_FILE
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "caption"])
-        for pair in pairs:
-            writer.writerow([f"{toyweb.IMAGES_DIR}/{pair.name}", pair.true_caption])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["file_name", "caption"])
+    for pair in pairs:
+        writer.writerow([f"{toyweb.IMAGES_DIR}/{pair.name}", pair.true_caption])
+    toyweb.write_if_changed(path, text.getvalue().encode("utf-8"))
     return path
 
 
@@ -117,10 +119,13 @@ def make_toy_data(root: str | os.PathLike, config: DemoConfig) -> ToyData:
 def serve_toy_web(data: ToyData, lifetime_s: float = 3600.0) -> Iterator[dict]:
     """Serve DIR/toy/web on 127.0.0.1, write its urls.csv, and yield the pipeline's variables.
 
-    The server's port changes from run to run, so the URL list is written once it listens.
+    The URL list names the server's port, and a list that changed is another source to
+    `capfilt fetch`: a re-run serves on the port of the run before when it is free, so that
+    the list stays the same and the demo resumes.
     """
     root = data.root
-    with toyweb.ToyWebServer(root / TOY_DIR / "web", lifetime_s=lifetime_s) as web:
+    port = _previous_port(root / TOY_DIR / "web" / toyweb.URL_LIST)
+    with toyweb.ToyWebServer(root / TOY_DIR / "web", lifetime_s=lifetime_s, port=port) as web:
         rows = toyweb.url_rows(data.web_pairs, web.base_url) + toyweb.broken_rows(web.base_url)
         url_list = toyweb.write_url_list(rows, root / TOY_DIR / "web" / toyweb.URL_LIST)
         toyweb.wait_until_served(web.base_url + "/")
@@ -130,6 +135,19 @@ def serve_toy_web(data: ToyData, lifetime_s: float = 3600.0) -> Iterator[dict]:
             "url_list": str(url_list),
             "dataset": str(root / DATASET_DIR),
         }
+
+
+def _previous_port(url_list: Path) -> int:
+    """The port in the URLs of an earlier run's list, 0 when there is none."""
+    import re
+
+    try:
+        with open(url_list) as f:
+            f.readline()
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/", f.readline())
+    except OSError:
+        return 0
+    return int(found.group(1)) if found else 0
 
 
 @dataclass

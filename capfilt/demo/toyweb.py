@@ -166,12 +166,23 @@ def generate(
     return pairs
 
 
+def write_if_changed(path: Path, data: bytes) -> None:
+    """Write `data` unless `path` holds it already: a file written again with the same bytes
+    would still be newer, and `capfilt ingest` reads a newer file as another source."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    path.write_bytes(data)
+
+
 def write_images(pairs: list[ToyPair], out_dir: str | os.PathLike) -> Path:
     """Write every pair's JPEG to OUT_DIR/images/ and return that folder."""
     folder = Path(out_dir) / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for pair in pairs:
-        (folder / pair.name).write_bytes(pair.jpg)
+        write_if_changed(folder / pair.name, pair.jpg)
     return folder
 
 
@@ -194,11 +205,12 @@ def write_url_list(rows: list[dict], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(c for row in rows for c in row)) or list(URL_LIST_COLUMNS)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    write_if_changed(path, text.getvalue().encode("utf-8"))
     return path
 
 
@@ -324,9 +336,13 @@ class ToyWebServer:
             rows = url_rows(pairs, web.base_url) + broken_rows(web.base_url)
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, lifetime_s: float = 900.0):
+    def __init__(
+        self, root: str | os.PathLike | None = None, lifetime_s: float = 900.0, port: int = 0
+    ):
+        """`port`: the port to listen on when it is free (else an ephemeral one)."""
         self.root = Path(root) if root is not None else None
         self.lifetime_s = lifetime_s
+        self.port = port
         self._server: _ToyHTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -343,7 +359,10 @@ class ToyWebServer:
         return self._server.requests if self._server is not None else []
 
     def start(self) -> ToyWebServer:
-        server = _ToyHTTPServer(("127.0.0.1", 0), _Handler)
+        try:
+            server = _ToyHTTPServer(("127.0.0.1", self.port), _Handler)
+        except OSError:  # taken: any free port
+            server = _ToyHTTPServer(("127.0.0.1", 0), _Handler)
         server.root, server.requests, server.sample_jpeg = self.root, [], _sample_jpeg()
         self._server = server
         serve = threading.Thread(target=server.serve_forever, daemon=True, name="toyweb")
