@@ -179,3 +179,23 @@ def test_cli_export_data(scored, tmp_path):
     assert bad.exit_code == 2 and "--format" in bad.output and "zip" in bad.output
     runs = Dataset(scored.root).read_manifest()["runs"]
     assert runs[-1]["stage"] == "export-data" and runs[-1]["options"]["format"] == "parquet"
+
+
+def test_a_switch_killed_between_its_renames_is_finished_by_the_next_run(scored, tmp_path):
+    out = tmp_path / "out"
+    export_data(Dataset(scored.root), "parquet", str(out))
+    export_data(Dataset(scored.root), "webdataset", str(tmp_path / "new"))
+    # Killed after the earlier export was moved aside and before the new one was moved in:
+    out.rename(tmp_path / ".out.capfilt-export-old")
+    (tmp_path / "new").rename(tmp_path / ".out.capfilt-export")
+    result = export_data(Dataset(scored.root), "webdataset", str(out))
+    assert result.format == "webdataset" and list(out.glob("*.tar"))
+
+    def beside() -> list[str]:  # the lock files of each --out stay (see core/locks.py)
+        return sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+
+    assert beside() == ["out"]
+    # Killed after the new one was moved in, before the earlier one was removed:
+    (tmp_path / ".out.capfilt-export-old").mkdir()
+    export_data(Dataset(scored.root), "webdataset", str(out))
+    assert beside() == ["out"]

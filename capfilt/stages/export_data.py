@@ -291,6 +291,8 @@ def export_data(
     if not curated.shards():
         dataset.require_stage("curated", stage.hint)
     with path_lock(target.fs, target.path, f"--out {out!r}", f"capfilt export-data {out}"):
+        if _finish_switch(target):
+            earlier = _check_out(dataset, target)
         wanted = {
             "dataset": dataset.root,
             "format": options.format,
@@ -369,6 +371,23 @@ def _result(marker: dict, out: str) -> ExportResult:
         images=marker.get("images", 0),
         shards=marker.get("shards", 0),
     )
+
+
+def _finish_switch(target: _Out) -> bool:
+    """Complete a switch that a kill interrupted between its renames; True if it did any."""
+    fs = target.fs
+    finished = False
+    if not fs.exists(target.path):
+        for final in (target.staging, f"{target.staging}/hf"):
+            if fs.exists(f"{final}/{MARKER}"):  # the marker is written last: it is whole
+                fs.mv(final, target.path, recursive=True)
+                finished = True
+                break
+    for leftover in (target.old, target.staging if finished else None):
+        if leftover and fs.exists(leftover) and fs.exists(target.path):
+            fs.rm(leftover, recursive=True)
+            finished = True
+    return finished
 
 
 def _switch(target: _Out, final: str) -> None:
