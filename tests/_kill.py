@@ -261,7 +261,8 @@ def kill_until_done(
     while True:
         if before_start is not None:
             before_start()
-        child = ctx.Process(target=target, args=args, daemon=True)
+        # Not a daemon: a training child starts DataLoader workers of its own.
+        child = ctx.Process(target=target, args=args, daemon=False)
         started = time.monotonic()
         progress_before = progress()
         child.start()

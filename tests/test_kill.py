@@ -50,7 +50,7 @@ def ctx():
 
 
 def run_uninterrupted(ctx, target, *args) -> None:
-    child = ctx.Process(target=target, args=args, daemon=True)
+    child = ctx.Process(target=target, args=args, daemon=False)  # it may start workers
     child.start()
     child.join(timeout=300)
     assert child.exitcode == 0, f"{target.__name__} failed with exit code {child.exitcode}"
@@ -385,6 +385,7 @@ def test_fetch_killed_anywhere_downloads_every_row_once(ctx, web, tmp_path):
 # --- pretrain --------------------------------------------------------------------------------
 def pretrain_options(dataset: Path, out: Path) -> dict:
     # 32 pairs in batches of 4: 8 batches an epoch, so resumes land mid-epoch and across one.
+    # Streamed through a shuffle buffer smaller than the data, decoded by 2 worker processes.
     return dict(
         datasets=(str(dataset),),
         out=str(out),
@@ -397,7 +398,8 @@ def pretrain_options(dataset: Path, out: Path) -> dict:
         queue_size=16,
         lr=1e-3,
         warmup_steps=2,
-        num_workers=0,
+        num_workers=2,
+        shuffle_buffer=6,
         progress=False,
         seed=7,
     )

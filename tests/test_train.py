@@ -15,7 +15,7 @@ from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.core.parquet import CURATED_SCHEMA, rows_to_table
 from capfilt.training.loop import TrainConfig, itc_alpha, learning_rate, train
-from capfilt.training.pairs import PairDataset, load_pairs
+from capfilt.training.pairs import DecodeBatch
 from capfilt.training.runs import (
     latest_checkpoint,
     load_run,
@@ -23,6 +23,7 @@ from capfilt.training.runs import (
     read_metadata,
     save_checkpoint,
 )
+from capfilt.training.stream import DatasetSource, build_plan
 
 # A toy pretraining run: 20 usable pairs, batches of 4 → 5 batches per epoch, so the
 # checkpoint at step 3 is in the middle of epoch 0 and the one at step 6 in epoch 1.
@@ -98,41 +99,47 @@ def test_curated_pairs_join_their_images_and_skips_are_counted(tmp_path):
     ]
     Dataset(str(root)).write_shard("curated", 0, rows_to_table(rows, CURATED_SCHEMA))
 
-    pairs = load_pairs((str(root),))
-    assert pairs.keys == [k0, k0, k1]
-    assert pairs.texts[1] == "a red thing"  # BLIP's pre_caption: lower case, no punctuation
-    # Both texts of k0 point at the same image bytes, the ones stored for k0.
-    images = Dataset(str(root)).read_shard("images", 0, ["key", "jpg"]).to_pylist()
-    jpg = {r["key"]: r["jpg"] for r in images}
-    assert pairs.image_index[0] == pairs.image_index[1]
-    assert pairs.images[pairs.image_index[2]] == jpg[k1]
-    assert pairs.skipped == {"image not downloaded": 1, "no image with this key": 1}
+    skipped: dict = {}
+    found = DatasetSource(str(root), "all", 30).candidates(0, skipped)
+    assert [c.key for c in found] == [k0, k0, k1]
+    assert found[1].text == "a red thing"  # BLIP's pre_caption: lower case, no punctuation
+    # Both texts of k0 point at the same image, the one stored for k0.
+    assert found[0].ref == found[1].ref
+    images = DatasetSource(str(root), "all", 30).image_bytes(0, {found[2].ref})
+    jpg = {r["key"]: r["jpg"] for r in Dataset(str(root)).read_stage("images").to_pylist()}
+    assert images[found[2].ref] == jpg[k1]
+    assert skipped == {"image not downloaded": 1, "no image with this key": 1}
 
-    synthetic = load_pairs((str(root),), source="synthetic")
-    assert synthetic.keys == [k0, k1]
+    plan, _ = build_plan((str(root),), (1.0,), "synthetic", 30)
+    assert plan.pairs == 2 and plan.skipped == {}  # the web rows are not looked at
 
 
 def test_unfiltered_datasets_train_on_web_captions(tmp_path):
     root = tmp_path / "ds"
     truths = write_images_dataset(root, n_shards=2, per_shard=5, bad_keys=("000010001",))
-    pairs = load_pairs((str(root), str(root)))  # the same dataset twice: twice the pairs
-    ok = [(k, c) for k, c in truths if k != "000010001"]
-    assert list(zip(pairs.keys, pairs.texts, strict=False)) == ok + ok
-    assert pairs.skipped == {"image not downloaded": 4, "image not decodable": 2}
+    plan, sources = build_plan((str(root), str(root)), (1.0, 1.0), "all", 30)
+    assert plan.pairs == 2 * len(truths)  # the same dataset twice: twice the pairs
+    assert plan.skipped == {"image not downloaded": 4}
+    texts = [c.text for u in plan.units for c in sources[u.source].candidates(u.shard, {})]
+    assert texts == [c for _, c in truths] * 2
     with pytest.raises(CapfiltError, match="capfilt caption"):
-        load_pairs((str(root),), source="synthetic")
+        build_plan((str(root),), (1.0,), "synthetic", 30)
 
 
-def test_augmentation_is_a_function_of_seed_epoch_and_example(toy_dataset):
-    pairs = load_pairs((str(toy_dataset),))
-    data = PairDataset(pairs, 64, seed=1)
-    first, text = data[3]
-    assert first.shape == (3, 64, 64) and text == pairs.texts[3]
-    assert torch.equal(data[3][0], first)
-    data.set_epoch(1)
-    assert not torch.equal(data[3][0], first)
-    plain = PairDataset(pairs, 64, seed=1, augment=False)
-    assert torch.equal(plain[3][0], plain[3][0])
+def test_augmentation_is_a_function_of_the_pair_seed_and_bad_images_leave_the_batch(
+    toy_dataset, tiny_tokenizer
+):
+    jpg = Dataset(str(toy_dataset)).read_shard("images", 0, ["jpg"]).column("jpg")[0].as_py()
+    decode = DecodeBatch(tiny_tokenizer, 16, 64)
+    first, _ = decode.pixels(jpg, "1/0/0/3")
+    assert first.shape == (3, 64, 64)
+    assert torch.equal(decode.pixels(jpg, "1/0/0/3")[0], first)
+    assert not torch.equal(decode.pixels(jpg, "1/1/0/3")[0], first)
+    plain = DecodeBatch(tiny_tokenizer, 16, 64, augment=False)
+    assert torch.equal(plain.pixels(jpg, "a")[0], plain.pixels(jpg, "b")[0])
+    batch = decode[[(jpg, "a red circle", "k0", "s0"), (b"not an image", "x", "k1", "s1")]]
+    assert batch["keys"] == ["k0"] and batch["skipped"] == {"image not decodable": 1}
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 1
 
 
 # --- checkpoints -------------------------------------------------------------------------

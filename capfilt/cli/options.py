@@ -76,12 +76,21 @@ def with_options(
                 annotation = hints.get(p.name, p.annotation)
                 params.append(p.replace(annotation=annotation, kind=inspect.Parameter.KEYWORD_ONLY))
         specs = {f.name: spec for f, spec, _ in fields}
+        # Split options give text: each part becomes the tuple's element type (float, int, str).
+        element = {
+            f.name: typing.get_args(_unwrap_optional(hint)[0])[0]
+            for f, spec, hint in fields
+            if spec.split and typing.get_origin(_unwrap_optional(hint)[0]) is tuple
+        }
         # A repeated option given no times arrives as None; the field's default applies then.
         not_none = {f.name for f, _, hint in fields if not _unwrap_optional(hint)[1]}
 
         @functools.wraps(func)
         def wrapper(**kwargs):
             values = {name: _plain(kwargs.pop(name), spec) for name, spec in specs.items()}
+            for name, kind in element.items():
+                if values.get(name) is not None:
+                    values[name] = _parts(name, values[name], kind)
             for name in not_none & {k for k, v in values.items() if v is None}:
                 if name in defaults:
                     values[name] = defaults[name]
@@ -162,6 +171,18 @@ def _choice_enum(name: str, choices: tuple) -> type[enum.Enum]:
         {str(c): str(c) for c in choices},
         type=str,
     )
+
+
+def _parts(name: str, parts: tuple, kind) -> tuple:
+    from capfilt.core.errors import CapfiltError
+
+    try:
+        return tuple(kind(part) for part in parts)
+    except ValueError:
+        flag = "--" + name.replace("_", "-")
+        raise CapfiltError(
+            f"{flag} takes {kind.__name__} values, not {','.join(parts)!r}"
+        ) from None
 
 
 def _plain(value, spec):

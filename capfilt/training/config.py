@@ -15,7 +15,16 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRESETS = ("tiny", "base", "large")
 
 # Options that fix the data order: a resumed run must use the same ones.
-RESUME_KEYS = ("task", "datasets", "source", "batch_size", "grad_accum", "seed")
+RESUME_KEYS = (
+    "task",
+    "datasets",
+    "weights",
+    "source",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "shuffle_buffer",
+)
 
 # The paper's COCO finetuning, where it differs from pretraining.
 FINETUNE_DEFAULTS = dict(task="caption", epochs=5, lr=1e-5, min_lr=0.0, warmup_steps=0)
@@ -33,6 +42,13 @@ class TrainConfig(Options):
         "pretrain",
         "pretrain: ITC + ITM + LM; caption: LM with a prompt; itm: ITC + ITM (the filter).",
         choices=tuple(TASKS),
+    )
+    weights: tuple[float, ...] | None = option(
+        None,
+        "How often each dataset is seen per epoch, one weight per DATASET, comma-separated "
+        "(2,1: the first twice); a fraction takes a seeded part of that dataset's shards.",
+        split=",",
+        cli_default="1 for each",
     )
     preset: str = option("base", "Model size when not --init.", choices=PRESETS)
     init: tuple[str, ...] = option(
@@ -74,6 +90,12 @@ class TrainConfig(Options):
     keep_last: int = option(2, "Keep the last K checkpoints.", ge=1)
     log_every: int = 10
     num_workers: int = option(4, "DataLoader worker processes for JPEG decoding.", ge=0)
+    shuffle_buffer: int = option(
+        4096,
+        "Pairs held in the shuffle buffer (their image bytes are in memory): more mixes shards "
+        "better, fewer uses less memory.",
+        ge=1,
+    )
     overwrite: bool = option(False, "Start again instead of resuming --out.")
     progress: bool = True
 
@@ -85,6 +107,14 @@ class TrainConfig(Options):
             )
         if not self.datasets:
             raise CapfiltError("give at least one DATASET folder")
+        if self.weights is not None:
+            if len(self.weights) != len(self.datasets):
+                raise CapfiltError(
+                    f"--weights gives {len(self.weights)} weights for {len(self.datasets)} "
+                    "datasets; give one per dataset"
+                )
+            if any(not w > 0 for w in self.weights):
+                raise CapfiltError(f"--weights must all be > 0, got {list(self.weights)}")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise CapfiltError("--crop-scale must be two numbers 0 < min <= max <= 1")
@@ -96,5 +126,6 @@ class TrainConfig(Options):
     def to_dict(self) -> dict:
         data = asdict(self)
         data["datasets"], data["init"] = list(self.datasets), list(self.init)
+        data["weights"] = None if self.weights is None else list(self.weights)
         data["crop_scale"] = list(self.crop_scale)
         return data

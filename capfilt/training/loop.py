@@ -8,13 +8,17 @@ A run folder holds:
     RUN/step-N/            accelerator.save_state(...) + metadata.json, written LAST
 
 A checkpoint counts only once its metadata.json exists; the last `keep_last` are kept.
-Re-running the same command resumes from the newest checkpoint, mid-epoch included: the
-data order is a pure function of (seed, epoch), augmentation of (seed, epoch, example), and
-the RNG that samples ITM's hard negatives is restored by `load_state`, so a resumed run
-follows the loss trajectory of an uninterrupted one."""
+    RUN/data_plan.json     the training data: every shard of every dataset and its pairs
+
+The data streams (training/stream.py): shard by shard, decoded in DataLoader workers, never
+all in memory. Re-running the same command resumes from the newest checkpoint, mid-epoch
+included: the data order is a pure function of (seed, epoch), augmentation of (seed, epoch,
+pair), and the RNG that samples ITM's hard negatives is restored by `load_state`, so a resumed
+run follows the loss trajectory of an uninterrupted one."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -25,7 +29,7 @@ from pathlib import Path
 from capfilt.core.errors import CapfiltError
 from capfilt.training.config import RESUME_KEYS, TrainConfig
 from capfilt.training.init import init_model, load_tokenizer, trainable_parameters
-from capfilt.training.pairs import Collate, EpochShuffle, PairDataset, load_pairs
+from capfilt.training.pairs import DecodeBatch
 from capfilt.training.runs import (
     CHECKPOINT_DIR,
     append_log,
@@ -35,6 +39,7 @@ from capfilt.training.runs import (
     truncate_log,
     write_json_atomic,
 )
+from capfilt.training.stream import PLAN_FILE, DataPlan, EpochBatches, batches_per_epoch
 
 
 @dataclass
@@ -83,7 +88,8 @@ def _precision(precision: str) -> str:
     return {"fp32": "no"}.get(precision, precision)
 
 
-def _check_resume(config: TrainConfig, stored: dict) -> None:
+def _check_resume(config: TrainConfig, metadata: dict, processes: int) -> None:
+    stored = metadata["train_config"]
     ours = config.to_dict()
     changed = [k for k in RESUME_KEYS if stored.get(k) != ours.get(k)]
     if changed:
@@ -92,6 +98,52 @@ def _check_resume(config: TrainConfig, stored: dict) -> None:
             f"{config.out!r} holds a run with other options ({detail}); pass the "
             "same options to resume it, or --overwrite to start again"
         )
+    before = metadata.get("num_processes", processes)
+    if before != processes:
+        # Each process trains on its own part of every epoch: another count, other parts.
+        raise CapfiltError(
+            f"{config.out!r} was trained by {before} processes and this run has {processes}; "
+            f"resume it with {before} (accelerate launch --num_processes {before}), or pass "
+            "--overwrite to start again"
+        )
+
+
+def _plan(config: TrainConfig, run_dir: Path, resuming: bool, accelerator):
+    """The run's data plan (the main process builds it; the others read its copy)."""
+    from capfilt.training.stream import load_or_build_plan
+
+    if accelerator.is_main_process:
+        plan, sources = load_or_build_plan(
+            run_dir,
+            config.datasets,
+            config.weights or (1.0,) * len(config.datasets),
+            config.source,
+            config.max_words,
+            resuming,
+        )
+        write_json_atomic(run_dir / PLAN_FILE, json.loads(plan.to_json()))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        plan, sources = load_or_build_plan(
+            run_dir,
+            config.datasets,
+            config.weights or (1.0,) * len(config.datasets),
+            config.source,
+            config.max_words,
+            True,
+        )
+    return plan, sources
+
+
+def _texts(plan: DataPlan, sources, limit: int = 100_000):
+    """Up to `limit` training texts in plan order, for a tokenizer trained from scratch."""
+    taken = 0
+    for unit in plan.units:
+        for candidate in sources[unit.source].candidates(unit.shard, {}):
+            yield candidate.text
+            taken += 1
+            if taken >= limit:
+                return
 
 
 def train(config: TrainConfig, console=None) -> TrainResult:
@@ -124,16 +176,31 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     resume = latest_checkpoint(run_dir)
     metadata = read_metadata(resume) if resume else None
     if metadata:
-        _check_resume(config, metadata["train_config"])
+        _check_resume(config, metadata, accelerator.num_processes)
+        wanted = config.max_steps or metadata["total_steps"]
+        if metadata["step"] >= wanted:  # finished: nothing to read, whatever the data is now
+            accelerator.end_training()
+            return TrainResult(
+                run_dir,
+                metadata["step"],
+                metadata["total_steps"],
+                resume,
+                0.0,
+                dict(metadata["losses"]),
+                metadata["examples"],
+                dict(metadata.get("skipped", {})),
+                metadata["step"],
+                accelerator.is_main_process,
+            )
 
-    pairs = load_pairs(config.datasets, config.source, config.max_words)
+    plan, sources = _plan(config, run_dir, metadata is not None, accelerator)
     if metadata:
         from capfilt.models.med import MED, MEDConfig
 
         tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
         model = MED(MEDConfig.from_dict(metadata["model_config"]))
     else:
-        model, tokenizer = init_model(config, pairs.texts, accelerator)
+        model, tokenizer = init_model(config, _texts(plan, sources), accelerator)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     model_config = model.config
@@ -142,32 +209,43 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     prompt_length = len(tokenizer(prefix).input_ids) - 1 if prefix else 0
     max_length = config.max_words + prompt_length + 10  # words become more than one token
     max_length = min(max_length, int(model_config.text["max_position_embeddings"]))
-    dataset = PairDataset(
-        pairs,
+    decoder = DecodeBatch(
+        tokenizer,
+        max_length,
         model_config.image_size,
-        config.seed,
+        prefix,
         augment=True,
         flip=config.flip,
         crop_scale=config.crop_scale,
     )
-    sampler = EpochShuffle(len(dataset), config.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def batches_of(epoch: int) -> int:
+        """Batches of one process in `epoch`, a whole number of optimizer steps."""
+        batches = batches_per_epoch(plan, config.seed, epoch, world, config.batch_size)
+        return batches // config.grad_accum * config.grad_accum
+
+    if batches_of(0) == 0:
+        raise CapfiltError(
+            f"{plan.pairs} pairs do not fill one batch of {config.batch_size}"
+            + (f" on each of {world} processes" if world > 1 else "")
+            + (f" times {config.grad_accum} accumulation steps" if config.grad_accum > 1 else "")
+            + "; lower --batch-size"
+        )
+    sampler = EpochBatches(
+        plan, sources, config.seed, rank, world, config.batch_size, config.shuffle_buffer
+    )
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.batch_size,
+        decoder,
         sampler=sampler,
-        drop_last=True,
-        collate_fn=Collate(tokenizer, max_length, prefix),
+        batch_size=None,
         num_workers=config.num_workers,
-        # Its own generator, so creating an iterator never draws from the global RNG, which
+        persistent_workers=config.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        # Its own generator: making an iterator must not draw from the global RNG, which
         # samples hard negatives and must replay exactly on resume.
         generator=torch.Generator().manual_seed(config.seed),
-        persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
     )
-    if len(loader) == 0:
-        raise CapfiltError(
-            f"{len(dataset)} pairs do not fill one batch of {config.batch_size}; lower --batch-size"
-        )
 
     if config.compile:
         from capfilt.models.med import compile_layers
@@ -181,19 +259,20 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         weight_decay=config.weight_decay,
         fused=accelerator.device.type == "cuda",
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # The data is this run's own streaming loader: Accelerate must not shard it again.
+    model, optimizer = accelerator.prepare(model, optimizer)
 
-    batches_per_epoch = len(loader)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    steps_per_epoch = batches_of(0) // config.grad_accum
+    total_steps = config.max_steps or sum(
+        batches_of(e) // config.grad_accum for e in range(config.epochs)
+    )
     warmup_steps = min(config.warmup_steps, total_steps // 10)
-    epochs = math.ceil(total_steps / steps_per_epoch)
 
     step, epoch, skip = 0, 0, 0
     if metadata:
         accelerator.load_state(str(resume))
         step, epoch, skip = metadata["step"], metadata["epoch"], metadata["batches_in_epoch"]
-        if skip >= batches_per_epoch:
+        if skip >= batches_of(epoch):
             epoch, skip = epoch + 1, 0
     resolved = {
         "model_config": model_config.to_dict(),
@@ -203,8 +282,8 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         "steps_per_epoch": steps_per_epoch,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        "examples": len(pairs),
-        "skipped": pairs.skipped,
+        "examples": plan.pairs,
+        "skipped": plan.skipped,
     }
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "config.json", resolved)
@@ -223,15 +302,19 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     tick = time.perf_counter()
     progress = _progress(console, accelerator.is_main_process and config.progress)
     task_id = progress.add_task(config.task, total=total_steps, completed=step, stats="")
+    skipped = dict(plan.skipped)
+    trace = _Trace(accelerator.process_index)
     with progress:
-        while step < total_steps and epoch < epochs:
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-            epoch_loader.set_epoch(epoch)
+        while step < total_steps:
+            batches = batches_of(epoch)
+            sampler.set_epoch(epoch, batches, skip)
             batch_index = skip
-            for batch in epoch_loader:
-                alpha = itc_alpha(model_config.alpha, epoch, batch_index, batches_per_epoch)
+            for batch in loader:
+                for why, n in batch.pop("skipped").items():
+                    skipped[why] = skipped.get(why, 0) + n
+                trace.write(epoch, step, batch.pop("keys"))
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                alpha = itc_alpha(model_config.alpha, epoch, batch_index, batches)
                 lr = learning_rate(
                     step,
                     base_lr=config.lr,
@@ -307,11 +390,25 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         checkpoint,
         timed_images / timed_seconds if timed_seconds else 0.0,
         losses,
-        len(pairs),
-        pairs.skipped,
+        plan.pairs,
+        skipped,
         metadata["step"] if metadata else None,
         accelerator.is_main_process,
     )
+
+
+class _Trace:
+    """With CAPFILT_TRACE_PAIRS=FILE (tests): each process appends the keys it trains on."""
+
+    def __init__(self, rank: int):
+        self.path = os.environ.get("CAPFILT_TRACE_PAIRS")
+        self.rank = rank
+
+    def write(self, epoch: int, step: int, keys: list[str]) -> None:
+        if not self.path:
+            return
+        with open(self.path, "a") as f:
+            f.writelines(f"{self.rank} {epoch} {step} {key}\n" for key in keys)
 
 
 def _progress(console, enabled: bool):

@@ -1,0 +1,491 @@
+"""Training data that streams: shard by shard from every dataset, in an order that is a pure
+function of (seed, epoch), so that a killed run resumes on exactly the batches it would have
+trained on.
+
+    sources    one per dataset: capfilt's layout (curated/ joined to images/ by key within
+               aligned shards, or images/ with its web captions), or a folder of WebDataset
+               tar shards (`capfilt export-data --format webdataset`); local or any fsspec URL
+    plan       every shard of every source (a "unit") with its number of candidate pairs,
+               from a light pass over keys and texts only (no image bytes); cached in the run
+               folder, and checked against the shards' fingerprints on resume
+    epoch      the units in a seeded order (each dataset repeated by its weight), their pairs
+               numbered in that order and cut into one contiguous, equal part per process;
+               within a part, a seeded shuffle buffer; batches of consecutive emitted pairs
+    bytes      image bytes are read unit by unit as their pairs enter the shuffle buffer, and
+               dropped as they leave it: memory holds the buffer and one shard, whatever the
+               size of the dataset
+    workers    DataLoader workers decode, augment and tokenize whole batches; the main process
+               hands each its batch's bytes, so the batch order does not depend on them
+
+Why not a library: `datasets` streaming restores its shuffle buffer empty on resume (it says
+so in a warning), and torchdata's StatefulDataLoader would have to store the buffer's image
+bytes in every checkpoint. Replaying the buffer on pair numbers alone costs a loop over
+integers, and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from capfilt.core.errors import CapfiltError
+
+PLAN_FILE = "data_plan.json"
+
+
+# --- sources ---------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """One image-text pair a unit can train on; `ref` finds its image in the unit."""
+
+    key: str
+    text: str
+    ref: int | str  # images/ row (capfilt layout) or the tar member of its image
+
+
+class DatasetSource:
+    """A dataset in capfilt's layout: curated/ pairs when filtered, else the web captions."""
+
+    kind = "capfilt"
+
+    def __init__(self, root: str, source: str, max_words: int):
+        from capfilt.core.layout import Dataset
+
+        self.root, self.source, self.max_words = root, source, max_words
+        self.ds = Dataset(root)
+        self.images = self.ds.folder("images")
+        self.curated = self.ds.folder("curated")  # one generation for the whole run
+        if not self.images.shards():
+            raise CapfiltError(
+                f"{root!r} has no images/ shards yet; fetch or ingest images first "
+                "(capfilt fetch/ingest)"
+            )
+        if self.curated.shards():
+            _refuse_stale(self.ds, self.curated)
+        elif source == "synthetic":
+            raise CapfiltError(
+                f"{root!r} has no curated/ shards, so no synthetic captions to train on; "
+                "run `capfilt caption` and `capfilt filter` first, or pass --source web"
+            )
+
+    def shards(self) -> list[int]:
+        if self.curated.shards():
+            return self.curated.shards()
+        return self.images.shards()
+
+    def fingerprint(self, shard: int) -> str:
+        parts = [self.images.fingerprint(shard)]
+        if self.curated.shards():
+            parts.append(self.curated.fingerprint(shard))
+        return "+".join(str(p) for p in parts)
+
+    def candidates(self, shard: int, skipped: dict) -> list[Candidate]:
+        """The pairs of one shard that can train, in file order; the others counted by reason."""
+        from capfilt.training.pairs import pre_caption
+
+        web = not self.curated.shards()
+        columns = ["key", "status"] + (["caption"] if web else [])
+        images = self.images.read_shard(shard, columns) if shard in self._image_shards() else None
+        row_of, unusable = {}, {}
+        if images is not None:
+            statuses = images.column("status").to_pylist()
+            for row, (key, status) in enumerate(
+                zip(images.column("key").to_pylist(), statuses, strict=True)
+            ):
+                if status == "success":
+                    row_of[key] = row
+                else:
+                    unusable[key] = "image not downloaded"
+        if web:
+            rows = (
+                []
+                if images is None
+                else [
+                    ("web", key, text)
+                    for key, text in zip(
+                        images.column("key").to_pylist(),
+                        images.column("caption").to_pylist(),
+                        strict=True,
+                    )
+                ]
+            )
+        else:
+            table = self.curated.read_shard(shard, ["key", "source", "text"])
+            rows = list(
+                zip(
+                    table.column("source").to_pylist(),
+                    table.column("key").to_pylist(),
+                    table.column("text").to_pylist(),
+                    strict=True,
+                )
+            )
+        found = []
+        for source, key, text in rows:
+            if self.source != "all" and source != self.source:
+                continue
+            text = pre_caption(text or "", self.max_words)
+            if key not in row_of:
+                reason = unusable.get(key, "no image with this key")
+            elif not text:
+                reason = "empty text"
+            else:
+                found.append(Candidate(key, text, row_of[key]))
+                continue
+            skipped[reason] = skipped.get(reason, 0) + 1
+        return found
+
+    def image_bytes(self, shard: int, refs: set) -> dict:
+        """ref → image bytes (None when there are none) for the images/ rows in `refs`."""
+        table = self.images.read_shard(shard, ["jpg"])
+        column = table.column("jpg")
+        return {ref: column[ref].as_py() for ref in refs}
+
+    def _image_shards(self) -> set[int]:
+        if not hasattr(self, "_image_shard_set"):
+            self._image_shard_set = set(self.images.shards())
+        return self._image_shard_set
+
+
+class WebDatasetSource:
+    """A folder of WebDataset tar shards (KEY.jpg, KEY.txt, KEY.json), as export-data writes."""
+
+    kind = "webdataset"
+
+    def __init__(self, root: str, source: str, max_words: int):
+        import fsspec
+
+        self.root, self.source, self.max_words = root, source, max_words
+        self.fs, path = fsspec.core.url_to_fs(root)
+        self.path = path.rstrip("/")
+        self.files = {}
+        for name in sorted(self.fs.ls(self.path, detail=False)):
+            base = name.rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(".tar"):
+                self.files[len(self.files)] = name
+        if not self.files:
+            raise CapfiltError(f"{root!r} holds no .tar shards")
+
+    def shards(self) -> list[int]:
+        return list(self.files)
+
+    def fingerprint(self, shard: int) -> str:
+        info = self.fs.info(self.files[shard])
+        return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or ''}"
+
+    def _samples(self, shard: int, want: set | None):
+        """sample key → {extension: bytes} of one tar, image bytes only for keys in `want`."""
+        import tarfile
+
+        samples: dict[str, dict] = {}
+        with self.fs.open(self.files[shard], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition("/")[-1].partition(".")
+                if ext in ("jpg", "jpeg", "png", "webp") and (want is None or key not in want):
+                    samples.setdefault(key, {})[ext] = b""  # present; bytes not needed now
+                    continue
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        return samples
+
+    def candidates(self, shard: int, skipped: dict) -> list[Candidate]:
+        from capfilt.training.pairs import pre_caption
+
+        found = []
+        for key, parts in self._samples(shard, set()).items():
+            meta = json.loads(parts.get("json", b"{}") or b"{}")
+            if self.source != "all" and meta.get("source", "web") != self.source:
+                continue
+            text = pre_caption((parts.get("txt") or b"").decode("utf-8", "replace"), self.max_words)
+            image = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in parts), None)
+            if image is None:
+                skipped["no image with this key"] = skipped.get("no image with this key", 0) + 1
+            elif not text:
+                skipped["empty text"] = skipped.get("empty text", 0) + 1
+            else:
+                found.append(Candidate(key, text, f"{key}.{image}"))
+        return found
+
+    def image_bytes(self, shard: int, refs: set) -> dict:
+        keys = {ref.rsplit(".", 1)[0] for ref in refs}
+        samples = self._samples(shard, keys)
+        found = {}
+        for ref in refs:
+            key, ext = ref.rsplit(".", 1)
+            found[ref] = samples.get(key, {}).get(ext)
+        return found
+
+
+def open_source(root: str, source: str, max_words: int):
+    """The source of one --datasets entry: capfilt's layout, or a folder of tar shards."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.exists(path):
+        raise CapfiltError(f"dataset {root!r} does not exist; check the path")
+    names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
+    if "images" not in names and any(n.endswith(".tar") for n in names):
+        return WebDatasetSource(root, source, max_words)
+    return DatasetSource(root, source, max_words)
+
+
+def _refuse_stale(ds, curated) -> None:
+    """Training on curated/ pairs whose images were replaced since would pair texts with other
+    images (keys are reused): refuse, saying which stage to run."""
+    from capfilt.core import provenance
+
+    memo: dict = {}
+    stale = [
+        (shard, why)
+        for shard in curated.shards()
+        if (why := provenance.stale_ancestor(ds, "curated", shard, curated, memo))
+    ]
+    if stale:
+        raise CapfiltError(
+            f"curated/ of {ds.root!r} is stale in {len(stale)} shards "
+            f"({provenance.shard_list([s for s, _ in stale])}: {stale[0][1]}); bring it up to "
+            "date first (`capfilt status` says what changed; run caption and filter again)"
+        )
+
+
+# --- the plan -------------------------------------------------------------------------------
+@dataclass
+class Unit:
+    """One shard of one source, and how many pairs it trains on."""
+
+    source: int
+    shard: int
+    pairs: int
+    fingerprint: str
+
+
+@dataclass
+class DataPlan:
+    """Every unit of the training data, and the settings that chose its pairs."""
+
+    datasets: list[str]
+    weights: list[float]
+    options: dict  # source, max_words: what picks a unit's pairs
+    units: list[Unit]
+    skipped: dict = field(default_factory=dict)  # pairs left out by the light pass, by reason
+
+    @property
+    def pairs(self) -> int:
+        return sum(u.pairs for u in self.units)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> DataPlan:
+        raw = json.loads(text)
+        raw["units"] = [Unit(**u) for u in raw["units"]]
+        return cls(**raw)
+
+
+def build_plan(datasets, weights, source: str, max_words: int) -> tuple[DataPlan, list]:
+    """The plan of these datasets and their sources (opened once, reused to stream)."""
+    if len(weights) != len(datasets):
+        raise CapfiltError(
+            f"--weights gives {len(weights)} weights for {len(datasets)} datasets; give one "
+            "per dataset"
+        )
+    sources = [open_source(root, source, max_words) for root in datasets]
+    skipped: dict = {}
+    units = []
+    for index, src in enumerate(sources):
+        for shard in src.shards():
+            count = len(src.candidates(shard, skipped))
+            if count:
+                units.append(Unit(index, shard, count, src.fingerprint(shard)))
+    plan = DataPlan(
+        list(datasets), list(weights), dict(source=source, max_words=max_words), units, skipped
+    )
+    if not plan.pairs:
+        raise CapfiltError(
+            f"no trainable image-text pairs in {', '.join(datasets)} "
+            f"(source={source}; skipped: {skipped or 'none'})"
+        )
+    return plan, sources
+
+
+def load_or_build_plan(run_dir: Path, datasets, weights, source, max_words, resuming: bool):
+    """The run's plan: built at its start, read back on resume after checking that the data
+    is still the data it started on (same shards, same files)."""
+    path = run_dir / PLAN_FILE
+    if not (resuming and path.exists()):
+        return build_plan(datasets, weights, source, max_words)
+    plan = DataPlan.from_json(path.read_text())
+    sources = [open_source(root, source, max_words) for root in datasets]
+    wanted = dict(source=source, max_words=max_words)
+    changed = None
+    if plan.datasets != list(datasets) or plan.options != wanted or plan.weights != list(weights):
+        changed = "its datasets, weights or --source"
+    else:
+        for unit in plan.units:
+            if sources[unit.source].fingerprint(unit.shard) != unit.fingerprint:
+                changed = f"{datasets[unit.source]} shard {unit.shard:05d} changed"
+                break
+    if changed:
+        raise CapfiltError(
+            f"{str(run_dir)!r} was started on other training data ({changed}); resume it on "
+            "the data it started on, or pass --overwrite to start again"
+        )
+    return plan, sources
+
+
+# --- one epoch ------------------------------------------------------------------------------
+@dataclass
+class EpochLayout:
+    """The units of one epoch in order, and this process's contiguous part of their pairs."""
+
+    units: list[int]  # indices into plan.units, in epoch order (repeats for weights > 1)
+    starts: list[int]  # first pair number of each, in the epoch's numbering
+    first: int  # this process's first pair number
+    count: int  # pairs per process (the same for every process)
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(slot in `units`, pair index in that unit) of this process's pair `position`."""
+        number = self.first + position
+        slot = bisect.bisect_right(self.starts, number) - 1
+        return slot, number - self.starts[slot]
+
+
+def epoch_layout(plan: DataPlan, seed: int, epoch: int, rank: int, world: int) -> EpochLayout:
+    """Units in a seeded order, each dataset as many times as its weight (a fraction: a seeded
+    subset of its units), cut into `world` equal contiguous parts; the remainder waits for
+    another epoch's order."""
+    order: list[int] = []
+    for index, weight in enumerate(plan.weights):
+        ids = [u for u, unit in enumerate(plan.units) if unit.source == index]
+        whole, fraction = divmod(float(weight), 1.0)
+        order += ids * int(whole)
+        if fraction:
+            pick = random.Random(f"{seed}/{epoch}/weight/{index}")
+            order += pick.sample(ids, round(fraction * len(ids)))
+    random.Random(f"{seed}/{epoch}/order").shuffle(order)
+    starts, total = [], 0
+    for u in order:
+        starts.append(total)
+        total += plan.units[u].pairs
+    count = total // world
+    return EpochLayout(order, starts, rank * count, count)
+
+
+def batches_per_epoch(plan: DataPlan, seed: int, epoch: int, world: int, batch: int) -> int:
+    return epoch_layout(plan, seed, epoch, 0, world).count // batch
+
+
+def shuffle_order(count: int, buffer: int, seed: str) -> Iterator[tuple[int, int]]:
+    """(emitted position, pushed so far) of a shuffle buffer over positions 0..count-1."""
+    rng = random.Random(seed)
+    held: list[int] = []
+    for position in range(count):
+        if len(held) < buffer:
+            held.append(position)
+            continue
+        slot = rng.randrange(buffer)
+        yield held[slot], position
+        held[slot] = position
+    rng.shuffle(held)
+    for position in held:
+        yield position, count
+
+
+class EpochBatches:
+    """The batches of one process, epoch by epoch, as the DataLoader's sampler: each item is a
+    batch of (image bytes, text, key, augmentation seed), for a worker to decode.
+
+    `set_epoch(epoch, batches, skip)`: the next iteration yields that epoch's batches from
+    `skip` on (resume): the skipped ones are replayed by pair number only, and no image of
+    theirs is read.
+    """
+
+    def __init__(
+        self,
+        plan: DataPlan,
+        sources: list,
+        seed: int,
+        rank: int,
+        world: int,
+        batch_size: int,
+        buffer: int,
+    ):
+        self.plan, self.sources, self.seed = plan, sources, seed
+        self.rank, self.world, self.batch_size, self.buffer = rank, world, batch_size, buffer
+        self.set_epoch(0, 0)
+
+    def set_epoch(self, epoch: int, batches: int, skip: int = 0) -> None:
+        self.epoch, self.batches, self.skip = epoch, batches, skip
+        self.layout = epoch_layout(self.plan, self.seed, epoch, self.rank, self.world)
+        self.loaded: dict[int, tuple] = {}  # position → (bytes, text, key)
+        self.units_read: set[int] = set()  # slots whose bytes were read
+
+    def __len__(self) -> int:
+        return self.batches - self.skip
+
+    def __iter__(self):
+        self.loaded, self.units_read = {}, set()
+        order = shuffle_order(
+            self.layout.count, self.buffer, f"{self.seed}/{self.epoch}/{self.rank}/shuffle"
+        )
+        first, stop = self.skip * self.batch_size, self.batches * self.batch_size
+        held: set[int] = set()  # what the buffer holds, tracked while batches are skipped
+        before = 0  # the units of positions < before have been read
+        batch = []
+        for emitted, (position, pushed) in enumerate(order):
+            if emitted >= stop:
+                break
+            if emitted < first:  # replayed by number: no image is read
+                held.update(range(before, pushed))
+                held.discard(position)
+                before = pushed
+                continue
+            if emitted == first and first:
+                held.update(range(before, pushed))
+                self._read_resumed(held, pushed)
+            elif pushed > before:
+                self._read_entered(before, pushed)
+            before = max(before, pushed)
+            data, text, key = self.loaded.pop(position)
+            seed = f"{self.seed}/{self.epoch}/{self.rank}/{emitted}"
+            batch.append((data, text, key, seed))
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+
+    def _read_entered(self, before: int, pushed: int) -> None:
+        """Read the units of positions before..pushed-1, which entered the buffer."""
+        first_slot, _ = self.layout.locate(before)
+        last_slot, _ = self.layout.locate(pushed - 1)
+        for slot in range(first_slot, last_slot + 1):
+            if slot not in self.units_read:
+                self._read_unit(slot, lambda p: p >= before)
+
+    def _read_resumed(self, held: set[int], pushed: int) -> None:
+        """Resuming: read the units of what the buffer holds, and of what enters it next."""
+        slots = {self.layout.locate(p)[0] for p in held}
+        if pushed < self.layout.count:
+            slots.add(self.layout.locate(pushed)[0])
+        for slot in sorted(slots):
+            self._read_unit(slot, lambda p: p in held or p >= pushed)
+
+    def _read_unit(self, slot: int, wanted) -> None:
+        """Read one unit's candidates and image bytes, keeping the positions `wanted` accepts."""
+        unit = self.plan.units[self.layout.units[slot]]
+        source = self.sources[unit.source]
+        candidates = source.candidates(unit.shard, {})  # counted in the plan
+        begin = self.layout.starts[slot] - self.layout.first
+        keep = {}
+        for index, candidate in enumerate(candidates):
+            position = begin + index
+            if 0 <= position < self.layout.count and wanted(position):
+                keep[position] = candidate
+        images = source.image_bytes(unit.shard, {c.ref for c in keep.values()})
+        for position, candidate in keep.items():
+            self.loaded[position] = (images.get(candidate.ref), candidate.text, candidate.key)
+        self.units_read.add(slot)
