@@ -56,14 +56,30 @@ def test_greedy_captions_are_token_identical_to_transformers_generate(
     ids = captioner.generate_ids(inputs.pixel_values, prompt=PROMPT, decoding="greedy", **options)
     assert torch.equal(ids, expected)
 
-    # The prompt is stripped from the text: HF's decoded caption is prompt + ours.
+    # The prompt is cut off as BLIP cuts it: the prompt's characters off the decoded text.
     texts = captioner.generate_captions(
         inputs.pixel_values, prompt=PROMPT, decoding="greedy", **options
     )
     for (text,), row in zip(texts, expected, strict=True):
         full = processor.decode(row, skip_special_tokens=True)
         assert full.startswith(PROMPT.strip())
-        assert text == full[len(PROMPT.strip()) :].strip()
+        assert text == full[len(PROMPT) :].strip()
+        assert not text.startswith("##")
+
+
+def test_a_first_token_that_continues_the_prompt_is_cut_as_blip_cuts_it(captioner):
+    """ "a picture of" + "##s red circle" decodes to "a picture ofs red circle": BLIP's cut of
+    len("a picture of ") characters leaves "red circle", not "##s red circle"."""
+    tokenizer = captioner.tokenizer
+    prompt_ids = captioner.prompt_ids(PROMPT)[0].tolist()
+    new = tokenizer.convert_tokens_to_ids(["##s", "red", "circle"])
+    ids = torch.tensor([prompt_ids + new + [tokenizer.sep_token_id]])
+    captioner.generate_ids = lambda *a, **k: ids
+    try:
+        (texts,) = captioner.generate_captions(None, prompt=PROMPT)
+    finally:
+        del captioner.generate_ids
+    assert texts == ["red circle"]
 
 
 def test_itm_and_itc_match_transformers_within_1e4(tiny_filter, scorer_cls, images):

@@ -209,7 +209,7 @@ def test_each_loss_is_finite_and_falls_on_toy_data(tiny_tokenizer):
     batches = [scene_batch(tiny_tokenizer, scenes[:6]), scene_batch(tiny_tokenizer, scenes[6:])]
     optimizer = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], lr=2e-3)
     history = []
-    for step in range(24):
+    for step in range(40):
         terms = med(*batches[step % 2], alpha=0.4)
         assert all(torch.isfinite(v) for v in terms.values())
         sum(terms.values()).backward()

@@ -77,6 +77,96 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
     assert lr[110] == pytest.approx(1e-5)
 
 
+def test_blip_schedule_warms_up_in_epoch_0_then_decays_by_0_9_per_epoch():
+    """pretrain.py of salesforce/BLIP: warmup_lr_schedule in epoch 0, step_lr_schedule after."""
+    from capfilt.training.loop import blip_learning_rate
+
+    def lr(step, epoch):
+        return blip_learning_rate(
+            step,
+            epoch,
+            base_lr=3e-4,
+            min_lr=1e-6,
+            warmup_lr=1e-6,
+            warmup_steps=3000,
+            decay_rate=0.9,
+        )
+
+    assert lr(0, 0) == pytest.approx(1e-6)
+    assert lr(1500, 0) == pytest.approx(1e-6 + (3e-4 - 1e-6) / 2)
+    assert lr(3000, 0) == lr(5000, 0) == pytest.approx(3e-4)
+    assert lr(9000, 1) == pytest.approx(3e-4 * 0.9)
+    assert lr(20000, 5) == pytest.approx(1.77147e-4)  # the issue's 1.77e-4 at epoch 5
+    assert lr(10**6, 80) == pytest.approx(1e-6)  # never below min_lr
+    assert TrainConfig(datasets=("d",), out="o").lr_schedule == "blip"
+    assert TrainConfig(datasets=("d",), out="o", preset="tiny").lr_schedule == "cosine"
+    assert TrainConfig(datasets=("d",), out="o", task="caption").lr_schedule == "cosine"
+    assert TrainConfig(datasets=("d",), out="o", schedule="cosine").lr_schedule == "cosine"
+
+
+def test_pretraining_ramps_alpha_over_two_epochs_finetuning_over_one():
+    pretrain = TrainConfig(datasets=("d",), out="o")
+    assert pretrain.alpha_ramp_epochs == 2
+    assert itc_alpha(0.4, 0, 100, 100, pretrain.alpha_ramp_epochs) == pytest.approx(0.2)
+    assert itc_alpha(0.4, 1, 100, 100, pretrain.alpha_ramp_epochs) == pytest.approx(0.4)
+    assert TrainConfig(datasets=("d",), out="o", task="itm").alpha_ramp_epochs == 1
+
+
+def test_the_released_presets_train_with_blips_dropout_eps_and_stochastic_depth(tiny_tokenizer):
+    from capfilt.models.med import med_config
+
+    base, large = med_config("base", tiny_tokenizer), med_config("large", tiny_tokenizer)
+    for config in (base, large):
+        assert config.text["hidden_dropout_prob"] == config.text["attention_probs_dropout_prob"]
+        assert config.text["hidden_dropout_prob"] == 0.1
+        assert config.vision["layer_norm_eps"] == 1e-6
+    assert (base.drop_path_rate, large.drop_path_rate) == (0.0, 0.1)
+
+
+def test_stochastic_depth_drops_branches_in_training_only(tiny_tokenizer):
+    from capfilt.models.med import MED, med_config
+
+    torch.manual_seed(0)
+    plain = MED(med_config("tiny", tiny_tokenizer, queue_size=8))
+    torch.manual_seed(0)
+    dropping = MED(med_config("tiny", tiny_tokenizer, queue_size=8, drop_path_rate=0.5))
+    layers = dropping.vision_model.encoder.layers
+    assert [layer.drop_path for layer in layers] == [0.0, 0.5]  # rising to the rate
+    assert not hasattr(plain.vision_model.encoder.layers[1], "drop_path")
+    assert plain.state_dict().keys() == dropping.state_dict().keys()
+    pixels = torch.randn(4, 3, 64, 64)
+    dropping.eval(), plain.eval()
+    same = dropping.vision_model(pixels).last_hidden_state
+    torch.testing.assert_close(same, plain.vision_model(pixels).last_hidden_state)
+    dropping.train()
+    outs = [dropping.vision_model(pixels).last_hidden_state for _ in range(4)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_the_same_texts_give_the_same_vocabulary_in_every_process(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json; from capfilt.models.tokenizers import train_tokenizer\n"
+        "texts = [f'a {c} {s} on a {b} background' for c in ('red','blue','green','pink') "
+        "for s in ('circle','square','star') for b in ('white','black')] * 3\n"
+        "tok = train_tokenizer(texts, 60)\n"
+        "print(json.dumps(sorted(tok.get_vocab().items())))\n"
+    )
+    vocabularies = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in (1, 2, 3)
+    }
+    assert len(vocabularies) == 1
+
+
 def test_itc_alpha_ramps_in_over_the_first_epoch():
     assert itc_alpha(0.4, 0, 0, 100) == 0.0
     assert itc_alpha(0.4, 0, 50, 100) == pytest.approx(0.2)
@@ -368,3 +458,69 @@ def test_two_process_accelerate_run(toy_dataset, tmp_path):
     # Each step enqueues both processes' batches: 3 steps × 2 × 4 features.
     assert int(model.queue_ptr) == (3 * 2 * 4) % 32
     assert not torch.allclose(model.image_queue[:, :24], model.image_queue[:, :24].mean(1, True))
+
+
+def test_finetune_at_another_image_size_interpolates_position_embeddings(
+    straight_run, toy_dataset, tmp_path
+):
+    import torch.nn.functional as F
+
+    straight, _ = straight_run
+    before, _, _ = load_run(straight)
+    assert before.config.image_size == 64  # 4 x 4 patches of 16 px
+    options = dict(TOY, max_steps=1, save_every=1, lr=0.0, min_lr=0.0, warmup_steps=0)
+    del options["preset"]
+    out = tmp_path / "at96"
+    train(
+        TrainConfig(
+            datasets=(str(toy_dataset),),
+            out=str(out),
+            task="itm",
+            init=(str(straight),),
+            image_size=96,
+            **options,
+        )
+    )
+    after, _, _ = load_run(out)
+    assert after.config.image_size == 96
+    old = before.vision_model.embeddings.position_embedding
+    new = after.vision_model.embeddings.position_embedding
+    assert new.shape == (1, 1 + 6 * 6, old.shape[-1])
+    torch.testing.assert_close(new[:, 0], old[:, 0])  # the class position is kept
+    grid = old[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(6, 6), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 36, -1)
+    torch.testing.assert_close(new[:, 1:], want)  # lr 0: exactly the interpolation
+    assert json.loads((out / "config.json").read_text())["text_tokens"] == 35  # BLIP's ITM
+
+
+def test_a_given_tokenizer_is_the_vocabulary_of_a_run_from_scratch(toy_dataset, tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import BertTokenizerFast
+
+    from capfilt.models.tokenizers import bert_pipeline
+
+    # As BERT's vocabulary comes: its specials, no [DEC] or [ENC] of BLIP's.
+    words = ["a", "red", "green", "blue", "yellow", "circle", "square", "triangle"]
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    bert = BertTokenizerFast(
+        tokenizer_object=bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))),
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
+    bert.save_pretrained(str(tmp_path / "bert-like"))
+    out = tmp_path / "run"
+    options = dict(TOY, max_steps=1, save_every=1)
+    tokenizer_dir = str(tmp_path / "bert-like")
+    train(
+        TrainConfig(datasets=(str(toy_dataset),), out=str(out), tokenizer=tokenizer_dir, **options)
+    )
+    model, tokenizer, _ = load_run(out)
+    assert tokenizer.convert_tokens_to_ids("triangle") == vocab["triangle"]
+    dec, enc = tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"])
+    assert {dec, enc} == {len(tokens), len(tokens) + 1}  # BLIP's specials, after the vocabulary
+    assert model.config.text["vocab_size"] == len(tokens) + 2
+    assert json.loads((out / "config.json").read_text())["text_tokens"] == 30  # BLIP's pretrain

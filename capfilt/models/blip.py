@@ -480,11 +480,15 @@ class Captioner:
     def generate_captions(
         self, pixel_values, *, prompt: str, num_captions: int = 1, **options
     ) -> list[list[str]]:
-        """`num_captions` captions per image, the prompt stripped: one list per image."""
+        """`num_captions` captions per image, the prompt stripped: one list per image.
+
+        As BLIP does: the whole sequence is decoded and the prompt's characters cut off. When
+        the first new token continues the prompt's last word ("of" + "##s"), decoding only the
+        new tokens would give "##s red circle"; BLIP's cut gives "red circle".
+        """
         ids = self.generate_ids(pixel_values, prompt=prompt, num_captions=num_captions, **options)
-        prompt_length = self.prompt_ids(prompt).shape[1]
-        texts = self.tokenizer.batch_decode(ids[:, prompt_length:], skip_special_tokens=True)
-        texts = [t.strip() for t in texts]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        texts = [t[len(prompt) :].strip() for t in texts]
         return [texts[i : i + num_captions] for i in range(0, len(texts), num_captions)]
 
 

@@ -38,14 +38,25 @@ TINY_INIT = 0.2
 
 # Pretraining runs at 224 px as in the paper; the queue of the tiny preset is small so that
 # toy runs see their own features in it instead of random initial vectors.
+# BLIP's pretraining settings for the released sizes: BERT's dropout 0.1 in the text model,
+# the ViT's LayerNorm eps 1e-6, stochastic depth 0.1 in ViT-L (models/vit.py, blip.py of
+# salesforce/BLIP).
+BLIP_TEXT = dict(BERT_BASE, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 PRESETS = {
     "tiny": dict(
         vision=dict(TINY_VISION, initializer_range=TINY_INIT),
         text=dict(TINY_TEXT, initializer_range=TINY_INIT),
         queue_size=64,
     ),
-    "base": dict(vision=PRETRAIN_VIT_B16, text=BERT_BASE, queue_size=57600),
-    "large": dict(vision=PRETRAIN_VIT_L16, text=BERT_BASE, queue_size=57600),
+    "base": dict(
+        vision=dict(PRETRAIN_VIT_B16, layer_norm_eps=1e-6), text=BLIP_TEXT, queue_size=57600
+    ),
+    "large": dict(
+        vision=dict(PRETRAIN_VIT_L16, layer_norm_eps=1e-6),
+        text=BLIP_TEXT,
+        queue_size=57600,
+        drop_path_rate=0.1,
+    ),
 }
 
 
@@ -62,6 +73,12 @@ class MEDConfig:
     alpha: float = 0.4  # weight of the momentum-distilled targets in ITC
     temp: float = 0.07  # initial ITC temperature, learned within [0.001, 0.5]
     label_smoothing: float = 0.1  # LM loss
+    drop_path_rate: float = 0.0  # stochastic depth of the ViT, rising linearly to this
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MEDConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
 
     @property
     def image_size(self) -> int:
@@ -77,10 +94,6 @@ class MEDConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> MEDConfig:
-        return cls(**data)
 
     def blip_config(self):
         """The transformers BlipConfig of the captioner and filter this model exports to."""
@@ -105,6 +118,7 @@ def med_config(preset: str, tokenizer, **overrides) -> MEDConfig:
     text = dict(spec["text"], **text_special_ids(tokenizer))
     text["encoder_hidden_size"] = vision["hidden_size"]
     overrides.setdefault("queue_size", spec["queue_size"])
+    overrides.setdefault("drop_path_rate", spec.get("drop_path_rate", 0.0))
     return MEDConfig(vision=vision, text=text, enc_token_id=enc_token_id(tokenizer), **overrides)
 
 
@@ -130,6 +144,8 @@ def med_config_from_blip(blip_config, tokenizer, **overrides) -> MEDConfig:
         "max_position_embeddings",
         "hidden_act",
         "layer_norm_eps",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
         "bos_token_id",
         "pad_token_id",
         "sep_token_id",
@@ -307,6 +323,70 @@ def use_fused_attention(model: nn.Module) -> nn.Module:
     return model
 
 
+@functools.cache
+def _stochastic_depth_class():
+    """transformers' BlipEncoderLayer with stochastic depth: in training, each sample skips
+    the attention and the MLP branch with probability `drop_path` (timm's DropPath, as BLIP's
+    ViT). The class swap keeps parameters and state-dict keys; at 0 it is the plain layer."""
+    from transformers.models.blip.modeling_blip import BlipEncoderLayer
+
+    class DropPathBlipEncoderLayer(BlipEncoderLayer):
+        drop_path = 0.0
+
+        def _branch(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.training or self.drop_path == 0.0:
+                return x
+            keep = 1.0 - self.drop_path
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+            return x * mask / keep
+
+        def forward(self, hidden_states, **kwargs):
+            residual = hidden_states
+            hidden_states, _ = self.self_attn(
+                hidden_states=self.layer_norm1(hidden_states), **kwargs
+            )
+            hidden_states = residual + self._branch(hidden_states)
+            residual = hidden_states
+            hidden_states = self.mlp(self.layer_norm2(hidden_states))
+            return residual + self._branch(hidden_states)
+
+    return BlipEncoderLayer, DropPathBlipEncoderLayer
+
+
+def use_stochastic_depth(vision_model: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 at the first ViT layer to `rate` at the last."""
+    if not rate:
+        return
+    plain, with_drop_path = _stochastic_depth_class()
+    layers = [m for m in vision_model.modules() if isinstance(m, plain)]
+    for index, layer in enumerate(layers):
+        layer.__class__ = with_drop_path
+        layer.drop_path = rate * index / max(1, len(layers) - 1)
+
+
+@torch.no_grad()
+def resize_position_embeddings(model: MED, image_size: int) -> None:
+    """Train `model` at another image size: its ViTs' position embeddings are interpolated
+    (bicubic over the patch grid, the class position kept), as BLIP does to finetune at 384 px
+    a model pretrained at 224. Changes `model.config` to the new size."""
+    from dataclasses import replace
+
+    patch = int(model.config.vision["patch_size"])
+    grid = image_size // patch
+    for vision in (model.vision_model, model.vision_model_m):
+        embeddings = vision.embeddings
+        old = embeddings.position_embedding  # (1, 1 + g*g, D)
+        side = int(round((old.shape[1] - 1) ** 0.5))
+        patches = old[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic")
+        patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(old.dtype)
+        embeddings.position_embedding = nn.Parameter(torch.cat([old[:, :1], patches], dim=1))
+        embeddings.image_size, embeddings.num_patches = image_size, grid * grid
+        embeddings.num_positions = grid * grid + 1
+        vision.config.image_size = image_size
+    model.config = replace(model.config, vision=dict(model.config.vision, image_size=image_size))
+
+
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile every transformer layer of `model` in place; returns how many.
 
@@ -315,9 +395,12 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     (bias, GELU, LayerNorm, residual) fuse and its Python overhead goes. Parameters and
     state-dict keys are unchanged. The first steps pay for compilation.
     """
+    from transformers.models.blip.modeling_blip import BlipEncoderLayer
+    from transformers.models.blip.modeling_blip_text import BlipTextLayer
+
     count = 0
     for module in model.modules():
-        if type(module).__name__ in ("BlipEncoderLayer", "BlipTextLayer"):
+        if isinstance(module, BlipEncoderLayer | BlipTextLayer):
             module.compile(backend=backend)
             count += 1
     return count
@@ -357,6 +440,7 @@ class MED(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(config.temp)))
         if attention == "sdpa":
             use_fused_attention(self)
+        use_stochastic_depth(self.vision_model, config.drop_path_rate)
 
         # Momentum encoders: exponential moving averages of the unimodal encoders, never trained
         # by gradients; their features fill the queues and make ITC's soft targets.

@@ -13,13 +13,33 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int = 1000, out_dir: str | Path | None = None
 ):
-    """Train a lower-cased WordPiece tokenizer with the BLIP specials; save it if `out_dir`."""
-    from tokenizers import Tokenizer, models
-    from tokenizers.trainers import WordPieceTrainer
+    """A lower-cased WordPiece tokenizer with the BLIP specials, the same for the same texts
+    (saved when `out_dir`).
 
-    tok = bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    Its vocabulary: the specials, every character seen (alone and as a `##` continuation, so
+    that any word splits into known pieces), then the most frequent words (ties in alphabetical
+    order) up to `vocab_size`. The `tokenizers` trainer is not used: it breaks ties between
+    equally frequent merges in hash order, so the same texts gave another vocabulary in every
+    process.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models
+
+    splitter = bert_pipeline(Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")))
+    words: Counter = Counter()
+    for text in texts:
+        normalized = splitter.normalizer.normalize_str(text)
+        words.update(word for word, _ in splitter.pre_tokenizer.pre_tokenize_str(normalized))
+    characters = sorted({ch for word in words for ch in word})
+    vocab: dict[str, int] = {}
+    for token in [*SPECIAL_TOKENS, *characters, *(f"##{ch}" for ch in characters)]:
+        vocab.setdefault(token, len(vocab))
+    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(word, len(vocab))
+    tok = bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
     tokenizer = as_blip_tokenizer(tok)
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))

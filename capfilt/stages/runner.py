@@ -355,6 +355,8 @@ def run_stage(
         if before_work is not None:
             before_work()
         folder.remove_temp_files()
+        if target is None:  # also a killed switch's current.json, other generations' leftovers
+            ds.remove_temp_files(stage.output)
         for shard in plan.orphans:  # their input shard is gone: nothing can read them right
             folder.remove_shard(shard)
     processes.wait_for_everyone()  # nobody writes before the leftovers are gone

@@ -13,6 +13,10 @@ TASKS = {"pretrain": ("itc", "itm", "lm"), "caption": ("lm",), "itm": ("itc", "i
 SOURCES = ("all", "web", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRESETS = ("tiny", "base", "large")
+SCHEDULES = ("blip", "cosine")
+# Text tokens per task, as BLIP's models truncate them (blip_pretrain.py, blip.py,
+# blip_retrieval.py).
+TEXT_TOKENS = {"pretrain": 30, "caption": 40, "itm": 35}
 
 # Options that fix the data order: a resumed run must use the same ones.
 RESUME_KEYS = (
@@ -68,12 +72,29 @@ class TrainConfig(Options):
     epochs: int = option(20, "Epochs (ignored with --max-steps).", ge=1)
     max_steps: int | None = option(None, "Stop after this many optimizer steps.", ge=1)
     lr: float = option(3e-4, "Peak learning rate.", ge=0)
+    schedule: str | None = option(
+        None,
+        "blip: linear warm-up in epoch 0, then the peak rate × 0.9^epoch (BLIP's pretraining); "
+        "cosine: warm-up, then cosine decay per step.",
+        choices=SCHEDULES,
+        cli_default="blip for pretrain with --preset base or large, else cosine",
+    )
     min_lr: float = 1e-6
     warmup_lr: float = 1e-6
-    warmup_steps: int = option(3000, "Linear warm-up steps (at most 10% of the run).", ge=0)
+    lr_decay_rate: float = 0.9  # the blip schedule's decay per epoch
+    warmup_steps: int = option(
+        3000, "Linear warm-up steps (the cosine schedule: at most 10% of the run).", ge=0
+    )
     weight_decay: float = option(0.05, "AdamW weight decay.", ge=0)
     max_grad_norm: float | None = None
     max_words: int = 30
+    image_size: int | None = option(
+        None,
+        "Image side in pixels: a model of another size gets its position embeddings "
+        "interpolated (BLIP finetunes at 384 what it pretrained at 224).",
+        ge=16,
+        cli_default="the model's",
+    )
     prompt: str = option("a picture of ", "Captioner prompt (its tokens get no loss).")
     flip: bool = option(True, "Random horizontal flips (turn off when captions say left/right).")
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -122,6 +143,18 @@ class TrainConfig(Options):
     @property
     def losses(self) -> tuple[str, ...]:
         return TASKS[self.task]
+
+    @property
+    def lr_schedule(self) -> str:
+        if self.schedule:
+            return self.schedule
+        return "blip" if self.task == "pretrain" and self.preset != "tiny" else "cosine"
+
+    @property
+    def alpha_ramp_epochs(self) -> int:
+        """Epochs over which ITC's distillation weight ramps in: 2 in BLIP's pretraining,
+        1 in its retrieval finetuning."""
+        return 2 if self.task == "pretrain" else 1
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -47,13 +47,14 @@ def _load_blip(spec: str, kind: str):
     return model, tokenizer
 
 
-def ensure_blip_specials(tokenizer, vocab_size: int):
-    """Add [ENC] (and [DEC]) when a released BLIP tokenizer lacks them, at BLIP's ids."""
+def ensure_blip_specials(tokenizer, vocab_size: int | None):
+    """Add [ENC] (and [DEC]) when a tokenizer lacks them (a released BLIP one, BERT's): at
+    BLIP's ids, which must fit `vocab_size` (None: a model built for this tokenizer)."""
     for token in ("[DEC]", "[ENC]"):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
             tokenizer.add_tokens([token], special_tokens=True)
     worst = max(tokenizer.convert_tokens_to_ids(t) for t in ("[DEC]", "[ENC]"))
-    if worst >= vocab_size:
+    if vocab_size is not None and worst >= vocab_size:
         raise CapfiltError(
             f"the tokenizer's [DEC]/[ENC] ids do not fit the model's vocabulary "
             f"({vocab_size}); pass the checkpoint's own tokenizer"
@@ -61,8 +62,18 @@ def ensure_blip_specials(tokenizer, vocab_size: int):
     return tokenizer
 
 
-def init_model(config: TrainConfig, texts: list[str], accelerator):
-    """(MED, tokenizer) from --init (run, export or HF BLIP checkpoints) or a fresh preset."""
+def init_model(config: TrainConfig, texts, accelerator):
+    """(MED, tokenizer) from --init (run, export or HF BLIP checkpoints) or a fresh preset, at
+    --image-size when given (another size's position embeddings interpolated)."""
+    model, tokenizer = _init_model(config, texts, accelerator)
+    if config.image_size and config.image_size != model.config.image_size:
+        from capfilt.models.med import resize_position_embeddings
+
+        resize_position_embeddings(model, config.image_size)
+    return model, tokenizer
+
+
+def _init_model(config: TrainConfig, texts, accelerator):
     import torch
 
     from capfilt.models.med import MED, med_config, med_config_from_blip
@@ -121,9 +132,12 @@ def init_model(config: TrainConfig, texts: list[str], accelerator):
                 tokenizer = train_tokenizer(texts, config.vocab_size, folder)
             else:
                 tokenizer = load_tokenizer(str(folder))
-    tokenizer = ensure_blip_specials(tokenizer, len(tokenizer))
+    tokenizer = ensure_blip_specials(tokenizer, None)
     torch.manual_seed(config.seed)
-    return MED(med_config(config.preset, tokenizer, **overrides)), tokenizer
+    med = med_config(config.preset, tokenizer, **overrides)
+    if config.image_size:  # a fresh model is built at the size it trains at
+        med = replace(med, vision=dict(med.vision, image_size=config.image_size))
+    return MED(med), tokenizer
 
 
 def load_tokenizer(spec: str):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capfilt.core.errors import CapfiltError
-from capfilt.training.config import RESUME_KEYS, TrainConfig
+from capfilt.training.config import RESUME_KEYS, TEXT_TOKENS, TrainConfig
 from capfilt.training.init import init_model, load_tokenizer, trainable_parameters
 from capfilt.training.pairs import DecodeBatch
 from capfilt.training.runs import (
@@ -73,11 +73,32 @@ def learning_rate(
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def itc_alpha(alpha: float, epoch: int, batch_index: int, batches_per_epoch: int) -> float:
-    """BLIP ramps the distillation weight in linearly over the first epoch."""
-    if epoch > 0:
-        return alpha
-    return alpha * min(1.0, batch_index / max(1, batches_per_epoch))
+def blip_learning_rate(
+    step: int,
+    epoch: int,
+    *,
+    base_lr: float,
+    min_lr: float,
+    warmup_lr: float,
+    warmup_steps: int,
+    decay_rate: float,
+) -> float:
+    """BLIP's pretraining schedule: in epoch 0 a linear warm-up from `warmup_lr` over
+    `warmup_steps` (capped at `base_lr`), from epoch 1 on `base_lr × decay_rate^epoch` (at
+    least `min_lr`), constant within the epoch (utils.py of salesforce/BLIP)."""
+    if epoch == 0:
+        if not warmup_steps:
+            return base_lr
+        return min(base_lr, warmup_lr + (base_lr - warmup_lr) * step / warmup_steps)
+    return max(min_lr, base_lr * decay_rate**epoch)
+
+
+def itc_alpha(
+    alpha: float, epoch: int, batch_index: int, batches_per_epoch: int, ramp_epochs: int = 1
+) -> float:
+    """BLIP ramps the distillation weight in linearly over the first `ramp_epochs` epochs."""
+    done = epoch * batches_per_epoch + batch_index
+    return alpha * min(1.0, done / max(1, ramp_epochs * batches_per_epoch))
 
 
 def _precision(precision: str) -> str:
@@ -207,8 +228,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
 
     prefix = config.prompt if config.task == "caption" else ""
     prompt_length = len(tokenizer(prefix).input_ids) - 1 if prefix else 0
-    max_length = config.max_words + prompt_length + 10  # words become more than one token
-    max_length = min(max_length, int(model_config.text["max_position_embeddings"]))
+    max_length = min(TEXT_TOKENS[config.task], int(model_config.text["max_position_embeddings"]))
     decoder = DecodeBatch(
         tokenizer,
         max_length,
@@ -266,7 +286,11 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     total_steps = config.max_steps or sum(
         batches_of(e) // config.grad_accum for e in range(config.epochs)
     )
-    warmup_steps = min(config.warmup_steps, total_steps // 10)
+    # BLIP's schedule warms up over its steps whatever the run's length; the cosine one over
+    # at most a tenth of the run.
+    warmup_steps = config.warmup_steps
+    if config.lr_schedule == "cosine":
+        warmup_steps = min(warmup_steps, total_steps // 10)
 
     step, epoch, skip = 0, 0, 0
     if metadata:
@@ -279,6 +303,8 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         "train_config": config.to_dict(),
         "total_steps": total_steps,
         "warmup_steps": warmup_steps,
+        "schedule": config.lr_schedule,
+        "text_tokens": max_length,
         "steps_per_epoch": steps_per_epoch,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
@@ -314,15 +340,10 @@ def train(config: TrainConfig, console=None) -> TrainResult:
                     skipped[why] = skipped.get(why, 0) + n
                 trace.write(epoch, step, batch.pop("keys"))
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-                alpha = itc_alpha(model_config.alpha, epoch, batch_index, batches)
-                lr = learning_rate(
-                    step,
-                    base_lr=config.lr,
-                    min_lr=config.min_lr,
-                    warmup_lr=config.warmup_lr,
-                    warmup_steps=warmup_steps,
-                    total_steps=total_steps,
+                alpha = itc_alpha(
+                    model_config.alpha, epoch, batch_index, batches, config.alpha_ramp_epochs
                 )
+                lr = _lr(config, step, epoch, warmup_steps, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with accelerator.accumulate(model):
@@ -394,6 +415,27 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         skipped,
         metadata["step"] if metadata else None,
         accelerator.is_main_process,
+    )
+
+
+def _lr(config: TrainConfig, step: int, epoch: int, warmup_steps: int, total_steps: int):
+    if config.lr_schedule == "blip":
+        return blip_learning_rate(
+            step,
+            epoch,
+            base_lr=config.lr,
+            min_lr=config.min_lr,
+            warmup_lr=config.warmup_lr,
+            warmup_steps=warmup_steps,
+            decay_rate=config.lr_decay_rate,
+        )
+    return learning_rate(
+        step,
+        base_lr=config.lr,
+        min_lr=config.min_lr,
+        warmup_lr=config.warmup_lr,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
     )
 
 
