@@ -9,6 +9,7 @@ from conftest import write_images_dataset
 from capfilt.core.errors import CapfiltError
 from capfilt.training.stream import (
     EpochBatches,
+    Picking,
     batches_per_epoch,
     build_plan,
     epoch_layout,
@@ -33,7 +34,7 @@ def epoch_pairs(plan, sources, epoch, rank, world, batch, buffer, skip=0, seed=3
 
 
 def test_every_pair_once_per_epoch_in_equal_disjoint_parts(dataset):
-    plan, sources = build_plan((str(dataset),), (1.0,), "all", 30)
+    plan, sources = build_plan((str(dataset),), (1.0,), Picking("all", 30))
     assert plan.pairs == 56
     for world in (1, 2, 3):
         parts = []
@@ -52,7 +53,7 @@ def test_every_pair_once_per_epoch_in_equal_disjoint_parts(dataset):
 
 
 def test_the_order_is_seeded_by_epoch_and_the_same_every_time(dataset):
-    plan, sources = build_plan((str(dataset),), (1.0,), "all", 30)
+    plan, sources = build_plan((str(dataset),), (1.0,), Picking("all", 30))
     first, _ = epoch_pairs(plan, sources, 0, 0, 1, 4, 16)
     again, _ = epoch_pairs(plan, sources, 0, 0, 1, 4, 16)
     other, _ = epoch_pairs(plan, sources, 1, 0, 1, 4, 16)
@@ -63,7 +64,7 @@ def test_the_order_is_seeded_by_epoch_and_the_same_every_time(dataset):
 
 @pytest.mark.parametrize("buffer", [1, 5, 16, 1000])
 def test_a_resumed_epoch_yields_exactly_the_batches_left(dataset, buffer):
-    plan, sources = build_plan((str(dataset),), (1.0,), "all", 30)
+    plan, sources = build_plan((str(dataset),), (1.0,), Picking("all", 30))
     for world, rank in ((1, 0), (2, 1)):
         whole, _ = epoch_pairs(plan, sources, 2, rank, world, 4, buffer)
         for skip in (1, 3, len(whole) - 1):
@@ -73,7 +74,7 @@ def test_a_resumed_epoch_yields_exactly_the_batches_left(dataset, buffer):
 
 
 def test_memory_holds_the_buffer_and_one_shard(dataset):
-    plan, sources = build_plan((str(dataset),), (1.0,), "all", 30)
+    plan, sources = build_plan((str(dataset),), (1.0,), Picking("all", 30))
     _, sampler = epoch_pairs(plan, sources, 0, 0, 1, 4, 6)
     peak = 0
     for _ in sampler:
@@ -92,10 +93,10 @@ def test_shuffle_order_emits_each_position_once():
 def test_weights_repeat_a_dataset_or_take_part_of_it(dataset, tmp_path):
     small = tmp_path / "small"
     write_images_dataset(small, n_shards=2, per_shard=5, seed=5)  # 8 pairs
-    plan, _ = build_plan((str(dataset), str(small)), (1.0, 2.0), "all", 30)
+    plan, _ = build_plan((str(dataset), str(small)), (1.0, 2.0), Picking("all", 30))
     layout = epoch_layout(plan, 0, 0, 0, 1)
     assert sum(plan.units[u].pairs for u in layout.units) == 56 + 2 * 8
-    plan, _ = build_plan((str(dataset), str(small)), (0.5, 1.0), "all", 30)
+    plan, _ = build_plan((str(dataset), str(small)), (0.5, 1.0), Picking("all", 30))
     layout = epoch_layout(plan, 0, 0, 0, 1)
     from_first = [u for u in layout.units if plan.units[u].source == 0]
     assert len(from_first) == round(0.5 * 7)  # 4 of its 7 shards
@@ -105,7 +106,7 @@ def test_weights_repeat_a_dataset_or_take_part_of_it(dataset, tmp_path):
     ]
     assert {len(c) for c in chosen} == {4} and len(set(chosen)) > 1  # another part each epoch
     with pytest.raises(CapfiltError, match="one per dataset"):
-        build_plan((str(dataset),), (1.0, 2.0), "all", 30)
+        build_plan((str(dataset),), (1.0, 2.0), Picking("all", 30))
 
 
 def test_a_webdataset_export_is_a_training_source(tmp_path):
@@ -116,14 +117,14 @@ def test_a_webdataset_export_is_a_training_source(tmp_path):
 
     scored = write_scored_dataset(tmp_path / "ds")
     export_data(Dataset(scored.root), "webdataset", str(tmp_path / "wds"))
-    plan, sources = build_plan((str(tmp_path / "wds"),), (1.0,), "all", 30)
-    layout_plan, layout_sources = build_plan((scored.root,), (1.0,), "all", 30)
+    plan, sources = build_plan((str(tmp_path / "wds"),), (1.0,), Picking("all", 30))
+    layout_plan, layout_sources = build_plan((scored.root,), (1.0,), Picking("all", 30))
     assert plan.pairs == layout_plan.pairs == len(scored.kept(0.5))
     batches, _ = epoch_pairs(plan, sources, 0, 0, 1, 3, 8)
     assert all(
         isinstance(item[0], bytes) and item[0][:2] == b"\xff\xd8" for b in batches for item in b
     )
-    web_only, _ = build_plan((str(tmp_path / "wds"),), (1.0,), "web", 30)
+    web_only, _ = build_plan((str(tmp_path / "wds"),), (1.0,), Picking("web", 30))
     assert web_only.pairs == sum(1 for _, _, source in scored.kept(0.5) if source == "web")
 
 
@@ -132,17 +133,54 @@ def test_resuming_on_other_data_is_refused(dataset, tmp_path):
 
     root = tmp_path / "ds"
     shutil.copytree(dataset, root)
-    plan, _ = build_plan((str(root),), (1.0,), "all", 30)
+    plan, _ = build_plan((str(root),), (1.0,), Picking("all", 30))
     run = tmp_path / "run"
     run.mkdir()
     (run / "data_plan.json").write_text(plan.to_json())
-    again, _ = load_or_build_plan(run, (str(root),), (1.0,), "all", 30, resuming=True)
+    again, _ = load_or_build_plan(
+        run, (str(root),), (1.0,), Picking("all", 30), None, resuming=True
+    )
     assert again == plan
     from capfilt.core.layout import Dataset
 
     ds = Dataset(str(root))
     ds.write_shard("images", 3, ds.read_shard("images", 3))  # the same rows, another write
     with pytest.raises(CapfiltError, match="shard 00003 changed"):
-        load_or_build_plan(run, (str(root),), (1.0,), "all", 30, resuming=True)
+        load_or_build_plan(run, (str(root),), (1.0,), Picking("all", 30), None, resuming=True)
     with pytest.raises(CapfiltError, match="--source"):
-        load_or_build_plan(run, (str(root),), (1.0,), "web", 30, resuming=True)
+        load_or_build_plan(run, (str(root),), (1.0,), Picking("web", 30), None, resuming=True)
+
+
+def test_a_web_synthetic_ratio_thins_the_more_frequent_kind(tmp_path):
+    from collections import Counter
+
+    from _report_fixtures import write_scored_dataset
+
+    from capfilt.training.config import TrainConfig
+
+    scored = write_scored_dataset(tmp_path / "ds")
+    have = Counter(source for _, _, source in scored.kept(0.5))
+    assert have["synthetic"] > 2 * have["web"] > 0  # the fixture's mix: thinning is needed
+
+    def kinds(ratio, seed=0):
+        plan, sources = build_plan((scored.root,), (1.0,), Picking("all", 30, (), seed), ratio)
+        pairs = [c for u in plan.units for c in sources[0].candidates(u.shard, {})]
+        return Counter(c.source for c in pairs), {c.key for c in pairs}, plan
+
+    for ratio in ((1.0, 1.0), (1.0, 2.0)):
+        counts, keys, plan = kinds(ratio)
+        assert counts["web"] == have["web"]  # the rarer kind is kept whole
+        expected = have["web"] * ratio[1] / ratio[0]
+        assert abs(counts["synthetic"] - expected) <= 0.5 * expected  # a seeded sample
+        assert plan.skipped["left out for --web-synthetic-ratio"] == (
+            have["synthetic"] - counts["synthetic"]
+        )
+        assert kinds(ratio) == (counts, keys, plan)  # the same choice every time
+    assert kinds((1.0, 1.0), seed=1)[1] != kinds((1.0, 1.0), seed=0)[1]
+    with pytest.raises(CapfiltError, match="needs pairs of both kinds"):
+        build_plan((scored.root,), (1.0,), Picking("web", 30), (1.0, 1.0))
+    where = dict(datasets=[scored.root], out=str(tmp_path / "run"))
+    assert TrainConfig(web_synthetic_ratio="1:2", **where).ratio == (1.0, 2.0)
+    for bad in ("2", "1:0", "a:b"):
+        with pytest.raises(CapfiltError, match="W:S"):
+            TrainConfig(web_synthetic_ratio=bad, **where).check()

@@ -23,7 +23,7 @@ from capfilt.training.runs import (
     read_metadata,
     save_checkpoint,
 )
-from capfilt.training.stream import DatasetSource, build_plan
+from capfilt.training.stream import DatasetSource, Picking, build_plan
 
 # A toy pretraining run: 20 usable pairs, batches of 4 → 5 batches per epoch, so the
 # checkpoint at step 3 is in the middle of epoch 0 and the one at step 6 in epoch 1.
@@ -190,30 +190,30 @@ def test_curated_pairs_join_their_images_and_skips_are_counted(tmp_path):
     Dataset(str(root)).write_shard("curated", 0, rows_to_table(rows, CURATED_SCHEMA))
 
     skipped: dict = {}
-    found = DatasetSource(str(root), "all", 30).candidates(0, skipped)
+    found = DatasetSource(str(root), Picking("all", 30)).candidates(0, skipped)
     assert [c.key for c in found] == [k0, k0, k1]
     assert found[1].text == "a red thing"  # BLIP's pre_caption: lower case, no punctuation
     # Both texts of k0 point at the same image, the one stored for k0.
     assert found[0].ref == found[1].ref
-    images = DatasetSource(str(root), "all", 30).image_bytes(0, {found[2].ref})
+    images = DatasetSource(str(root), Picking("all", 30)).image_bytes(0, {found[2].ref})
     jpg = {r["key"]: r["jpg"] for r in Dataset(str(root)).read_stage("images").to_pylist()}
     assert images[found[2].ref] == jpg[k1]
     assert skipped == {"image not downloaded": 1, "no image with this key": 1}
 
-    plan, _ = build_plan((str(root),), (1.0,), "synthetic", 30)
+    plan, _ = build_plan((str(root),), (1.0,), Picking("synthetic", 30))
     assert plan.pairs == 2 and plan.skipped == {}  # the web rows are not looked at
 
 
 def test_unfiltered_datasets_train_on_web_captions(tmp_path):
     root = tmp_path / "ds"
     truths = write_images_dataset(root, n_shards=2, per_shard=5, bad_keys=("000010001",))
-    plan, sources = build_plan((str(root), str(root)), (1.0, 1.0), "all", 30)
+    plan, sources = build_plan((str(root), str(root)), (1.0, 1.0), Picking("all", 30))
     assert plan.pairs == 2 * len(truths)  # the same dataset twice: twice the pairs
     assert plan.skipped == {"image not downloaded": 4}
     texts = [c.text for u in plan.units for c in sources[u.source].candidates(u.shard, {})]
     assert texts == [c for _, c in truths] * 2
     with pytest.raises(CapfiltError, match="capfilt caption"):
-        build_plan((str(root),), (1.0,), "synthetic", 30)
+        build_plan((str(root),), (1.0,), Picking("synthetic", 30))
 
 
 def test_augmentation_is_a_function_of_the_pair_seed_and_bad_images_leave_the_batch(

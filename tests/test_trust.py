@@ -270,10 +270,10 @@ def test_refetch_of_a_shuffled_list_makes_every_later_stage_redo_its_shards(
     assert result.exit_code == 2 and "curated/ shards" in message and "stale" in message
     assert not (tmp_path / "export").exists()
     from capfilt.core.errors import CapfiltError
-    from capfilt.training.stream import build_plan
+    from capfilt.training.stream import Picking, build_plan
 
     with pytest.raises(CapfiltError, match="curated/ .* is stale"):
-        build_plan((str(root),), (1.0,), "all", 30)
+        build_plan((str(root),), (1.0,), Picking("all", 30))
     out = ok("caption", root, "--model", tiny_captioner, *MODEL_OPTIONS)
     assert "shards captioned             │ 4" in out
     ok("filter", root, "--threshold", "0.0", "--model", tiny_filter, *MODEL_OPTIONS[:4])

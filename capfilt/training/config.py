@@ -67,6 +67,12 @@ class TrainConfig(Options):
     )
     vocab_size: int = 30522  # of a WordPiece trained from scratch
     source: str = option("all", "Train on web texts, synthetic ones, or all.", choices=SOURCES)
+    web_synthetic_ratio: str | None = option(
+        None,
+        "Web to synthetic caption pairs, as W:S (1:1, 1:2): the more frequent kind is thinned "
+        "to it by a seeded draw per pair (the ratio holds on average), the same every epoch.",
+        cli_default="as the data has them",
+    )
     batch_size: int = option(32, "Pairs per batch per process.", ge=1)
     grad_accum: int = option(1, "Gradient accumulation steps.", ge=1)
     epochs: int = option(20, "Epochs (ignored with --max-steps).", ge=1)
@@ -136,6 +142,8 @@ class TrainConfig(Options):
                 )
             if any(not w > 0 for w in self.weights):
                 raise CapfiltError(f"--weights must all be > 0, got {list(self.weights)}")
+        if self.ratio and self.source != "all":
+            raise CapfiltError("--web-synthetic-ratio mixes both kinds: use it with --source all")
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise CapfiltError("--crop-scale must be two numbers 0 < min <= max <= 1")
@@ -143,6 +151,23 @@ class TrainConfig(Options):
     @property
     def losses(self) -> tuple[str, ...]:
         return TASKS[self.task]
+
+    @property
+    def ratio(self) -> tuple[float, float] | None:
+        """--web-synthetic-ratio as (web, synthetic), or None."""
+        if not self.web_synthetic_ratio:
+            return None
+        web, sep, synthetic = self.web_synthetic_ratio.partition(":")
+        try:
+            parts = (float(web), float(synthetic))
+        except ValueError:
+            parts = None
+        if not sep or parts is None or min(parts) <= 0:
+            raise CapfiltError(
+                f"--web-synthetic-ratio takes W:S with two numbers > 0 (1:1, 1:2), not "
+                f"{self.web_synthetic_ratio!r}"
+            )
+        return parts
 
     @property
     def lr_schedule(self) -> str:

@@ -131,28 +131,19 @@ def _check_resume(config: TrainConfig, metadata: dict, processes: int) -> None:
 
 def _plan(config: TrainConfig, run_dir: Path, resuming: bool, accelerator):
     """The run's data plan (the main process builds it; the others read its copy)."""
-    from capfilt.training.stream import load_or_build_plan
+    from capfilt.training.stream import Picking, load_or_build_plan
 
+    weights = config.weights or (1.0,) * len(config.datasets)
+    picking = Picking(config.source, config.max_words, seed=config.seed)
+    ratio = config.ratio
     if accelerator.is_main_process:
         plan, sources = load_or_build_plan(
-            run_dir,
-            config.datasets,
-            config.weights or (1.0,) * len(config.datasets),
-            config.source,
-            config.max_words,
-            resuming,
+            run_dir, config.datasets, weights, picking, ratio, resuming
         )
         write_json_atomic(run_dir / PLAN_FILE, json.loads(plan.to_json()))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
-        plan, sources = load_or_build_plan(
-            run_dir,
-            config.datasets,
-            config.weights or (1.0,) * len(config.datasets),
-            config.source,
-            config.max_words,
-            True,
-        )
+        plan, sources = load_or_build_plan(run_dir, config.datasets, weights, picking, ratio, True)
     return plan, sources
 
 

@@ -26,6 +26,7 @@ integers, and resumes exactly.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -45,6 +46,49 @@ class Candidate:
     key: str
     text: str
     ref: int | str  # images/ row (capfilt layout) or the tar member of its image
+    source: str = "web"  # the caption's: web or synthetic
+
+
+@dataclass(frozen=True)
+class Picking:
+    """Which pairs of a unit train: --source, BLIP's word limit, and the thinning of web or
+    synthetic captions that a --web-synthetic-ratio asks for (a seeded choice, the same
+    every epoch)."""
+
+    source: str = "all"
+    max_words: int = 30
+    keep: tuple = ()  # ((caption source, probability of keeping a pair), ...)
+    seed: int = 0
+
+    def take(self, source: str, key: str, text: str, skipped: dict) -> bool:
+        """Whether a pair of this caption source goes in (else it is counted in `skipped`)."""
+        if self.source != "all" and source != self.source:
+            return False
+        probability = dict(self.keep).get(source, 1.0)
+        if probability >= 1.0:
+            return True
+        digest = hashlib.blake2b(f"{self.seed}/{source}/{key}/{text}".encode(), digest_size=8)
+        if int.from_bytes(digest.digest(), "little") / 2**64 < probability:
+            return True
+        why = "left out for --web-synthetic-ratio"
+        skipped[why] = skipped.get(why, 0) + 1
+        return False
+
+    def thinned_to(self, ratio: tuple[float, float], counts: dict) -> Picking:
+        """This picking with the more frequent of web and synthetic captions thinned so that
+        their pairs come in `ratio` (web, synthetic), given the pairs of each (`counts`)."""
+        web, synthetic = counts.get("web", 0), counts.get("synthetic", 0)
+        if not web or not synthetic:
+            raise CapfiltError(
+                f"--web-synthetic-ratio needs pairs of both kinds; the data has {web} web and "
+                f"{synthetic} synthetic"
+            )
+        want_web, want_synthetic = ratio
+        if web * want_synthetic > synthetic * want_web:  # too many web pairs
+            keep = (("web", synthetic * want_web / want_synthetic / web),)
+        else:
+            keep = (("synthetic", web * want_synthetic / want_web / synthetic),)
+        return Picking(self.source, self.max_words, keep, self.seed)
 
 
 class DatasetSource:
@@ -52,10 +96,11 @@ class DatasetSource:
 
     kind = "capfilt"
 
-    def __init__(self, root: str, source: str, max_words: int):
+    def __init__(self, root: str, picking: Picking):
         from capfilt.core.layout import Dataset
 
-        self.root, self.source, self.max_words = root, source, max_words
+        self.root, self.picking = root, picking
+        source = picking.source
         self.ds = Dataset(root)
         self.images = self.ds.folder("images")
         self.curated = self.ds.folder("curated")  # one generation for the whole run
@@ -125,15 +170,15 @@ class DatasetSource:
             )
         found = []
         for source, key, text in rows:
-            if self.source != "all" and source != self.source:
+            text = pre_caption(text or "", self.picking.max_words)
+            if not self.picking.take(source, key, text, skipped):
                 continue
-            text = pre_caption(text or "", self.max_words)
             if key not in row_of:
                 reason = unusable.get(key, "no image with this key")
             elif not text:
                 reason = "empty text"
             else:
-                found.append(Candidate(key, text, row_of[key]))
+                found.append(Candidate(key, text, row_of[key], source))
                 continue
             skipped[reason] = skipped.get(reason, 0) + 1
         return found
@@ -155,10 +200,10 @@ class WebDatasetSource:
 
     kind = "webdataset"
 
-    def __init__(self, root: str, source: str, max_words: int):
+    def __init__(self, root: str, picking: Picking):
         import fsspec
 
-        self.root, self.source, self.max_words = root, source, max_words
+        self.root, self.picking = root, picking
         self.fs, path = fsspec.core.url_to_fs(root)
         self.path = path.rstrip("/")
         self.files = {}
@@ -198,16 +243,18 @@ class WebDatasetSource:
         found = []
         for key, parts in self._samples(shard, set()).items():
             meta = json.loads(parts.get("json", b"{}") or b"{}")
-            if self.source != "all" and meta.get("source", "web") != self.source:
+            text = (parts.get("txt") or b"").decode("utf-8", "replace")
+            text = pre_caption(text, self.picking.max_words)
+            source = meta.get("source", "web")
+            if not self.picking.take(source, key, text, skipped):
                 continue
-            text = pre_caption((parts.get("txt") or b"").decode("utf-8", "replace"), self.max_words)
             image = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in parts), None)
             if image is None:
                 skipped["no image with this key"] = skipped.get("no image with this key", 0) + 1
             elif not text:
                 skipped["empty text"] = skipped.get("empty text", 0) + 1
             else:
-                found.append(Candidate(key, text, f"{key}.{image}"))
+                found.append(Candidate(key, text, f"{key}.{image}", source))
         return found
 
     def image_bytes(self, shard: int, refs: set) -> dict:
@@ -220,8 +267,8 @@ class WebDatasetSource:
         return found
 
 
-def open_source(root: str, source: str, max_words: int):
-    """The source of one --datasets entry: capfilt's layout, or a folder of tar shards."""
+def open_source(root: str, picking: Picking):
+    """The source of one dataset: capfilt's layout, or a folder of tar shards."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(root)
@@ -229,8 +276,8 @@ def open_source(root: str, source: str, max_words: int):
         raise CapfiltError(f"dataset {root!r} does not exist; check the path")
     names = {n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)}
     if "images" not in names and any(n.endswith(".tar") for n in names):
-        return WebDatasetSource(root, source, max_words)
-    return DatasetSource(root, source, max_words)
+        return WebDatasetSource(root, picking)
+    return DatasetSource(root, picking)
 
 
 def _refuse_stale(ds, curated) -> None:
@@ -287,14 +334,25 @@ class DataPlan:
         return cls(**raw)
 
 
-def build_plan(datasets, weights, source: str, max_words: int) -> tuple[DataPlan, list]:
-    """The plan of these datasets and their sources (opened once, reused to stream)."""
+def build_plan(datasets, weights, picking: Picking, ratio=None) -> tuple[DataPlan, list]:
+    """The plan of these datasets and their sources (opened once, reused to stream).
+
+    `ratio` (web, synthetic): thin the more frequent kind of captions to it; the pairs of
+    each kind are counted first.
+    """
     if len(weights) != len(datasets):
         raise CapfiltError(
             f"--weights gives {len(weights)} weights for {len(datasets)} datasets; give one "
             "per dataset"
         )
-    sources = [open_source(root, source, max_words) for root in datasets]
+    if ratio:
+        counts: dict = {}
+        for src in (open_source(root, picking) for root in datasets):
+            for shard in src.shards():
+                for candidate in src.candidates(shard, {}):
+                    counts[candidate.source] = counts.get(candidate.source, 0) + 1
+        picking = picking.thinned_to(ratio, counts)
+    sources = [open_source(root, picking) for root in datasets]
     skipped: dict = {}
     units = []
     for index, src in enumerate(sources):
@@ -302,28 +360,45 @@ def build_plan(datasets, weights, source: str, max_words: int) -> tuple[DataPlan
             count = len(src.candidates(shard, skipped))
             if count:
                 units.append(Unit(index, shard, count, src.fingerprint(shard)))
-    plan = DataPlan(
-        list(datasets), list(weights), dict(source=source, max_words=max_words), units, skipped
-    )
+    plan = DataPlan(list(datasets), list(weights), _options(picking), units, skipped)
     if not plan.pairs:
         raise CapfiltError(
             f"no trainable image-text pairs in {', '.join(datasets)} "
-            f"(source={source}; skipped: {skipped or 'none'})"
+            f"(source={picking.source}; skipped: {skipped or 'none'})"
         )
     return plan, sources
 
 
-def load_or_build_plan(run_dir: Path, datasets, weights, source, max_words, resuming: bool):
+def _options(picking: Picking) -> dict:
+    return dict(
+        source=picking.source,
+        max_words=picking.max_words,
+        keep=[list(k) for k in picking.keep],
+        seed=picking.seed,
+    )
+
+
+def load_or_build_plan(
+    run_dir: Path, datasets, weights, picking: Picking, ratio, resuming: bool
+) -> tuple[DataPlan, list]:
     """The run's plan: built at its start, read back on resume after checking that the data
     is still the data it started on (same shards, same files)."""
     path = run_dir / PLAN_FILE
     if not (resuming and path.exists()):
-        return build_plan(datasets, weights, source, max_words)
+        return build_plan(datasets, weights, picking, ratio)
     plan = DataPlan.from_json(path.read_text())
-    sources = [open_source(root, source, max_words) for root in datasets]
-    wanted = dict(source=source, max_words=max_words)
+    kept = Picking(
+        picking.source,
+        picking.max_words,
+        tuple(map(tuple, plan.options.get("keep", []))),
+        picking.seed,
+    )
+    sources = [open_source(root, kept) for root in datasets]
     changed = None
-    if plan.datasets != list(datasets) or plan.options != wanted or plan.weights != list(weights):
+    same_options = {k: v for k, v in plan.options.items() if k != "keep"} == {
+        k: v for k, v in _options(picking).items() if k != "keep"
+    }
+    if plan.datasets != list(datasets) or not same_options or plan.weights != list(weights):
         changed = "its datasets, weights or --source"
     else:
         for unit in plan.units:
