@@ -94,6 +94,10 @@ def test_weights_repeat_a_dataset_or_take_part_of_it(dataset, tmp_path):
     small = tmp_path / "small"
     write_images_dataset(small, n_shards=2, per_shard=5, seed=5)  # 8 pairs
     plan, _ = build_plan((str(dataset), str(small)), (1.0, 2.0), Picking("all", 30))
+    assert [(m["weight"], m["pairs"], m["by_source"]) for m in plan.mix()] == [
+        (1.0, 56, {"web": 56}),
+        (2.0, 8, {"web": 8}),
+    ]
     layout = epoch_layout(plan, 0, 0, 0, 1)
     assert sum(plan.units[u].pairs for u in layout.units) == 56 + 2 * 8
     plan, _ = build_plan((str(dataset), str(small)), (0.5, 1.0), Picking("all", 30))
@@ -176,6 +180,9 @@ def test_a_web_synthetic_ratio_thins_the_more_frequent_kind(tmp_path):
             have["synthetic"] - counts["synthetic"]
         )
         assert kinds(ratio) == (counts, keys, plan)  # the same choice every time
+        assert plan.mix() == [
+            dict(dataset=scored.root, weight=1.0, pairs=sum(counts.values()), by_source=counts)
+        ]
     assert kinds((1.0, 1.0), seed=1)[1] != kinds((1.0, 1.0), seed=0)[1]
     with pytest.raises(CapfiltError, match="needs pairs of both kinds"):
         build_plan((scored.root,), (1.0,), Picking("web", 30), (1.0, 1.0))

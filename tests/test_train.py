@@ -258,7 +258,12 @@ def test_a_run_logs_every_step_and_stores_its_config(straight_run):
     meta = read_metadata(out / "step-3")
     assert (meta["epoch"], meta["batches_in_epoch"], meta["steps_per_epoch"]) == (0, 3, 5)
     assert meta["train_config"]["batch_size"] == 4 and meta["model_config"]["queue_size"] == 16
-    assert json.loads((out / "config.json").read_text())["total_steps"] == 8
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["total_steps"] == 8
+    (mix,) = stored["mix"]  # the run records what it trained on
+    assert mix["weight"] == 1.0 and mix["pairs"] == stored["examples"] == sum(
+        mix["by_source"].values()
+    )
     model, tokenizer, _ = load_run(out)
     assert int(model.queue_ptr) == (8 * 4) % 16
     assert tokenizer.convert_tokens_to_ids("[ENC]") == model.config.enc_token_id

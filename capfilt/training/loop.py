@@ -300,6 +300,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "examples": plan.pairs,
+        "mix": plan.mix(),
         "skipped": plan.skipped,
     }
     if accelerator.is_main_process:

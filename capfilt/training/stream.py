@@ -308,6 +308,7 @@ class Unit:
     shard: int
     pairs: int
     fingerprint: str
+    kinds: dict = field(default_factory=dict)  # pairs by caption source (web, synthetic, ...)
 
 
 @dataclass
@@ -323,6 +324,19 @@ class DataPlan:
     @property
     def pairs(self) -> int:
         return sum(u.pairs for u in self.units)
+
+    def mix(self) -> list[dict]:
+        """Each dataset's weight and pairs, by caption source: what the run trains on."""
+        out = []
+        for index, (root, weight) in enumerate(zip(self.datasets, self.weights, strict=True)):
+            units = [u for u in self.units if u.source == index]
+            kinds: dict = {}
+            for unit in units:
+                for kind, count in unit.kinds.items():
+                    kinds[kind] = kinds.get(kind, 0) + count
+            pairs = sum(u.pairs for u in units)
+            out.append(dict(dataset=root, weight=weight, pairs=pairs, by_source=kinds))
+        return out
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -357,9 +371,12 @@ def build_plan(datasets, weights, picking: Picking, ratio=None) -> tuple[DataPla
     units = []
     for index, src in enumerate(sources):
         for shard in src.shards():
-            count = len(src.candidates(shard, skipped))
-            if count:
-                units.append(Unit(index, shard, count, src.fingerprint(shard)))
+            candidates = src.candidates(shard, skipped)
+            if candidates:
+                kinds: dict = {}
+                for candidate in candidates:
+                    kinds[candidate.source] = kinds.get(candidate.source, 0) + 1
+                units.append(Unit(index, shard, len(candidates), src.fingerprint(shard), kinds))
     plan = DataPlan(list(datasets), list(weights), _options(picking), units, skipped)
     if not plan.pairs:
         raise CapfiltError(
