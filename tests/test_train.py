@@ -465,6 +465,84 @@ def test_two_process_accelerate_run(toy_dataset, tmp_path):
     assert not torch.allclose(model.image_queue[:, :24], model.image_queue[:, :24].mean(1, True))
 
 
+def test_two_nodes_train_every_pair_once_per_epoch(tmp_path):
+    """torchrun on 2 nodes × 1 process (static rendezvous on 127.0.0.1): each node traces the
+    keys it trains on; across both, every pair comes once per epoch."""
+    import socket
+    import sys
+
+    root = tmp_path / "ds"
+    truths = write_images_dataset(root, n_shards=2, per_shard=10)  # 16 pairs: 2 × 2 × 4
+    out = tmp_path / "run"  # on storage both nodes share
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for node in (0, 1):
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            CAPFILT_TRACE_PAIRS=str(tmp_path / f"node{node}.txt"),
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "capfilt",
+            "pretrain",
+            str(root),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--queue-size",
+            "16",
+            "--num-workers",
+            "1",
+            "--warmup-steps",
+            "0",
+        ]
+        nodes.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [node.communicate(timeout=400)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-4000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_processes"] == 2 and config["total_steps"] == 4
+    seen: dict[int, list[str]] = {0: [], 1: []}
+    ranks = set()
+    for node in (0, 1):
+        for line in (tmp_path / f"node{node}.txt").read_text().splitlines():
+            rank, epoch, _, key = line.split()
+            ranks.add((node, int(rank)))
+            seen[int(epoch)].append(key)
+    assert ranks == {(0, 0), (1, 1)}  # node 1 holds the second process
+    everything = sorted(key for key, _ in truths)
+    assert len(everything) == 16
+    for epoch in (0, 1):
+        assert sorted(seen[epoch]) == everything  # once each, split between the nodes
+
+
 def test_finetune_at_another_image_size_interpolates_position_embeddings(
     straight_run, toy_dataset, tmp_path
 ):
