@@ -57,6 +57,49 @@ def test_bench_filter_of_a_checkpoint_counts_pairs(tiny_filter):
         assert report[side]["pairs_per_s"] == pytest.approx(4 * report[side]["images_per_s"])
 
 
+def test_bench_pretrain_times_both_training_steps():
+    report = run_bench_cli("pretrain", "--images", "8", "--batch-size", "4")
+    assert report["level"].startswith("model") and report["images"] == 8
+    for side in ("plain_hf", "capfilt"):
+        assert report[side]["error"] is None and report[side]["images_per_s"] > 0
+    assert report["speedup"] > 0 and report["mfu"] > 0
+
+
+def test_bench_pretrain_data_times_the_input_pipeline_per_worker_count():
+    report = run_bench_cli(
+        "pretrain", "--level", "data", "--images", "40", "--batch-size", "8", "--workers", "2"
+    )
+    assert [row["workers"] for row in report["data"]] == [0, 1, 2]
+    for row in report["data"]:
+        assert row["images"] == 40 - 8  # one epoch after the first batch
+        assert row["images_per_s"] > 0 and row["first_batch_s"] > 0
+    assert report["data"][2]["images_per_s_per_worker"] == pytest.approx(
+        report["data"][2]["images_per_s"] / 2
+    )
+    assert report["model_images_per_s"] > 0
+    fastest = max(row["images_per_s"] for row in report["data"])
+    assert report["bound"] == ("model" if fastest > report["model_images_per_s"] else "data")
+    printed = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "pretrain",
+            "--level",
+            "data",
+            "--images",
+            "16",
+            "--batch-size",
+            "8",
+            "--workers",
+            "1",
+            "--threads",
+            "1",
+        ],
+    )
+    assert printed.exit_code == 0, printed.output
+    assert "per worker" in printed.output and "training step" in printed.output
+
+
 def test_bench_rejects_bad_options():
     result = CliRunner().invoke(app, ["bench", "caption", "--arch", "huge"])
     assert result.exit_code == 2
@@ -65,6 +108,8 @@ def test_bench_rejects_bad_options():
     assert result.exit_code == 2 and "--images must be at least 1" in result.output
     with pytest.raises(CapfiltError, match="--arch must be one of tiny, base, large"):
         BenchConfig(workload="caption", arch="huge")
+    with pytest.raises(CapfiltError, match="use it with bench pretrain"):
+        BenchConfig(workload="filter", level="data")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from capfilt.core.errors import CapfiltError
 from capfilt.core.options import Options, option
 from capfilt.models.blip import PRECISIONS
 from capfilt.models.shapes import BERT_BASE, TINY_TEXT, TINY_VISION, VIT_B16, VIT_L16
@@ -14,7 +15,7 @@ WORKLOADS = ("caption", "filter", "pretrain")
 ARCHS = ("tiny", "base", "large")
 
 
-LEVELS = ("e2e", "model")
+LEVELS = ("e2e", "model", "data")
 
 
 BLIP_VOCAB = 30524  # bert-base-uncased + [DEC] + [ENC]
@@ -53,7 +54,10 @@ class BenchConfig(Options):
         choices=ARCHS,
     )
     level: str = option(
-        "e2e", "e2e: JPEG bytes in Parquet to rows written; model: tensors in.", choices=LEVELS
+        "e2e",
+        "e2e: JPEG bytes in Parquet to rows written; model: tensors in; data (pretrain): the "
+        "training input pipeline alone, per DataLoader worker count.",
+        choices=LEVELS,
     )
     images: int = option(16, "Images per timed run.", ge=1)
     batch_size: int = option(8, "Images per batch (both sides).", ge=1)
@@ -86,3 +90,9 @@ class BenchConfig(Options):
         False, "caption on GPU: torch.compile capfilt's decode step; pretrain: its layers."
     )
     seed: int = 0
+
+    def check(self) -> None:
+        if self.level == "data" and self.workload != "pretrain":
+            raise CapfiltError(
+                "--level data measures pretraining's input pipeline: use it with bench pretrain"
+            )

@@ -118,8 +118,11 @@ def random_texts(count: int, words: int, seed: int) -> list[str]:
     return [" ".join(f"w{rng.randrange(200, 30000)}" for _ in range(words)) for _ in range(count)]
 
 
-def write_bench_dataset(root: Path, jpegs: list[bytes], web: list[str], synthetic=None):
-    """An images/ shard (img2dataset schema) and optionally a captions/ shard at `root`."""
+def write_bench_dataset(
+    root: Path, jpegs: list[bytes], web: list[str], synthetic=None, shard_size: int | None = None
+):
+    """images/ shards (img2dataset schema) of `shard_size` rows (default: one shard) and
+    optionally the matching captions/ shards at `root`."""
     import pyarrow as pa
 
     from capfilt.core import parquet as io
@@ -127,26 +130,32 @@ def write_bench_dataset(root: Path, jpegs: list[bytes], web: list[str], syntheti
 
     ds = Dataset(str(root))
     keys = [f"{i:09d}" for i in range(len(jpegs))]
-    table = pa.table(
-        {
-            "key": keys,
-            "url": [f"http://example.invalid/{k}.jpg" for k in keys],
-            "caption": web,
-            "status": ["success"] * len(keys),
-            "error_message": pa.nulls(len(keys), pa.string()),
-            "width": [256] * len(keys),
-            "height": [256] * len(keys),
-            "jpg": jpegs,
-        }
-    )
-    ds.write_shard("images", 0, table)
-    if synthetic is not None:
-        rows = [
-            dict(key=k, caption_id=j, text=t, model="bench", status="success", error_message=None)
-            for k, texts in zip(keys, synthetic, strict=True)
-            for j, t in enumerate(texts)
-        ]
-        ds.write_shard("captions", 0, io.rows_to_table(rows, io.CAPTIONS_SCHEMA))
+    size = shard_size or max(1, len(keys))
+    for shard, start in enumerate(range(0, len(keys), size)):
+        part = slice(start, start + size)
+        count = len(keys[part])
+        table = pa.table(
+            {
+                "key": keys[part],
+                "url": [f"http://example.invalid/{k}.jpg" for k in keys[part]],
+                "caption": web[part],
+                "status": ["success"] * count,
+                "error_message": pa.nulls(count, pa.string()),
+                "width": [256] * count,
+                "height": [256] * count,
+                "jpg": jpegs[part],
+            }
+        )
+        ds.write_shard("images", shard, table)
+        if synthetic is not None:
+            rows = [
+                dict(
+                    key=k, caption_id=j, text=t, model="bench", status="success", error_message=None
+                )
+                for k, texts in zip(keys[part], synthetic[part], strict=True)
+                for j, t in enumerate(texts)
+            ]
+            ds.write_shard("captions", shard, io.rows_to_table(rows, io.CAPTIONS_SCHEMA))
     return ds
 
 

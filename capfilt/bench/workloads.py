@@ -340,11 +340,13 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
     ids, mask = ids.to(device), torch.ones_like(ids, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     steps = max(1, config.images // batch)
+    if config.level == "data":  # --images sizes the dataset; a few steps give the step rate
+        steps = min(steps, 4)
     bound = config.peak_tflops or measure_matmul_tflops(device, dtype)
     flops = pretrain_flops(med_cfg.blip_config(), config.text_tokens)
     images = steps * batch
 
-    def side(attention: str, fused: bool, compile: bool = False) -> SideResult:
+    def train_side(attention: str, fused: bool, compile: bool = False) -> SideResult:
         torch.manual_seed(config.seed)
         med = MED(med_cfg, attention=attention).to(device).train()
         if compile:
@@ -362,10 +364,13 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
 
         return side(device, run, config.repeats, images, 0, flops, bound)
 
-    hf = side("eager", fused=False)
+    if config.level == "data":
+        model_side = train_side("sdpa", fused=device.type == "cuda", compile=config.compile)
+        return _bench_pretrain_data(config, scratch, med_cfg, tokenizer, model_side)
+    hf = train_side("eager", fused=False)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the eager side's model and optimizer are gone
-    ours = side("sdpa", fused=device.type == "cuda", compile=config.compile)
+    ours = train_side("sdpa", fused=device.type == "cuda", compile=config.compile)
     spec = spec_peak_tflops(device, dtype)
     return dict(
         workload="pretrain",
@@ -393,6 +398,95 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
         # MFU: achieved model FLOP/s over the data sheet's dense peak where the chip is known,
         # else over the measured matmul bound.
         mfu=(ours.tflops / spec if spec else ours.fraction_of_bound) if ours.tflops else None,
+    )
+
+
+def _worker_counts(config: BenchConfig) -> list[int]:
+    """0 (decoding in the main process), then 1, 2, 4, ... up to --workers (default: CPUs)."""
+    import os
+
+    most = config.workers if config.workers is not None else min(os.cpu_count() or 1, 16)
+    counts, n = [0], 1
+    while n <= most:
+        counts.append(n)
+        n *= 2
+    if most not in counts:
+        counts.append(most)
+    return counts
+
+
+def _bench_pretrain_data(config: BenchConfig, scratch: Path, med_cfg, tokenizer, model_side):
+    """Images/s of pretraining's input pipeline alone (the plan's stream of a dataset of
+    256 px JPEGs, decoded, cropped, flipped and tokenized in DataLoader workers) for each
+    worker count, against the training step of the model (`model_side`)."""
+    import time
+
+    import torch
+
+    from capfilt.training.config import TEXT_TOKENS
+    from capfilt.training.pairs import DecodeBatch
+    from capfilt.training.stream import (
+        EpochBatches,
+        Picking,
+        batches_per_epoch,
+        build_plan,
+        training_loader,
+    )
+
+    if config.images < 2 * config.batch_size:
+        raise CapfiltError("bench pretrain --level data needs --images of 2 batches or more")
+    root = scratch / "ds"
+    jpegs = random_jpegs(config.images, config.seed)
+    write_bench_dataset(root, jpegs, random_texts(config.images, 12, config.seed), shard_size=500)
+    plan, sources = build_plan((str(root),), (1.0,), Picking("all", 30, seed=config.seed))
+    batches = batches_per_epoch(plan, config.seed, 0, 1, config.batch_size)
+    decoder = DecodeBatch(tokenizer, TEXT_TOKENS["pretrain"], med_cfg.image_size)
+    rows = []
+    for workers in _worker_counts(config):
+        best = None
+        for _ in range(config.repeats):
+            sampler = EpochBatches(plan, sources, config.seed, 0, 1, config.batch_size, 4096)
+            sampler.set_epoch(0, batches)
+            loader = training_loader(decoder, sampler, workers, config.seed)
+            start = time.perf_counter()
+            images = 0
+            first = None
+            for batch in loader:
+                if first is None:
+                    first = time.perf_counter() - start
+                    after_first = time.perf_counter()
+                else:
+                    images += int(batch["pixel_values"].shape[0])
+            steady = time.perf_counter() - after_first
+            del loader  # its workers stop
+            if best is None or steady < best["seconds"]:
+                best = dict(
+                    workers=workers,
+                    seconds=steady,
+                    images=images,
+                    images_per_s=images / steady if steady else None,
+                    first_batch_s=first,
+                )
+        best["images_per_s_per_worker"] = (
+            best["images_per_s"] / workers if workers and best["images_per_s"] else None
+        )
+        rows.append(best)
+    fastest = max(r["images_per_s"] or 0 for r in rows)
+    model_rate = model_side.images_per_s
+    return dict(
+        workload="pretrain",
+        level="data: training input pipeline (shard reads, shuffle buffer, JPEG decode, "
+        "random crop and flip, tokenizing) in DataLoader workers, no model",
+        model=f"random-weights MED {config.arch} ({med_cfg.image_size} px) for the step rate",
+        device="cpu (data)",
+        dtype="-",
+        threads=torch.get_num_threads(),
+        images=config.images,
+        batch_size=config.batch_size,
+        data=rows,
+        model_step=asdict(model_side),
+        model_images_per_s=model_rate,
+        bound="model" if model_rate and fastest > model_rate else "data",
     )
 
 

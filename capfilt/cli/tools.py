@@ -138,6 +138,9 @@ def bench(
 def print_bench(result: dict) -> None:
     from rich.table import Table
 
+    if "data" in result:
+        print_bench_data(result)
+        return
     out = console()
     out.print(
         f"[bold]{result['workload']}[/] · {result['model']} · {result['device']} · "
@@ -172,6 +175,36 @@ def print_bench(result: dict) -> None:
     if result.get("mfu") is not None:
         basis = "data-sheet peak" if result.get("spec_peak_tflops") else "measured bound"
         out.print(f"[bold]MFU {100 * result['mfu']:.1f} %[/] (of the {basis})")
+
+
+def print_bench_data(result: dict) -> None:
+    """`bench pretrain --level data`: the input pipeline per worker count, and the step."""
+    from rich.table import Table
+
+    out = console()
+    out.print(
+        f"[bold]pretrain input pipeline[/] · {result['images']} images of 256 px, batch "
+        f"{result['batch_size']} · {result['model']}"
+    )
+    table = Table("workers", "images/s", "per worker", "first batch (s)")
+    for row in result["data"]:
+        per_worker = row["images_per_s_per_worker"]
+        table.add_row(
+            str(row["workers"]) + (" (main process)" if not row["workers"] else ""),
+            f"{row['images_per_s']:.1f}",
+            "-" if per_worker is None else f"{per_worker:.1f}",
+            f"{row['first_batch_s']:.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"training step: {result['model_images_per_s']:.1f} images/s "
+        f"({result['threads']} torch threads); "
+        + (
+            "[bold]the model bounds training[/], not the data"
+            if result["bound"] == "model"
+            else "[bold]the data bounds training[/]: add workers"
+        )
+    )
 
 
 # --- demo (capfilt/demo/) ----------------------------------------------------------------------

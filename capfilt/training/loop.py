@@ -39,7 +39,13 @@ from capfilt.training.runs import (
     truncate_log,
     write_json_atomic,
 )
-from capfilt.training.stream import PLAN_FILE, DataPlan, EpochBatches, batches_per_epoch
+from capfilt.training.stream import (
+    PLAN_FILE,
+    DataPlan,
+    EpochBatches,
+    batches_per_epoch,
+    training_loader,
+)
 
 
 @dataclass
@@ -246,17 +252,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     sampler = EpochBatches(
         plan, sources, config.seed, rank, world, config.batch_size, config.shuffle_buffer
     )
-    loader = torch.utils.data.DataLoader(
-        decoder,
-        sampler=sampler,
-        batch_size=None,
-        num_workers=config.num_workers,
-        persistent_workers=config.num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        # Its own generator: making an iterator must not draw from the global RNG, which
-        # samples hard negatives and must replay exactly on resume.
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    loader = training_loader(decoder, sampler, config.num_workers, config.seed)
 
     if config.compile:
         from capfilt.models.med import compile_layers

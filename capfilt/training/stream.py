@@ -581,3 +581,21 @@ class EpochBatches:
         for position, candidate in keep.items():
             self.loaded[position] = (images.get(candidate.ref), candidate.text, candidate.key)
         self.units_read.add(slot)
+
+
+def training_loader(decoder, sampler: EpochBatches, num_workers: int, seed: int):
+    """The DataLoader of a run: `sampler` picks each batch's pairs and reads their bytes in
+    this process; `decoder` (pairs.DecodeBatch) decodes them in `num_workers` workers."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        decoder,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        # Its own generator: making an iterator must not draw from the global RNG, which
+        # samples hard negatives and must replay exactly on resume.
+        generator=torch.Generator().manual_seed(seed),
+    )
