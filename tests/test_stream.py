@@ -191,3 +191,43 @@ def test_a_web_synthetic_ratio_thins_the_more_frequent_kind(tmp_path):
     for bad in ("2", "1:0", "a:b"):
         with pytest.raises(CapfiltError, match="W:S"):
             TrainConfig(web_synthetic_ratio=bad, **where).check()
+
+
+def test_processes_share_the_reading_of_the_plan_and_get_the_same_plan(dataset, tmp_path):
+    import threading
+
+    from _report_fixtures import write_scored_dataset
+
+    scored = write_scored_dataset(tmp_path / "scored")
+    roots = (str(dataset), scored.root)
+    world = 3
+
+    def all_gather():
+        barrier, slots = threading.Barrier(world), {}
+
+        def gather_from(rank):
+            def gather(obj):
+                barrier.wait()
+                slots[rank] = obj
+                barrier.wait()
+                return [slots[r] for r in range(world)]
+
+            return gather
+
+        return gather_from
+
+    for ratio in (None, (1.0, 1.0)):
+        alone, _ = build_plan(roots, (1.0, 2.0), Picking("all", 30), ratio)
+        plans, gather_from = {}, all_gather()
+
+        def build(rank, gather_from=gather_from, plans=plans, ratio=ratio):
+            plans[rank] = build_plan(
+                roots, (1.0, 2.0), Picking("all", 30), ratio, (rank, world), gather_from(rank)
+            )[0]
+
+        threads = [threading.Thread(target=build, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert [plans[r] for r in range(world)] == [alone] * world

@@ -232,6 +232,21 @@ def test_augmentation_is_a_function_of_the_pair_seed_and_bad_images_leave_the_ba
     assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 1
 
 
+def test_undecodable_images_are_counted_in_the_run_and_across_a_resume(tmp_path):
+    root = tmp_path / "ds"
+    write_images_dataset(root, n_shards=2, per_shard=10, bad_keys=("000000001", "000010002"))
+    out = tmp_path / "run"
+    options = dict(TOY, max_steps=4, save_every=2)  # 16 pairs in batches of 4: 1 epoch
+    result = train(TrainConfig(datasets=(str(root),), out=str(out), **options))
+    assert result.examples == 16
+    assert result.skipped == {"image not downloaded": 4, "image not decodable": 2}
+    assert read_metadata(out / "step-4")["undecodable"] == {"image not decodable": 2}
+    options["max_steps"] = 8  # one more epoch, resumed from step 4
+    result = train(TrainConfig(datasets=(str(root),), out=str(out), **options))
+    assert result.resumed_from == 4
+    assert result.skipped == {"image not downloaded": 4, "image not decodable": 4}
+
+
 # --- checkpoints -------------------------------------------------------------------------
 def test_checkpoints_count_only_with_metadata_and_the_last_k_are_kept(tmp_path):
     from accelerate import Accelerator

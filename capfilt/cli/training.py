@@ -35,9 +35,11 @@ def _train_summary(result) -> None:
 def pretrain(options: TrainConfig):
     """Pretrain BLIP's MED model (ITC + ITM + LM) on one or more datasets through Accelerate.
 
-    Reads each dataset's curated/ pairs (its web captions when it has not been filtered).
-    Re-running the same command resumes from the newest checkpoint in --out; run it under
-    `accelerate launch -m capfilt pretrain ...` for several GPUs.
+    Streams each dataset's curated/ pairs (its web captions when it has not been filtered),
+    or a folder written by `export-data --format webdataset`, shard by shard: memory holds the
+    shuffle buffer and a shard or two, whatever the dataset's size. Re-running the same command
+    resumes from the newest checkpoint in --out on the same batches; run it under
+    `accelerate launch -m capfilt pretrain ...` or torchrun for several GPUs and nodes.
 
     Example: capfilt pretrain ds1 ds2 --out runs/base --preset base --batch-size 75
     """

@@ -62,7 +62,8 @@ class TrainConfig(Options):
     )
     tokenizer: str | None = option(
         None,
-        "Tokenizer folder.",
+        "Tokenizer: a saved folder or hub id, e.g. BERT's uncased one as in BLIP "
+        "(bert-base-uncased; [DEC] and [ENC] are added).",
         cli_default="--init's, else a WordPiece trained on the training texts",
     )
     vocab_size: int = 30522  # of a WordPiece trained from scratch

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
 from capfilt.training.config import RESUME_KEYS, TEXT_TOKENS, TrainConfig
 from capfilt.training.init import init_model, load_tokenizer, trainable_parameters
@@ -136,20 +137,27 @@ def _check_resume(config: TrainConfig, metadata: dict, processes: int) -> None:
 
 
 def _plan(config: TrainConfig, run_dir: Path, resuming: bool, accelerator):
-    """The run's data plan (the main process builds it; the others read its copy)."""
+    """The run's data plan: every process reads its share of the shards, all get the whole
+    plan, the main process writes it; a resumed run reads it back."""
+    from accelerate.utils import gather_object
+
     from capfilt.training.stream import Picking, load_or_build_plan
 
     weights = config.weights or (1.0,) * len(config.datasets)
     picking = Picking(config.source, config.max_words, seed=config.seed)
-    ratio = config.ratio
+    world = accelerator.num_processes
+    plan, sources = load_or_build_plan(
+        run_dir,
+        config.datasets,
+        weights,
+        picking,
+        config.ratio,
+        resuming,
+        part=(accelerator.process_index, world),
+        gather=(lambda obj: gather_object([obj])) if world > 1 else None,
+    )
     if accelerator.is_main_process:
-        plan, sources = load_or_build_plan(
-            run_dir, config.datasets, weights, picking, ratio, resuming
-        )
         write_json_atomic(run_dir / PLAN_FILE, json.loads(plan.to_json()))
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        plan, sources = load_or_build_plan(run_dir, config.datasets, weights, picking, ratio, True)
     return plan, sources
 
 
@@ -168,7 +176,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     """Run pretraining or finetuning under Accelerate, resuming from the newest checkpoint."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     from capfilt.core.layout import package_versions
 
@@ -206,7 +214,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
                 0.0,
                 dict(metadata["losses"]),
                 metadata["examples"],
-                dict(metadata.get("skipped", {})),
+                sum_counts([metadata.get("skipped", {}), metadata.get("undecodable", {})]),
                 metadata["step"],
                 accelerator.is_main_process,
             )
@@ -316,7 +324,11 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     tick = time.perf_counter()
     progress = _progress(console, accelerator.is_main_process and config.progress)
     task_id = progress.add_task(config.task, total=total_steps, completed=step, stats="")
-    skipped = dict(plan.skipped)
+    # Images found undecodable while training, by reason: this process's since the run (or
+    # resume) began, plus, in the main process, the whole run's before the resume.
+    undecodable = (
+        dict(metadata.get("undecodable", {})) if metadata and accelerator.is_main_process else {}
+    )
     trace = _Trace(accelerator.process_index)
     with progress:
         while step < total_steps:
@@ -325,7 +337,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
             batch_index = skip
             for batch in loader:
                 for why, n in batch.pop("skipped").items():
-                    skipped[why] = skipped.get(why, 0) + n
+                    undecodable[why] = undecodable.get(why, 0) + n
                 trace.write(epoch, step, batch.pop("keys"))
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 alpha = itc_alpha(
@@ -378,6 +390,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
                 if step % config.save_every == 0 or step == total_steps:
                     meta = dict(
                         resolved,
+                        undecodable=sum_counts(gather_object([undecodable])),
                         step=step,
                         epoch=epoch,
                         batches_in_epoch=batch_index,
@@ -390,6 +403,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
                 if step >= total_steps:
                     break
             epoch, skip = epoch + 1, 0
+    skipped = sum_counts([plan.skipped, *gather_object([undecodable])])
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
 
 PLAN_FILE = "data_plan.json"
@@ -348,35 +349,41 @@ class DataPlan:
         return cls(**raw)
 
 
-def build_plan(datasets, weights, picking: Picking, ratio=None) -> tuple[DataPlan, list]:
+def build_plan(
+    datasets, weights, picking: Picking, ratio=None, part=(0, 1), gather=None
+) -> tuple[DataPlan, list]:
     """The plan of these datasets and their sources (opened once, reused to stream).
 
     `ratio` (web, synthetic): thin the more frequent kind of captions to it; the pairs of
-    each kind are counted first.
+    each kind are counted first. Several processes share the reading: with `part` (rank,
+    world) this one reads every world-th shard, and `gather` (an object → the list of every
+    process's, in rank order) puts the parts together; all get the same plan.
     """
     if len(weights) != len(datasets):
         raise CapfiltError(
             f"--weights gives {len(weights)} weights for {len(datasets)} datasets; give one "
             "per dataset"
         )
+    gather = gather or (lambda obj: [obj])
     if ratio:
         counts: dict = {}
-        for src in (open_source(root, picking) for root in datasets):
-            for shard in src.shards():
-                for candidate in src.candidates(shard, {}):
-                    counts[candidate.source] = counts.get(candidate.source, 0) + 1
-        picking = picking.thinned_to(ratio, counts)
+        for _, src, shard in _my_shards([open_source(r, picking) for r in datasets], part):
+            for candidate in src.candidates(shard, {}):
+                counts[candidate.source] = counts.get(candidate.source, 0) + 1
+        picking = picking.thinned_to(ratio, sum_counts(gather(counts)))
     sources = [open_source(root, picking) for root in datasets]
     skipped: dict = {}
     units = []
-    for index, src in enumerate(sources):
-        for shard in src.shards():
-            candidates = src.candidates(shard, skipped)
-            if candidates:
-                kinds: dict = {}
-                for candidate in candidates:
-                    kinds[candidate.source] = kinds.get(candidate.source, 0) + 1
-                units.append(Unit(index, shard, len(candidates), src.fingerprint(shard), kinds))
+    for order, (index, src, shard) in enumerate(_my_shards(sources, part)):
+        candidates = src.candidates(shard, skipped)
+        if candidates:
+            kinds: dict = {}
+            for candidate in candidates:
+                kinds[candidate.source] = kinds.get(candidate.source, 0) + 1
+            unit = Unit(index, shard, len(candidates), src.fingerprint(shard), kinds)
+            units.append((order * part[1] + part[0], unit))
+    units = [unit for _, unit in sorted(u for mine in gather(units) for u in mine)]
+    skipped = sum_counts(gather(skipped))
     plan = DataPlan(list(datasets), list(weights), _options(picking), units, skipped)
     if not plan.pairs:
         raise CapfiltError(
@@ -384,6 +391,13 @@ def build_plan(datasets, weights, picking: Picking, ratio=None) -> tuple[DataPla
             f"(source={picking.source}; skipped: {skipped or 'none'})"
         )
     return plan, sources
+
+
+def _my_shards(sources, part):
+    """(dataset index, source, shard) of every world-th shard of all the datasets, from rank."""
+    rank, world = part
+    every = [(index, src, shard) for index, src in enumerate(sources) for shard in src.shards()]
+    return every[rank::world]
 
 
 def _options(picking: Picking) -> dict:
@@ -396,13 +410,14 @@ def _options(picking: Picking) -> dict:
 
 
 def load_or_build_plan(
-    run_dir: Path, datasets, weights, picking: Picking, ratio, resuming: bool
+    run_dir: Path, datasets, weights, picking: Picking, ratio, resuming: bool, **sharing
 ) -> tuple[DataPlan, list]:
-    """The run's plan: built at its start, read back on resume after checking that the data
-    is still the data it started on (same shards, same files)."""
+    """The run's plan: built at its start (with `sharing`: build_plan's `part` and `gather`),
+    read back on resume after checking that the data is still the data it started on (same
+    shards, same files)."""
     path = run_dir / PLAN_FILE
     if not (resuming and path.exists()):
-        return build_plan(datasets, weights, picking, ratio)
+        return build_plan(datasets, weights, picking, ratio, **sharing)
     plan = DataPlan.from_json(path.read_text())
     kept = Picking(
         picking.source,
