@@ -171,7 +171,11 @@ def batches(total: int, size: int):
         yield start, min(total, start + size)
 
 
-def report(config, label, device, dtype, flops, bound, hf, ours, extra) -> dict:
+def report(
+    config, label, device, dtype, flops, bound, hf, ours, extra, level=None, images=None
+) -> dict:
+    """The result of a bench: both sides, the work per image and the FLOP bound. `level`
+    and `images` replace the level's description and --images where a workload differs."""
     import torch
 
     from capfilt.models.blip import dtype_name
@@ -179,11 +183,12 @@ def report(config, label, device, dtype, flops, bound, hf, ours, extra) -> dict:
     device_name = str(device)
     if device.type == "cuda":
         device_name = f"{device} ({torch.cuda.get_device_name(device)})"
-    level = (
-        "end to end: JPEG bytes in Parquet -> rows written"
-        if config.level == "e2e"
-        else "model: pixel tensors in, ids/scores out"
-    )
+    if level is None:
+        level = (
+            "end to end: JPEG bytes in Parquet -> rows written"
+            if config.level == "e2e"
+            else "model: pixel tensors in, ids/scores out"
+        )
     speedup = None
     if hf.images_per_s and ours.images_per_s:
         speedup = ours.images_per_s / hf.images_per_s
@@ -194,7 +199,7 @@ def report(config, label, device, dtype, flops, bound, hf, ours, extra) -> dict:
         device=device_name,
         dtype=dtype_name(dtype),
         threads=torch.get_num_threads(),
-        images=config.images,
+        images=config.images if images is None else images,
         batch_size=config.batch_size,
         **extra,
         gflops_per_image=flops / 1e9,
@@ -205,10 +210,13 @@ def report(config, label, device, dtype, flops, bound, hf, ours, extra) -> dict:
         plain_hf=asdict(hf),
         capfilt=asdict(ours),
         speedup=speedup,
-        # capfilt's decoding options apply to its end-to-end side only
-        fast_decode=config.level == "e2e" and config.fast_decode,
-        gpu_decode=config.level == "e2e" and config.gpu_decode,
     )
+
+
+def decode_flags(config) -> dict:
+    """caption/filter: capfilt's decoding options, which apply to its end-to-end side only."""
+    e2e = config.level == "e2e"
+    return dict(fast_decode=e2e and config.fast_decode, gpu_decode=e2e and config.gpu_decode)
 
 
 def pretrain_flops(blip_config, text_len: int) -> float:

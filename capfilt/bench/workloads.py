@@ -35,12 +35,12 @@ from capfilt.bench.measure import (
     SideResult,
     batches,
     caption_flops,
+    decode_flags,
     filter_flops,
     measure_matmul_tflops,
     pretrain_flops,
     report,
     side,
-    spec_peak_tflops,
 )
 from capfilt.core.errors import CapfiltError
 
@@ -163,6 +163,7 @@ def bench_caption(config: BenchConfig, scratch: Path) -> dict:
             new_tokens=tokens,
             captions_per_image=n,
             **fast_options,
+            **decode_flags(config),
         ),
     )
 
@@ -310,6 +311,7 @@ def bench_filter(config: BenchConfig, scratch: Path) -> dict:
             texts_per_image=texts_per_image,
             text_tokens=config.text_tokens,
             itc=config.itc,
+            **decode_flags(config),
         ),
     )
 
@@ -322,7 +324,7 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
     """
     import torch
 
-    from capfilt.models.blip import dtype_name, resolve_device, resolve_dtype
+    from capfilt.models.blip import resolve_device, resolve_dtype
     from capfilt.models.med import MED, compile_layers, med_config
 
     if config.model:
@@ -371,34 +373,26 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the eager side's model and optimizer are gone
     ours = train_side("sdpa", fused=device.type == "cuda", compile=config.compile)
-    spec = spec_peak_tflops(device, dtype)
-    return dict(
-        workload="pretrain",
+    result = report(
+        config,
+        f"random-weights MED {config.arch} ({size} px)",
+        device,
+        dtype,
+        flops,
+        bound,
+        hf,
+        ours,
+        extra=dict(text_tokens=config.text_tokens, compile=config.compile),
         level="model: MED training step (forward + backward + AdamW) on random tensors",
-        model=f"random-weights MED {config.arch} ({size} px)",
-        device=str(device)
-        if device.type != "cuda"
-        else f"{device} ({torch.cuda.get_device_name(device)})",
-        dtype=dtype_name(dtype),
-        threads=torch.get_num_threads(),
         images=images,
-        batch_size=batch,
-        text_tokens=config.text_tokens,
-        compile=config.compile,
-        gflops_per_image=flops / 1e9,
-        bound_tflops=bound,
-        bound_source="--peak-tflops" if config.peak_tflops else "measured matmul",
-        spec_peak_tflops=spec,
-        flop_bound_images_per_s=bound * 1e12 / flops,
-        plain_hf=asdict(hf),
-        capfilt=asdict(ours),
-        speedup=ours.images_per_s / hf.images_per_s
-        if hf.images_per_s and ours.images_per_s
-        else None,
-        # MFU: achieved model FLOP/s over the data sheet's dense peak where the chip is known,
-        # else over the measured matmul bound.
-        mfu=(ours.tflops / spec if spec else ours.fraction_of_bound) if ours.tflops else None,
     )
+    # MFU: achieved model FLOP/s over the data sheet's dense peak where the chip is known,
+    # else over the measured matmul bound.
+    spec = result["spec_peak_tflops"]
+    result["mfu"] = (
+        (ours.tflops / spec if spec else ours.fraction_of_bound) if ours.tflops else None
+    )
+    return result
 
 
 def _worker_counts(config: BenchConfig) -> list[int]:
