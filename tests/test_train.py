@@ -195,9 +195,10 @@ def test_curated_pairs_join_their_images_and_skips_are_counted(tmp_path):
     assert found[1].text == "a red thing"  # BLIP's pre_caption: lower case, no punctuation
     # Both texts of k0 point at the same image, the one stored for k0.
     assert found[0].ref == found[1].ref
-    images = DatasetSource(str(root), Picking("all", 30)).image_bytes(0, {found[2].ref})
+    again, image = DatasetSource(str(root), Picking("all", 30)).read_unit(0)
+    assert again == found
     jpg = {r["key"]: r["jpg"] for r in Dataset(str(root)).read_stage("images").to_pylist()}
-    assert images[found[2].ref] == jpg[k1]
+    assert image(found[2].ref) == jpg[k1]
     assert skipped == {"image not downloaded": 1, "no image with this key": 1}
 
     plan, _ = build_plan((str(root),), (1.0,), Picking("synthetic", 30))

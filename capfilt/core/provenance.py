@@ -202,6 +202,16 @@ def _show(value) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
+def stale_shards(dataset, name: str, shards, folder=None, memo: dict | None = None) -> list:
+    """(shard, why) of each of `shards` of folder `name` that is stale (`stale_ancestor`)."""
+    memo = {} if memo is None else memo
+    return [
+        (shard, why)
+        for shard in shards
+        if (why := stale_ancestor(dataset, name, shard, folder, memo))
+    ]
+
+
 def stale_ancestor(dataset, name: str, shard: int, folder=None, memo: dict | None = None):
     """Why shard `shard` of folder `name` no longer follows from the data as it is now, or
     None: each input shard it was made from, and recursively each of theirs, must still be the

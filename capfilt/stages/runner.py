@@ -265,12 +265,8 @@ def _refuse_stale_inputs(stage: Stage, dataset: Dataset, shards: list[int]) -> N
     for name in stage.inputs + stage.optional_inputs:
         folder = stage.folder(dataset, name)
         present = set(folder.shards())
-        stale = [
-            (shard, why)
-            for shard in shards
-            if shard in present
-            and (why := provenance.stale_ancestor(dataset, name, shard, folder, memo))
-        ]
+        mine = [shard for shard in shards if shard in present]
+        stale = provenance.stale_shards(dataset, name, mine, folder, memo)
         if stale:
             command = {"captions": "caption", "scores": "filter", "curated": "filter"}.get(
                 name, name

@@ -116,7 +116,6 @@ class TrainConfig(Options):
     seed: int = option(42, "Seed of initialisation, data order and augmentation.")
     save_every: int = option(1000, "Checkpoint every N optimizer steps.", ge=1)
     keep_last: int = option(2, "Keep the last K checkpoints.", ge=1)
-    log_every: int = 10
     num_workers: int = option(4, "DataLoader worker processes for JPEG decoding.", ge=0)
     shuffle_buffer: int = option(
         4096,

@@ -194,10 +194,10 @@ def load_encoder(model: str, device: str = "auto"):
     """A capfilt run folder, an export folder (its filter/), or a BLIP ITM checkpoint."""
     from pathlib import Path
 
-    from capfilt.training.runs import METADATA, latest_checkpoint
+    from capfilt.training.runs import METADATA, find_checkpoint
 
     path = Path(model)
-    if path.is_dir() and ((path / METADATA).is_file() or latest_checkpoint(path) is not None):
+    if find_checkpoint(path) is not None:
         return RunEncoder(model, device)
     if (path / "filter" / "config.json").is_file():
         return FilterEncoder(str(path / "filter"), device)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from capfilt.core.errors import CapfiltError
 from capfilt.training.config import TrainConfig
-from capfilt.training.runs import METADATA, latest_checkpoint, load_run
+from capfilt.training.runs import find_checkpoint, load_run
 
 
 def _init_kind(spec: str) -> str:
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
-        if (path / METADATA).is_file() or latest_checkpoint(path) is not None:
+        if find_checkpoint(path) is not None:
             return "run"
         if (path / "captioner").is_dir() or (path / "filter").is_dir():
             return "export"

@@ -18,12 +18,11 @@ run follows the loss trajectory of an uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from capfilt.core.distributed import sum_counts
@@ -157,7 +156,7 @@ def _plan(config: TrainConfig, run_dir: Path, resuming: bool, accelerator):
         gather=(lambda obj: gather_object([obj])) if world > 1 else None,
     )
     if accelerator.is_main_process:
-        write_json_atomic(run_dir / PLAN_FILE, json.loads(plan.to_json()))
+        write_json_atomic(run_dir / PLAN_FILE, asdict(plan))
     return plan, sources
 
 

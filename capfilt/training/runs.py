@@ -4,7 +4,6 @@ loading a run back."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -39,9 +38,16 @@ def read_metadata(checkpoint: Path) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    _write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Readers (and a resumed run) see the old file or the new one, never a part."""
+    import fsspec
+
+    from capfilt.core.parquet import write_bytes_atomic
+
+    write_bytes_atomic(fsspec.filesystem("file"), str(path), text.encode())
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, metadata: dict, keep_last: int) -> Path:
@@ -77,6 +83,13 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, metadata: dict, keep_
     return folder
 
 
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint `path` names: itself (a step-N folder) or a run's newest; else None."""
+    if not path.is_dir():
+        return None
+    return path if (path / METADATA).is_file() else latest_checkpoint(path)
+
+
 def load_run(run_dir: str | Path):
     """(MED model, tokenizer, metadata) of the newest checkpoint of a capfilt run folder."""
     from safetensors.torch import load_model
@@ -85,7 +98,7 @@ def load_run(run_dir: str | Path):
     from capfilt.models.med import MED, MEDConfig
 
     run_dir = Path(run_dir)
-    checkpoint = run_dir if (run_dir / METADATA).is_file() else latest_checkpoint(run_dir)
+    checkpoint = find_checkpoint(run_dir)
     if checkpoint is None:
         raise CapfiltError(
             f"{str(run_dir)!r} has no complete checkpoint (step-N/{METADATA}); "
@@ -115,9 +128,8 @@ def truncate_log(path: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)  # a kill while truncating must not lose the kept lines
+    # a kill while truncating must not lose the kept lines
+    _write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

@@ -29,6 +29,7 @@ import bisect
 import hashlib
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ class Picking:
         """Whether a pair of this caption source goes in (else it is counted in `skipped`)."""
         if self.source != "all" and source != self.source:
             return False
-        probability = dict(self.keep).get(source, 1.0)
+        probability = next((p for kind, p in self.keep if kind == source), 1.0)
         if probability >= 1.0:
             return True
         digest = hashlib.blake2b(f"{self.seed}/{source}/{key}/{text}".encode(), digest_size=8)
@@ -101,41 +102,51 @@ class DatasetSource:
         from capfilt.core.layout import Dataset
 
         self.root, self.picking = root, picking
-        source = picking.source
         self.ds = Dataset(root)
         self.images = self.ds.folder("images")
         self.curated = self.ds.folder("curated")  # one generation for the whole run
-        if not self.images.shards():
+        self.image_shards = set(self.images.shards())
+        self.curated_shards = self.curated.shards()
+        self.web = not self.curated_shards  # unfiltered: train on the web captions
+        if not self.image_shards:
             raise CapfiltError(
                 f"{root!r} has no images/ shards yet; fetch or ingest images first "
                 "(capfilt fetch/ingest)"
             )
-        if self.curated.shards():
-            _refuse_stale(self.ds, self.curated)
-        elif source == "synthetic":
+        if not self.web:
+            _refuse_stale(self.ds, self.curated, self.curated_shards)
+        elif picking.source == "synthetic":
             raise CapfiltError(
                 f"{root!r} has no curated/ shards, so no synthetic captions to train on; "
                 "run `capfilt caption` and `capfilt filter` first, or pass --source web"
             )
 
     def shards(self) -> list[int]:
-        if self.curated.shards():
-            return self.curated.shards()
-        return self.images.shards()
+        return sorted(self.image_shards) if self.web else self.curated_shards
 
     def fingerprint(self, shard: int) -> str:
         parts = [self.images.fingerprint(shard)]
-        if self.curated.shards():
+        if not self.web:
             parts.append(self.curated.fingerprint(shard))
         return "+".join(str(p) for p in parts)
 
     def candidates(self, shard: int, skipped: dict) -> list[Candidate]:
         """The pairs of one shard that can train, in file order; the others counted by reason."""
+        return self._pairs(shard, self._images(shard, []), skipped)
+
+    def read_unit(self, shard: int):
+        """(candidates, image bytes of a candidate's ref) of one shard, images/ read once."""
+        images = self._images(shard, ["jpg"])
+        column = images.column("jpg") if images is not None else None
+        return self._pairs(shard, images, {}), lambda ref: column[ref].as_py()
+
+    def _images(self, shard: int, extra: list[str]):
+        columns = ["key", "status"] + (["caption"] if self.web else []) + extra
+        return self.images.read_shard(shard, columns) if shard in self.image_shards else None
+
+    def _pairs(self, shard: int, images, skipped: dict) -> list[Candidate]:
         from capfilt.training.pairs import pre_caption
 
-        web = not self.curated.shards()
-        columns = ["key", "status"] + (["caption"] if web else [])
-        images = self.images.read_shard(shard, columns) if shard in self._image_shards() else None
         row_of, unusable = {}, {}
         if images is not None:
             statuses = images.column("status").to_pylist()
@@ -146,7 +157,7 @@ class DatasetSource:
                     row_of[key] = row
                 else:
                     unusable[key] = "image not downloaded"
-        if web:
+        if self.web:
             rows = (
                 []
                 if images is None
@@ -184,17 +195,6 @@ class DatasetSource:
             skipped[reason] = skipped.get(reason, 0) + 1
         return found
 
-    def image_bytes(self, shard: int, refs: set) -> dict:
-        """ref → image bytes (None when there are none) for the images/ rows in `refs`."""
-        table = self.images.read_shard(shard, ["jpg"])
-        column = table.column("jpg")
-        return {ref: column[ref].as_py() for ref in refs}
-
-    def _image_shards(self) -> set[int]:
-        if not hasattr(self, "_image_shard_set"):
-            self._image_shard_set = set(self.images.shards())
-        return self._image_shard_set
-
 
 class WebDatasetSource:
     """A folder of WebDataset tar shards (KEY.jpg, KEY.txt, KEY.json), as export-data writes."""
@@ -222,8 +222,21 @@ class WebDatasetSource:
         info = self.fs.info(self.files[shard])
         return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or ''}"
 
-    def _samples(self, shard: int, want: set | None):
-        """sample key → {extension: bytes} of one tar, image bytes only for keys in `want`."""
+    def candidates(self, shard: int, skipped: dict) -> list[Candidate]:
+        return self._pairs(self._samples(shard, with_images=False), skipped)
+
+    def read_unit(self, shard: int):
+        """(candidates, image bytes of a candidate's ref) of one tar, read once."""
+        samples = self._samples(shard, with_images=True)
+
+        def image(ref: str) -> bytes | None:
+            key, ext = ref.rsplit(".", 1)
+            return samples.get(key, {}).get(ext)
+
+        return self._pairs(samples, {}), image
+
+    def _samples(self, shard: int, with_images: bool):
+        """sample key → {extension: bytes} of one tar (images as b"" unless `with_images`)."""
         import tarfile
 
         samples: dict[str, dict] = {}
@@ -232,24 +245,24 @@ class WebDatasetSource:
                 if not member.isfile():
                     continue
                 key, _, ext = member.name.rpartition("/")[-1].partition(".")
-                if ext in ("jpg", "jpeg", "png", "webp") and (want is None or key not in want):
+                if ext in IMAGE_EXTENSIONS and not with_images:
                     samples.setdefault(key, {})[ext] = b""  # present; bytes not needed now
                     continue
                 samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
         return samples
 
-    def candidates(self, shard: int, skipped: dict) -> list[Candidate]:
+    def _pairs(self, samples: dict, skipped: dict) -> list[Candidate]:
         from capfilt.training.pairs import pre_caption
 
         found = []
-        for key, parts in self._samples(shard, set()).items():
+        for key, parts in samples.items():
             meta = json.loads(parts.get("json", b"{}") or b"{}")
             text = (parts.get("txt") or b"").decode("utf-8", "replace")
             text = pre_caption(text, self.picking.max_words)
             source = meta.get("source", "web")
             if not self.picking.take(source, key, text, skipped):
                 continue
-            image = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in parts), None)
+            image = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
             if image is None:
                 skipped["no image with this key"] = skipped.get("no image with this key", 0) + 1
             elif not text:
@@ -258,14 +271,8 @@ class WebDatasetSource:
                 found.append(Candidate(key, text, f"{key}.{image}", source))
         return found
 
-    def image_bytes(self, shard: int, refs: set) -> dict:
-        keys = {ref.rsplit(".", 1)[0] for ref in refs}
-        samples = self._samples(shard, keys)
-        found = {}
-        for ref in refs:
-            key, ext = ref.rsplit(".", 1)
-            found[ref] = samples.get(key, {}).get(ext)
-        return found
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # of a WebDataset sample's image
 
 
 def open_source(root: str, picking: Picking):
@@ -281,17 +288,12 @@ def open_source(root: str, picking: Picking):
     return DatasetSource(root, picking)
 
 
-def _refuse_stale(ds, curated) -> None:
+def _refuse_stale(ds, curated, shards: list[int]) -> None:
     """Training on curated/ pairs whose images were replaced since would pair texts with other
     images (keys are reused): refuse, saying which stage to run."""
     from capfilt.core import provenance
 
-    memo: dict = {}
-    stale = [
-        (shard, why)
-        for shard in curated.shards()
-        if (why := provenance.stale_ancestor(ds, "curated", shard, curated, memo))
-    ]
+    stale = provenance.stale_shards(ds, "curated", shards, curated)
     if stale:
         raise CapfiltError(
             f"curated/ of {ds.root!r} is stale in {len(stale)} shards "
@@ -307,9 +309,12 @@ class Unit:
 
     source: int
     shard: int
-    pairs: int
     fingerprint: str
-    kinds: dict = field(default_factory=dict)  # pairs by caption source (web, synthetic, ...)
+    kinds: dict  # its pairs by caption source (web, synthetic)
+
+    @property
+    def pairs(self) -> int:
+        return sum(self.kinds.values())
 
 
 @dataclass
@@ -330,13 +335,10 @@ class DataPlan:
         """Each dataset's weight and pairs, by caption source: what the run trains on."""
         out = []
         for index, (root, weight) in enumerate(zip(self.datasets, self.weights, strict=True)):
-            units = [u for u in self.units if u.source == index]
-            kinds: dict = {}
-            for unit in units:
-                for kind, count in unit.kinds.items():
-                    kinds[kind] = kinds.get(kind, 0) + count
-            pairs = sum(u.pairs for u in units)
-            out.append(dict(dataset=root, weight=weight, pairs=pairs, by_source=kinds))
+            kinds = sum_counts([u.kinds for u in self.units if u.source == index])
+            out.append(
+                dict(dataset=root, weight=weight, pairs=sum(kinds.values()), by_source=kinds)
+            )
         return out
 
     def to_json(self) -> str:
@@ -345,7 +347,7 @@ class DataPlan:
     @classmethod
     def from_json(cls, text: str) -> DataPlan:
         raw = json.loads(text)
-        raw["units"] = [Unit(**u) for u in raw["units"]]
+        raw["units"] = [Unit(**u) for u in raw["units"]]  # (`pairs` is derived, not stored)
         return cls(**raw)
 
 
@@ -365,22 +367,20 @@ def build_plan(
             "per dataset"
         )
     gather = gather or (lambda obj: [obj])
-    if ratio:
-        counts: dict = {}
-        for _, src, shard in _my_shards([open_source(r, picking) for r in datasets], part):
-            for candidate in src.candidates(shard, {}):
-                counts[candidate.source] = counts.get(candidate.source, 0) + 1
-        picking = picking.thinned_to(ratio, sum_counts(gather(counts)))
     sources = [open_source(root, picking) for root in datasets]
+    mine = _my_shards(sources, part)
+    if ratio:
+        counts = Counter(c.source for _, src, shard in mine for c in src.candidates(shard, {}))
+        picking = picking.thinned_to(ratio, sum_counts(gather(dict(counts))))
+        for src in sources:
+            src.picking = picking
     skipped: dict = {}
     units = []
-    for order, (index, src, shard) in enumerate(_my_shards(sources, part)):
+    for order, (index, src, shard) in enumerate(mine):
         candidates = src.candidates(shard, skipped)
         if candidates:
-            kinds: dict = {}
-            for candidate in candidates:
-                kinds[candidate.source] = kinds.get(candidate.source, 0) + 1
-            unit = Unit(index, shard, len(candidates), src.fingerprint(shard), kinds)
+            kinds = dict(Counter(c.source for c in candidates))
+            unit = Unit(index, shard, src.fingerprint(shard), kinds)
             units.append((order * part[1] + part[0], unit))
     units = [unit for _, unit in sorted(u for mine in gather(units) for u in mine)]
     skipped = sum_counts(gather(skipped))
@@ -524,13 +524,13 @@ class EpochBatches:
     ):
         self.plan, self.sources, self.seed = plan, sources, seed
         self.rank, self.world, self.batch_size, self.buffer = rank, world, batch_size, buffer
+        self.loaded: dict[int, tuple] = {}  # position → (bytes, text, key), while iterating
+        self.units_read: set[int] = set()  # slots whose bytes were read
         self.set_epoch(0, 0)
 
     def set_epoch(self, epoch: int, batches: int, skip: int = 0) -> None:
         self.epoch, self.batches, self.skip = epoch, batches, skip
         self.layout = epoch_layout(self.plan, self.seed, epoch, self.rank, self.world)
-        self.loaded: dict[int, tuple] = {}  # position → (bytes, text, key)
-        self.units_read: set[int] = set()  # slots whose bytes were read
 
     def __len__(self) -> int:
         return self.batches - self.skip
@@ -584,17 +584,12 @@ class EpochBatches:
     def _read_unit(self, slot: int, wanted) -> None:
         """Read one unit's candidates and image bytes, keeping the positions `wanted` accepts."""
         unit = self.plan.units[self.layout.units[slot]]
-        source = self.sources[unit.source]
-        candidates = source.candidates(unit.shard, {})  # counted in the plan
+        candidates, image = self.sources[unit.source].read_unit(unit.shard)  # counted in the plan
         begin = self.layout.starts[slot] - self.layout.first
-        keep = {}
         for index, candidate in enumerate(candidates):
             position = begin + index
             if 0 <= position < self.layout.count and wanted(position):
-                keep[position] = candidate
-        images = source.image_bytes(unit.shard, {c.ref for c in keep.values()})
-        for position, candidate in keep.items():
-            self.loaded[position] = (images.get(candidate.ref), candidate.text, candidate.key)
+                self.loaded[position] = (image(candidate.ref), candidate.text, candidate.key)
         self.units_read.add(slot)
 
 
