@@ -78,10 +78,8 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> ModelSource:
 def local_revision(model: str) -> str | None:
     """The revision of `model` if it is on this machine (a folder, or in the hub cache), without
     downloading anything; None when it is not here."""
-    path = Path(os.path.expanduser(model))
-    if path.is_dir():
-        path = path.resolve()
-        return _snapshot_revision(path) or content_revision(path)
+    if Path(os.path.expanduser(model)).is_dir():
+        return resolve_checkpoint(model).revision
     if _looks_like_path(model):
         return None
     try:
@@ -105,11 +103,27 @@ def _looks_like_path(model: str) -> bool:
 
 def content_revision(path: Path) -> str:
     """A revision for a local checkpoint folder: a hash of every file in it (weights, config,
-    tokenizer), so that other weights under the same path are another revision."""
+    tokenizer), so that other weights under the same path are another revision. Hashed once
+    per process while no file is replaced or changes size or time."""
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    stats = [(f.name, f.stat()) for f in files]
+    key = (
+        str(path),
+        tuple((n, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for n, s in stats),
+    )
+    if key not in _CONTENT_REVISIONS:
+        _CONTENT_REVISIONS[key] = _hash_files(files)
+    return _CONTENT_REVISIONS[key]
+
+
+_CONTENT_REVISIONS: dict = {}  # (folder, its files' names, inodes, sizes, times) → revision
+
+
+def _hash_files(files: list[Path]) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.iterdir() if p.is_file()):
+    for file in files:
         digest.update(file.name.encode() + b"\0")
         with open(file, "rb") as f:
             while chunk := f.read(1 << 23):
