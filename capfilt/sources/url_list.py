@@ -106,10 +106,14 @@ def read_url_list(url_list: str, options: ListColumns) -> UrlList:
         files = [path]
 
     temp_dir = None
-    out_files, rows_per_file, columns = [], [], None
+    out_files, rows_per_file, columns, digests = [], [], None, []
     invalid_utf8 = 0
     try:
         for i, file in enumerate(files):
+            # What the list is: a Parquet file by its footer (one ranged read, as capfilt tells
+            # shards apart), a text file by all its bytes.
+            fingerprint = io.file_fingerprint if fmt == "parquet" else io.content_fingerprint
+            digests.append(fingerprint(fs, file))
             if fmt == "parquet":
                 try:
                     with fs.open(file, "rb") as f:
@@ -147,7 +151,6 @@ def read_url_list(url_list: str, options: ListColumns) -> UrlList:
             shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
-    digests = [io.content_fingerprint(fs, file) for file in files]
     listing = UrlList(url_list, fmt, out_files, rows_per_file, columns or [], "url", None, [])
     listing.temp_dir = temp_dir
     listing.invalid_utf8_values = invalid_utf8
