@@ -28,8 +28,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 
-import fsspec
-
 from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError, StageNotRunError
 
@@ -54,6 +52,8 @@ class Dataset:
     def __init__(self, root: str, storage_options: dict | None = None):
         root = str(root).rstrip("/") or "/"
         self.root = root
+        import fsspec  # here, not at the top: the CLI imports options that import this module
+
         self.fs, self.path = fsspec.core.url_to_fs(root, **(storage_options or {}))
         self.path = self.path.rstrip("/")
 

@@ -36,8 +36,6 @@ from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.core.options import Options, option
 from capfilt.demo import toyweb
-from capfilt.stages.query import run_query
-from capfilt.stages.report import read_summary, report_file
 
 TOY_DIR = "toy"
 DATASET_DIR = "web"
@@ -164,6 +162,8 @@ class DemoFigures:
 
 def demo_figures(root: str | os.PathLike, samples: int = 8) -> DemoFigures:
     """Read the report, the synthetic captions and the evaluations of a finished demo."""
+    from capfilt.stages.query import run_query
+    from capfilt.stages.report import read_summary, report_file
     from capfilt.training.pairs import pre_caption
 
     root = Path(root)
