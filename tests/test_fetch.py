@@ -94,9 +94,23 @@ def test_downloads_name_capfilt_and_honour_opt_out(fetched):
     assert opt_out["status"] == "failed_to_download"
 
 
+def assert_write_ids(root) -> None:
+    """Every images/ shard carries a write id of its own in its footer."""
+    import pyarrow.parquet as pq
+
+    from capfilt.core.parquet import WRITE_ID
+
+    ids = [
+        pq.read_schema(path).metadata[WRITE_ID]
+        for path in sorted(Path(root, "images").glob("*.parquet"))
+    ]
+    assert ids and len(set(ids)) == len(ids)
+
+
 def test_shards_are_whole_and_recorded(fetched):
     ds = Dataset(str(fetched["dataset"]))
     assert ds.shards("images") == [0, 1, 2]
+    assert_write_ids(fetched["dataset"])
     assert not (fetched["dataset"] / "images" / "_incoming").exists()
     for shard in range(3):
         stats = json.loads(Path(ds.stats_path("images", shard)).read_text())
@@ -196,6 +210,7 @@ def test_pyspark_distributor_in_local_mode(web, tmp_path, monkeypatch):
         FetchOptions(distributor="pyspark", processes=2, shard_size=5, **FAST),
     )
     assert result.complete and result.shards_done_now == [0]
+    assert_write_ids(tmp_path / "ds")  # img2dataset's own writer, swapped for capfilt's
     got = read_images(tmp_path / "ds")
     assert sorted(r["url"] for r in got) == sorted(r["url"] for r in rows)
     for row in got:

@@ -123,9 +123,9 @@ def _download_here(listing, output_folder: str, done: set[int], options) -> None
     """
     import fsspec
     from img2dataset.reader import Reader
-    from img2dataset.writer import ParquetSampleWriter
 
     from capfilt.sources.safe_fetch import SafeDownloader, SafeResizer
+    from capfilt.sources.writers import WriteIdParquetSampleWriter
 
     fs, path = fsspec.core.url_to_fs(output_folder)
     tmp_path = f"{path}/_tmp"
@@ -154,7 +154,7 @@ def _download_here(listing, output_folder: str, done: set[int], options) -> None
     )
     downloader = SafeDownloader.wrapping(
         policy=policy,
-        sample_writer_class=ParquetSampleWriter,
+        sample_writer_class=WriteIdParquetSampleWriter,
         resizer=resizer,
         thread_count=options.threads,
         save_caption=listing.caption_col is not None,

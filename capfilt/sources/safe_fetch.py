@@ -371,15 +371,9 @@ class SafeDownloader:
 
     @classmethod
     def wrapping(cls, policy: DownloadPolicy, **downloader_args) -> SafeDownloader:
-        """Build img2dataset's Downloader from its keyword arguments, and wrap it. Its Parquet
-        shards carry a write id (sources/writers.py)."""
+        """Build img2dataset's Downloader from its keyword arguments, and wrap it."""
         from img2dataset.downloader import Downloader
-        from img2dataset.writer import ParquetSampleWriter
 
-        from capfilt.sources.writers import WriteIdParquetSampleWriter
-
-        if downloader_args.get("sample_writer_class") is ParquetSampleWriter:
-            downloader_args["sample_writer_class"] = WriteIdParquetSampleWriter
         return cls(Downloader(**downloader_args), policy)
 
     def __call__(self, row):
@@ -412,19 +406,23 @@ class SafeResizer:
 
 @contextlib.contextmanager
 def guarded_img2dataset(policy: DownloadPolicy):
-    """Inside the block, `img2dataset.download()` builds SafeDownloader and SafeResizer."""
+    """Inside the block, `img2dataset.download()` builds SafeDownloader and SafeResizer, and
+    its Parquet shards carry a write id (sources/writers.py)."""
     import sys
 
     import img2dataset.main  # noqa: F401 - the package's `main` attribute is a function
 
+    from capfilt.sources.writers import WriteIdParquetSampleWriter
+
     main = sys.modules["img2dataset.main"]
-    saved = main.Downloader, main.Resizer
+    saved = main.Downloader, main.Resizer, main.ParquetSampleWriter
     main.Downloader = functools.partial(SafeDownloader.wrapping, policy)
     main.Resizer = functools.partial(SafeResizer.wrapping, policy.max_image_pixels)
+    main.ParquetSampleWriter = WriteIdParquetSampleWriter
     try:
         yield
     finally:
-        main.Downloader, main.Resizer = saved
+        main.Downloader, main.Resizer, main.ParquetSampleWriter = saved
 
 
 __all__ = [
