@@ -20,7 +20,7 @@ from capfilt.stages.report import ReportOptions
 
 
 # --- fetch, ingest (capfilt/stages/fetch.py, ingest.py) ----------------------------------------
-def _rows_progress(terminal, total_label: str = "rows"):
+def _rows_progress(terminal):
     """A rich progress bar over rows, printed to `terminal` (not to redirected stdout)."""
     from rich.console import Console
     from rich.progress import (
@@ -35,7 +35,7 @@ def _rows_progress(terminal, total_label: str = "rows"):
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn(total_label + " · {task.fields[successes]} ok"),
+        TextColumn("rows · {task.fields[successes]} ok"),
         TimeElapsedColumn(),
         console=Console(file=terminal, highlight=False),
         redirect_stdout=False,
@@ -63,12 +63,12 @@ def _print_download_summary(result, title: str) -> None:
         for message, n in list(result.errors.items())[:10]:
             table.add_row(message, str(n))
         out.print(table)
-    if getattr(result, "skipped_columns", None):
+    if result.skipped_columns:
         out.print(
             "[yellow]not kept[/] (names reserved for img2dataset's own columns): "
             + ", ".join(result.skipped_columns)
         )
-    if getattr(result, "invalid_utf8_values", 0):
+    if result.invalid_utf8_values:
         out.print(
             f"[yellow]warning:[/] {result.invalid_utf8_values} values of the list were not valid "
             "UTF-8; their bad bytes became U+FFFD (\ufffd). Re-encode the list to UTF-8 to keep "
@@ -121,8 +121,8 @@ def fetch(
     import contextlib
 
     from capfilt.cli.output import library_output_to, new_log_path
-    from capfilt.stages.fetch import FetchOptions, options_from_manifest
     from capfilt.stages.fetch import fetch as fetch_stage
+    from capfilt.stages.fetch import options_from_manifest
 
     source = None
     if manifest is not None:
@@ -342,12 +342,11 @@ def report(
     out.print(f"wrote {result.html_url} and {result.summary_path}", soft_wrap=True)
     if open_report:
         import webbrowser
-        from pathlib import Path as _Path
 
         if "://" in result.html_url:
             out.print("the report is not on this machine; copy it here to open it")
         else:
-            webbrowser.open(_Path(result.html_url).resolve().as_uri())
+            webbrowser.open(Path(result.html_url).resolve().as_uri())
 
 
 @command("export-data")

@@ -26,6 +26,8 @@ import typer
 
 from capfilt.core.options import declared, default_of
 
+OPTIONS_PARAM = "options"  # the command's parameter that receives the options
+
 
 def with_options(
     options_cls,
@@ -35,9 +37,8 @@ def with_options(
     required: tuple[str, ...] = (),
     choices: dict | None = None,
     given_only: bool = False,
-    param: str = "options",
 ):
-    """Replace the `param` parameter of a command by the declared options of `options_cls`.
+    """Replace the `options` parameter of a command by the declared options of `options_cls`.
 
     `defaults`: other defaults for this command (finetune's, for instance).
     `required`: options this command requires although the dataclass has a default.
@@ -70,7 +71,7 @@ def with_options(
         hints = typing.get_type_hints(func, include_extras=True)  # resolve string annotations
         params = []
         for p in signature.parameters.values():
-            if p.name == param:
+            if p.name == OPTIONS_PARAM:
                 params += derived
             else:
                 annotation = hints.get(p.name, p.annotation)
@@ -98,9 +99,9 @@ def with_options(
                     del values[name]
             if given_only:  # an option left out (None, or a flag not set) is not given
                 values = {k: v for k, v in values.items() if v is not None and v is not False}
-                kwargs[param] = values
+                kwargs[OPTIONS_PARAM] = values
             else:
-                kwargs[param] = options_cls(**hidden_defaults, **values)
+                kwargs[OPTIONS_PARAM] = options_cls(**hidden_defaults, **values)
             return func(**kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params)

@@ -7,9 +7,9 @@ import io
 import warnings
 from dataclasses import dataclass
 
+_EXIF_ORIENTATION = 0x0112
 # A web image larger than this many pixels is a decompression bomb, or at least not worth
 # decoding for a 384 px model: it becomes an error row instead of eating the machine's memory.
-_EXIF_ORIENTATION = 0x0112
 MAX_IMAGE_PIXELS = 100_000_000
 
 
