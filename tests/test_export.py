@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import draw_scene
 
-from capfilt.models.med import MED, med_config, med_config_from_blip
+from capfilt.models.med import MED, SHARING_CONFIG_KEY, med_config, med_config_from_blip
+from capfilt.models.shapes import MED_SHARING
 from capfilt.training.export import write_blip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -88,16 +89,24 @@ def test_filter_round_trip_gives_the_same_itm_logits(tiny_filter, tiny_tokenizer
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_med_to_both_and_back_keeps_every_weight(tiny_tokenizer, tmp_path):
-    """A trained-looking MED (encoder and decoder self-attention differ) survives export + init."""
+@pytest.mark.parametrize("sharing", list(MED_SHARING))
+def test_med_to_both_and_back_keeps_every_weight(tiny_tokenizer, tmp_path, sharing):
+    """A trained-looking MED (the decoder's own weights differ from the encoder's) survives
+    export + init, its sharing recorded in each exported config.json."""
+    import json
+
     torch.manual_seed(0)
-    med = MED(med_config("tiny", tiny_tokenizer, queue_size=8))
+    med = MED(med_config("tiny", tiny_tokenizer, queue_size=8, sharing=sharing))
     written = write_blip(med, tiny_tokenizer, tmp_path / "export")
+    for folder in written.values():
+        config = json.loads((folder / "config.json").read_text())
+        assert config[SHARING_CONFIG_KEY] == sharing
     back = MED(
         med_config_from_blip(
             load_hf(written["filter"], "filter").config, tiny_tokenizer, queue_size=8
         )
     )
+    assert back.config.sharing == sharing
     back.load_blip(
         captioner=load_hf(written["captioner"], "captioner"),
         filter=load_hf(written["filter"], "filter"),
@@ -115,6 +124,37 @@ def test_med_to_both_and_back_keeps_every_weight(tiny_tokenizer, tmp_path):
         back.vision_model.parameters(), back.vision_model_m.parameters(), strict=True
     ):
         assert torch.equal(p, p_m)
+
+
+def test_released_blip_loads_into_every_sharing(tiny_captioner, tiny_filter, tiny_tokenizer):
+    """A BLIP pair without a recorded sharing is BLIP's; any sharing can still load it: the
+    filter gives the encoder, the captioner what the decoder owns, and a missing side's own
+    weights start as copies of the other's."""
+    captioner, itm = load_hf(tiny_captioner, "captioner"), load_hf(tiny_filter, "filter")
+    assert med_config_from_blip(itm.config, tiny_tokenizer).sharing == "all-but-sa"
+    filter_text = itm.text_encoder.state_dict()
+    captioner_text = captioner.text_decoder.state_dict()
+    for sharing in MED_SHARING:
+        for given in ("both", "captioner", "filter"):
+            med = MED(med_config_from_blip(itm.config, tiny_tokenizer, sharing=sharing))
+            med.load_blip(
+                captioner=captioner if given != "filter" else None,
+                filter=itm if given != "captioner" else None,
+            )
+            encoder = med.text_encoder.state_dict()
+            decoder = med.text_decoder.state_dict()
+            own = med.decoder_own_keys()
+            if given == "captioner":  # the encoder is a copy of the decoder
+                want = {k: captioner_text[f"bert.{k}"] for k in encoder}
+            else:
+                want = filter_text
+            torch.testing.assert_close(encoder, want, atol=0, rtol=0, msg=sharing)
+            for key in own:
+                if given == "filter":  # the decoder's own text weights: copies of the encoder's
+                    if key.startswith("bert."):
+                        assert torch.equal(decoder[key], filter_text[key[len("bert.") :]]), key
+                else:
+                    assert torch.equal(decoder[key], captioner_text[key]), (sharing, key)
 
 
 def test_export_refuses_to_overwrite_without_the_flag(tiny_tokenizer, tmp_path):

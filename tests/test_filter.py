@@ -234,6 +234,8 @@ def test_scores_are_redone_when_captions_changed(captioned, tiny_filter, tiny_ca
         (dict(threshold=-0.1), "--threshold must be in \\[0, 1\\], got -0.1"),
         (dict(threshold=0.5, itm_token="sep"), "--itm-token must be one of"),
         (dict(threshold=0.5, batch_size=0), "--batch-size must be at least 1"),
+        (dict(threshold=0.5, keep_best=0), "--keep-best must be at least 1, got 0"),
+        (dict(threshold=0.5, keep_best=1.5), "--keep-best must be a whole number, got 1.5"),
     ],
 )
 def test_filter_config_validation(options, message):
@@ -320,3 +322,210 @@ def test_gpu_decode_scores_like_the_pil_path_or_asks_for_torchvision(
     for pair, score in expected.items():
         assert (score is None) == (got[pair] is None), pair
         assert score is None or abs(score - got[pair]) < 1e-5, pair
+
+
+# --- --keep-best: generate several captions, keep the best of each image ----------------------
+def expected_curated(scores, threshold: float, keep_best: int | None = None) -> set:
+    """(key, text_id) of the pairs the rule keeps, computed with pandas from a scores/ table."""
+    frame = scores.to_pandas()
+    frame = frame[frame["itm_score"].astype("float64") >= threshold]
+    web = frame[frame["source"] == "web"]
+    synthetic = frame[frame["source"] == "synthetic"]
+    if keep_best is not None:
+        ranked = synthetic.sort_values(
+            ["key", "itm_score", "text_id"], ascending=[True, False, True]
+        )
+        synthetic = ranked.groupby("key").head(keep_best)
+    return set(zip(web["key"], web["text_id"], strict=True)) | set(
+        zip(synthetic["key"], synthetic["text_id"], strict=True)
+    )
+
+
+def pairs_of(table) -> set:
+    return set(zip(table["key"].to_pylist(), table["text_id"].to_pylist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def reranked(tmp_path_factory, tiny_captioner, tiny_filter):
+    """Four synthetic captions per image, then the best 2 of each image kept, as a user types
+    it: `capfilt caption ds --num-captions 4`, `capfilt filter ds --threshold 0 --keep-best 2`."""
+    root = tmp_path_factory.mktemp("reranked") / "ds"
+    write_images_dataset(root, n_shards=2, per_shard=5, seed=7)
+    result = invoke(
+        "caption", root, "--model", tiny_captioner, "--num-captions", 4, "--max-length", 10
+    )
+    assert result.exit_code == 0, result.output
+    result = invoke("filter", root, "--threshold", 0, "--keep-best", 2, "--model", tiny_filter)
+    assert result.exit_code == 0, result.output
+    return root, result.output
+
+
+def test_keep_best_keeps_the_top_synthetic_captions_of_each_image(reranked):
+    from capfilt.stages.status import dataset_status
+
+    root, output = reranked
+    ds = Dataset(str(root))
+    scores, curated = ds.read_stage("scores"), ds.read_stage("curated")
+    synthetic_per_image: dict = {}
+    for key, source in zip(scores["key"].to_pylist(), scores["source"].to_pylist(), strict=True):
+        synthetic_per_image[key] = synthetic_per_image.get(key, 0) + (source == "synthetic")
+    assert set(synthetic_per_image.values()) == {4}  # several to choose from
+
+    assert pairs_of(curated) == expected_curated(scores, 0.0, keep_best=2)
+    kept = curated.to_pylist()
+    for key in synthetic_per_image:
+        assert sum(r["key"] == key and r["source"] == "synthetic" for r in kept) == 2
+    # The web caption is judged by the threshold alone: every scored one is kept at 0.
+    web = {(r["key"], r["text_id"]) for r in kept if r["source"] == "web"}
+    assert web == {
+        (r["key"], r["text_id"])
+        for r in scores.to_pylist()
+        if r["source"] == "web" and r["itm_score"] is not None
+    }
+    # The rule is curated/'s provenance; the run and `status` name it.
+    rule = {"threshold": 0.0, "keep_best": 2}
+    assert ds.folder("curated").record["options"] == rule
+    assert ds.read_manifest()["runs"][-1]["options"]["keep_best"] == 2
+    assert "threshold 0, best 2 synthetic per image" in output
+    note = dataset_status(ds).folder("curated").note
+    assert note.endswith("threshold 0, best 2 synthetic per image")
+
+    # Ranking within one scores/ shard is ranking the whole image: every key is in one shard,
+    # the images/ shard of the same number.
+    shard_of: dict = {}
+    for shard in ds.shards("scores"):
+        keys = set(ds.read_shard("scores", shard, ["key"])["key"].to_pylist())
+        assert keys <= set(ds.read_shard("images", shard, ["key"])["key"].to_pylist())
+        for key in keys:
+            assert shard_of.setdefault(key, shard) == shard
+
+    # query's view and export-data read curated/ as it is.
+    result = invoke("query", root, "select count(*) AS n from curated", "--format", "csv")
+    assert result.exit_code == 0 and result.output.split() == ["n", str(curated.num_rows)]
+
+
+def test_export_data_ships_the_kept_best(reranked, tmp_path):
+    import pyarrow.parquet as pq
+
+    from capfilt.stages.export_data import export_data
+
+    root, _ = reranked
+    ds = Dataset(str(root))
+    export_data(ds, "parquet", str(tmp_path / "out"))
+    assert pairs_of(pq.read_table(tmp_path / "out")) == pairs_of(ds.read_stage("curated"))
+
+
+def test_another_keep_best_rederives_curated_without_a_model(
+    reranked, tiny_filter, tmp_path, monkeypatch
+):
+    import shutil
+
+    from capfilt.models.blip import ItmScorer
+
+    root = tmp_path / "ds"
+    shutil.copytree(reranked[0], root)
+    ds = Dataset(str(root))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded to re-derive curated/")
+
+    monkeypatch.setattr(ItmScorer, "load", no_model)
+    scores = ds.read_stage("scores")
+    synthetic = sorted(r["itm_score"] for r in scores.to_pylist() if r["source"] == "synthetic")
+    threshold = synthetic[len(synthetic) // 3]  # some images keep several, some fewer
+    mtimes = [ds.fs.modified(ds.shard_path("scores", s)) for s in ds.shards("scores")]
+    generation = ds.current_generation("curated")
+
+    # Changing --keep-best and the threshold: a new generation from scores/ alone.
+    model = ("--model", tiny_filter)  # the scores' model; nothing loads it
+    result = invoke("filter", root, "--threshold", threshold, "--keep-best", 1, *model)
+    assert result.exit_code == 0, result.output
+    assert "not loaded" in result.output
+    assert ds.current_generation("curated") == generation + 1
+    curated = ds.read_stage("curated")
+    assert pairs_of(curated) == expected_curated(scores, threshold, keep_best=1)
+    # Best first: no kept synthetic caption scores below one of its image dropped above T.
+    kept = pairs_of(curated)
+    for key in set(scores["key"].to_pylist()):
+        mine = [
+            r
+            for r in scores.to_pylist()
+            if r["key"] == key and r["source"] == "synthetic" and r["itm_score"] >= threshold
+        ]
+        chosen = [r["itm_score"] for r in mine if (key, r["text_id"]) in kept]
+        assert len(chosen) == min(1, len(mine))
+        assert all(c >= r["itm_score"] for c in chosen for r in mine)
+    assert len(expected_curated(scores, threshold)) > len(kept)  # keep-best dropped some
+    run = ds.read_manifest()["runs"][-1]
+    assert run["rescored"] is False and run["keep_best"] == 1
+    assert ds.folder("curated").record["options"] == {"threshold": threshold, "keep_best": 1}
+
+    # No --keep-best: every pair at the threshold again, recorded as before the option existed.
+    result = invoke("filter", root, "--threshold", threshold, *model)
+    assert result.exit_code == 0, result.output
+    assert ds.current_generation("curated") == generation + 2
+    assert pairs_of(ds.read_stage("curated")) == expected_curated(scores, threshold)
+    assert ds.folder("curated").record["options"] == {"threshold": threshold}
+    result = invoke("filter", root, "--threshold", threshold, *model)
+    assert "up to date" in result.output
+    assert ds.current_generation("curated") == generation + 2
+    assert [ds.fs.modified(ds.shard_path("scores", s)) for s in ds.shards("scores")] == mtimes
+
+
+def test_default_curate_is_the_threshold_alone(scored):
+    """Without --keep-best, curated/ and its provenance are what they were before the option,
+    so a curated/ derived by an older capfilt stays done."""
+    import pyarrow.compute as pc
+
+    from capfilt.core import parquet as io
+    from capfilt.core.provenance import read
+    from capfilt.stages.curate import curate
+
+    root, _, _ = scored
+    ds = Dataset(str(root))
+    folder = ds.folder("curated")
+    threshold = folder.record["options"]["threshold"]  # other tests change it
+    assert folder.record["options"] == {"threshold": threshold}
+    for shard in ds.shards("scores"):
+        scores = ds.read_shard("scores", shard)
+        at_threshold = pc.fill_null(pc.greater_equal(scores["itm_score"], threshold), False)
+        before = scores.filter(at_threshold).select(io.CURATED_SCHEMA.names)
+        assert curate(scores, threshold).equals(before.cast(io.CURATED_SCHEMA))
+        assert folder.read_shard(shard).equals(before.cast(io.CURATED_SCHEMA))
+        assert read(folder, shard).options == {"threshold": threshold}
+
+
+def test_keep_best_below_one_fails_in_one_line_before_a_model_loads(scored):
+    root, _, _ = scored
+    for value in ("0", "-2"):
+        result = invoke(
+            "filter", root, "--threshold", 0.5, "--keep-best", value, "--model", "/no/such/model"
+        )
+        assert result.exit_code == 2
+        assert f"--keep-best must be at least 1, got {value}" in result.output
+        assert "does not exist" not in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_curate_ranks_synthetic_captions_per_image_and_breaks_ties_by_caption():
+    from capfilt.core import parquet as io
+    from capfilt.stages.curate import curate
+
+    plan = {"a": (0.9, [0.3, 0.8, 0.8, 0.5, None]), "b": (0.1, [0.2, 0.95]), "c": (None, [])}
+    rows = []
+    for key, (web, synthetic) in plan.items():
+        rows.append(dict(key=key, text_id=0, source="web", text="w", itm_score=web))
+        rows += [
+            dict(key=key, text_id=i + 1, source="synthetic", text=f"s{i}", itm_score=itm)
+            for i, itm in enumerate(synthetic)
+        ]
+    scores = io.rows_to_table(rows, io.SCORES_SCHEMA)
+
+    def kept(keep_best):
+        return [(r["key"], r["text_id"]) for r in curate(scores, 0.4, keep_best).to_pylist()]
+
+    everything = [("a", 0), ("a", 2), ("a", 3), ("a", 4), ("b", 2)]
+    assert kept(None) == kept(3) == everything  # in scores/ order
+    assert kept(1) == [("a", 0), ("a", 2), ("b", 2)]  # 0.8 twice: the earlier caption
+    assert kept(2) == [("a", 0), ("a", 2), ("a", 3), ("b", 2)]
+    assert curate(scores.slice(0, 0), 0.4, 1).num_rows == 0

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import COLORS, SHAPES, draw_scene
 
-from capfilt.models.med import MED, med_config, sample_hard_negatives
+from capfilt.models.med import MED, MEDConfig, med_config, sample_hard_negatives
+from capfilt.models.shapes import MED_SHARING
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,6 +78,105 @@ def test_sharing_survives_a_gradient_step(tiny_tokenizer):
     after = med.text_encoder.encoder.layer[0].intermediate.dense.weight
     assert not torch.equal(before, after)
     assert after is med.text_decoder.bert.encoder.layer[0].intermediate.dense.weight
+
+
+def expected_own_keys(med: MED) -> list[str]:
+    """The decoder's own state-dict keys by name, as MED_SHARING describes each variant."""
+    shared_parts = MED_SHARING[med.config.sharing]
+
+    def own(key: str) -> bool:
+        if key.startswith("cls."):  # the LM head: its output matrix is the word embeddings
+            return key != "cls.predictions.decoder.weight" or med.config.sharing == "none"
+        if key.startswith("bert.embeddings."):
+            return med.config.sharing == "none"
+        part = key.split(".")[4]  # bert.encoder.layer.<i>.<part>.…
+        return part not in shared_parts
+
+    return [k for k in med.text_decoder.state_dict() if own(k)]
+
+
+@pytest.mark.parametrize("sharing", list(MED_SHARING))
+def test_each_sharing_ties_exactly_the_modules_it_names(tiny_tokenizer, sharing):
+    med = tiny_med(tiny_tokenizer, queue_size=8, sharing=sharing)
+    encoder, decoder = med.text_encoder, med.text_decoder.bert
+    assert (decoder.embeddings is encoder.embeddings) == (sharing != "none")
+    # The LM head's output matrix is the decoder's word embeddings, whoever owns them.
+    lm_out = med.text_decoder.cls.predictions.decoder.weight
+    assert lm_out is decoder.embeddings.word_embeddings.weight
+    for enc_layer, dec_layer in zip(encoder.encoder.layer, decoder.encoder.layer, strict=True):
+        for part in ("attention", "crossattention", "intermediate", "output"):
+            shared = getattr(dec_layer, part) is getattr(enc_layer, part)
+            assert shared == (part in MED_SHARING[sharing]), part
+            if not shared:  # own modules hold own tensors, none of the encoder's
+                enc_ids = set(map(id, getattr(enc_layer, part).parameters()))
+                assert not enc_ids & set(map(id, getattr(dec_layer, part).parameters()))
+    assert med.decoder_own_keys() == expected_own_keys(med)
+    # Every variant has the same state-dict keys: checkpoints and exports differ in values only.
+    assert med.state_dict().keys() == tiny_med(tiny_tokenizer, queue_size=8).state_dict().keys()
+
+
+def test_unique_parameters_fall_as_more_is_shared(tiny_tokenizer):
+    models = {s: tiny_med(tiny_tokenizer, queue_size=8, sharing=s) for s in MED_SHARING}
+    count = {s: sum(p.numel() for p in m.parameters()) for s, m in models.items()}
+    assert count["none"] > count["all-but-ca"] > count["all"]
+    assert count["none"] > count["all-but-sa"] > count["all"]
+    # What BLIP's decoder owns beyond `all`'s is exactly its self-attention.
+    decoder_layers = models["all-but-sa"].text_decoder.bert.encoder.layer
+    self_attention = sum(
+        p.numel() for layer in decoder_layers for p in layer.attention.parameters()
+    )
+    assert count["all-but-sa"] - count["all"] == self_attention
+
+
+def test_base_preset_trains_as_many_parameters_as_blips_table_3(tiny_tokenizer):
+    """With BERT's vocabulary, ViT-B/16 MED trains the #params of BLIP's Table 3 per sharing
+    (the momentum encoders are not trained); built on the meta device, without memory."""
+    from dataclasses import replace
+
+    table_3 = {"all": 224, "all-but-ca": 252, "all-but-sa": 252, "none": 361}  # millions
+    for sharing, millions in table_3.items():
+        config = med_config("base", tiny_tokenizer, queue_size=8, sharing=sharing)
+        config = replace(config, text=dict(config.text, vocab_size=30524))  # BERT + [DEC], [ENC]
+        with torch.device("meta"):
+            med = MED(config)
+        trained = sum(p.numel() for p in med.parameters() if p.requires_grad)
+        assert round(trained / 1e6) == millions, sharing
+
+
+@pytest.mark.parametrize("sharing", list(MED_SHARING))
+def test_one_step_trains_encoder_and_decoder_for_each_sharing(tiny_tokenizer, sharing):
+    med = tiny_med(tiny_tokenizer, queue_size=16, sharing=sharing)
+    pixels, ids, mask = toy_batch(tiny_tokenizer, 4)
+    text_modules = (med.text_encoder, med.text_decoder)
+
+    # The LM loss reaches the encoder through the shared modules, and only through them.
+    med(pixels, ids, mask, losses=("lm",))["lm"].backward()
+    decoder_ids = set(map(id, med.text_decoder.parameters()))
+    for name, p in med.text_encoder.named_parameters():
+        assert (p.grad is not None) == (id(p) in decoder_ids), name
+    med.zero_grad(set_to_none=True)
+
+    losses = med(pixels, ids, mask)
+    assert losses.keys() == {"itc", "itm", "lm"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for module in text_modules:
+        for name, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    own = dict(med.text_decoder.named_parameters())["cls.predictions.transform.dense.weight"]
+    before = (med.text_encoder.encoder.layer[0].attention.self.query.weight.clone(), own.clone())
+    torch.optim.SGD([p for p in med.parameters() if p.requires_grad], lr=0.1).step()
+    after = (med.text_encoder.encoder.layer[0].attention.self.query.weight, own)
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_a_config_without_sharing_is_blips_and_an_unknown_one_is_refused(tiny_tokenizer):
+    stored = med_config("tiny", tiny_tokenizer).to_dict()
+    assert stored["sharing"] == "all-but-sa"
+    del stored["sharing"]  # a checkpoint saved before the option existed
+    assert MEDConfig.from_dict(stored).sharing == "all-but-sa"
+    with pytest.raises(ValueError, match="all-but-ca"):
+        MEDConfig.from_dict(dict(stored, sharing="half"))
 
 
 def test_momentum_update_formula(tiny_tokenizer):

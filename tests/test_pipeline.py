@@ -42,10 +42,11 @@ def test_variables_expand_and_overrides_win(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(
         '[pipeline]\ndataset = "a"\n[[stage]]\ncommand = "report"\nout = "{dataset}/r"\n'
+        'evaluation = ["x={dataset}/e.json", 3]\n'
     )
     pipeline = load_pipeline(path, {"dataset": "b"})
     assert pipeline.stages[0].args == ("b",)
-    assert pipeline.stages[0].options == {"out": "b/r"}
+    assert pipeline.stages[0].options == {"out": "b/r", "evaluation": ["x=b/e.json", 3]}
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
-from capfilt.report.figures import SWEEP_THRESHOLDS, error_kind, thumbnail_uri
+from capfilt.report.figures import SOURCES, SWEEP_THRESHOLDS, error_kind, thumbnail_uri
 from capfilt.report.html import histogram_svg
 from capfilt.stages.query import run_query
 from capfilt.stages.report import build_report
@@ -92,6 +92,11 @@ def test_precision_and_recall_of_catching_wrong_web_captions(report, scored):
     assert truth["precision"] == pytest.approx(5 / 9, abs=1e-4)
     assert truth["recall"] == pytest.approx(5 / 6, abs=1e-4)
     assert truth["by_kind"]["shape"] == {"wrong": 2, "caught": 1, "recall": 0.5}
+    # Ranking AUC, by counting every (right, wrong) pair of web captions; ties count half.
+    right = [itm for is_wrong, itm in scored.web.values() if not is_wrong]
+    wrong = [itm for is_wrong, itm in scored.web.values() if is_wrong]
+    pairs = [(r > w) + 0.5 * (r == w) for r in right for w in wrong]
+    assert truth["auc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-9)
     at_07 = next(e for e in report.summary["sweep"] if e["threshold"] == 0.7)
     e07 = scored.expected_truth(0.7)
     assert at_07["precision"] == pytest.approx(e07["caught"] / e07["dropped"], abs=1e-4)
@@ -184,6 +189,47 @@ def test_threshold_option_overrides_the_filter_run(scored):
     build_report(Dataset(scored.root))  # leave the module's report at the filter threshold
     with pytest.raises(CapfiltError, match="between 0 and 1"):
         build_report(Dataset(scored.root), threshold=1.5)
+
+
+def test_report_names_and_applies_the_keep_best_rule(tmp_path):
+    """curated/ made with --keep-best 1: the report names the rule and counts what it keeps."""
+    import capfilt.report.figures as report_module
+    from capfilt.core.sql import connect
+    from capfilt.stages.curate import CurateStage
+    from capfilt.stages.filter import FilterOptions
+    from capfilt.stages.runner import run_stage
+
+    scored = write_scored_dataset(tmp_path / "ds")
+    ds = Dataset(scored.root)
+    run_stage(CurateStage(FilterOptions(threshold=0.5, keep_best=1)), ds, progress=False)
+    curated = {(r["key"], r["text_id"]): r for r in ds.read_stage("curated").to_pylist()}
+    assert len(curated) < len(scored.kept(0.5))  # the threshold alone keeps more
+
+    result = build_report(ds)
+    s = result.summary
+    rule = "threshold 0.50, best 1 synthetic per image"
+    assert s["keep_best"] == 1 and s["selection"] == rule
+    kept = {source: sum(r["source"] == source for r in curated.values()) for source in SOURCES}
+    assert {k: v["kept"] for k, v in s["scores"]["by_source"].items()} == kept
+    assert s["scores"]["kept"] == s["curated"]["pairs"] == len(curated)
+    keys = {key for key, _ in scored.synthetic}
+    for entry in s["sweep"]:  # each threshold, best 1: an image keeps one if any passes
+        t = entry["threshold"]
+        best = sum(any(_kept(scored.synthetic[(k, c)], t) for c in range(2)) for k in keys)
+        assert entry["by_source"]["synthetic"]["kept"] == best
+    page = Path(result.html_path).read_text()
+    assert rule in page and "the best of its image's synthetic captions" in page
+
+    con = connect(ds)
+    columns = {r[0] for r in con.execute("DESCRIBE images").fetchall()}
+    examples = report_module.pick_examples(con, 0.5, 6, columns, keep_best=1)["synthetic"]
+    rows = [r for group in examples.values() for r in group]
+    assert all(r["kept"] == ((r["key"], r["text_id"]) in curated) for r in rows)
+    assert any(not r["kept"] and r["itm_score"] >= 0.5 for r in rows)  # not the best one
+
+    out = CliRunner().invoke(app, ["report", scored.root])
+    assert out.exit_code == 0, out.output
+    assert f"Scores at {rule} (curated/)" in " ".join(out.output.split())
 
 
 @pytest.mark.parametrize(

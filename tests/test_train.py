@@ -334,6 +334,90 @@ def test_resume_with_gradient_accumulation(toy_dataset, tmp_path):
     assert_same_trajectory(straight, tmp_path / "resumed", 3)
 
 
+def test_resume_follows_the_uninterrupted_run_when_the_decoder_shares_everything(
+    toy_dataset, tmp_path
+):
+    # `all` stores the most aliased tensors in a checkpoint: each must come back tied.
+    options = dict(TOY, sharing="all", max_steps=4, save_every=2)
+    straight = tmp_path / "straight"
+    train(TrainConfig(datasets=(str(toy_dataset),), out=str(straight), **options))
+    resume_from(straight, 2, toy_dataset, tmp_path / "resumed", options)
+    assert_same_trajectory(straight, tmp_path / "resumed", 3)
+    model, _, _ = load_run(tmp_path / "resumed")
+    assert model.config.sharing == "all"
+    layer = model.text_decoder.bert.encoder.layer[0]
+    assert layer.attention is model.text_encoder.encoder.layer[0].attention
+
+
+def test_a_run_keeps_its_sharing_through_resume_finetune_export_and_init(toy_dataset, tmp_path):
+    from capfilt.training.export import export_run
+
+    data = (str(toy_dataset),)
+    run = tmp_path / "none"
+    options = dict(TOY, max_steps=2, save_every=2)
+    train(TrainConfig(datasets=data, out=str(run), sharing="none", **options))
+    model, _, meta = load_run(run)
+    assert meta["model_config"]["sharing"] == "none"
+    assert model.text_decoder.bert.embeddings is not model.text_encoder.embeddings
+
+    # Resuming keeps the run's sharing; another one is refused in one line.
+    with pytest.raises(CapfiltError, match="with --sharing none") as refused:
+        train(TrainConfig(datasets=data, out=str(run), sharing="all", **options))
+    assert "\n" not in str(refused.value)
+    result = train(TrainConfig(datasets=data, out=str(run), **dict(options, max_steps=3)))
+    assert result.resumed_from == 2 and load_run(run)[0].config.sharing == "none"
+
+    # Runs started from it inherit it; --init RUN with another is refused.
+    options = dict(TOY, max_steps=1, save_every=1, lr=0.0, min_lr=0.0, warmup_steps=0)
+    del options["preset"]
+    with pytest.raises(CapfiltError, match="re-tie"):
+        train(
+            TrainConfig(
+                datasets=data, out=str(tmp_path / "x"), init=(str(run),), sharing="all", **options
+            )
+        )
+    train(
+        TrainConfig(
+            datasets=data, out=str(tmp_path / "cap"), task="caption", init=(str(run),), **options
+        )
+    )
+    assert load_run(tmp_path / "cap")[0].config.sharing == "none"
+
+    # An export records it, and a run started from the export rebuilds the same MED with the
+    # same weights (learning rate 0).
+    export_run(run, tmp_path / "export")
+    train(
+        TrainConfig(
+            datasets=data,
+            out=str(tmp_path / "from-export"),
+            init=(str(tmp_path / "export"),),
+            **options,
+        )
+    )
+    want, _, _ = load_run(run)
+    got, _, _ = load_run(tmp_path / "from-export")
+    assert got.config.sharing == "none"
+    skip = ("_m.", "queue", "temp")  # training state that an HF BLIP export does not hold
+    for key, value in want.state_dict().items():
+        if not any(s in key for s in skip):
+            torch.testing.assert_close(got.state_dict()[key], value, atol=0, rtol=0, msg=key)
+
+
+def test_cli_sharing_is_a_pretrain_option_named_after_table_3(toy_dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    runner = CliRunner()
+    pretrain_help = runner.invoke(app, ["pretrain", "--help"], terminal_width=200).output
+    assert "--sharing" in pretrain_help and "Table 3" in pretrain_help
+    assert "--sharing" not in runner.invoke(app, ["finetune", "--help"]).output
+    bad = runner.invoke(
+        app, ["pretrain", str(toy_dataset), "--out", str(tmp_path / "r"), "--sharing", "half"]
+    )
+    assert bad.exit_code == 2 and "all-but-ca" in bad.output
+
+
 def test_finetune_caption_trains_the_decoder_and_leaves_itm_parts_alone(
     straight_run, toy_dataset, tmp_path
 ):
@@ -566,7 +650,7 @@ def test_finetune_at_another_image_size_interpolates_position_embeddings(
 
     straight, _ = straight_run
     before, _, _ = load_run(straight)
-    assert before.config.image_size == 64  # 4 x 4 patches of 16 px
+    assert before.config.image_size == 64  # 8 x 8 patches of 8 px
     options = dict(TOY, max_steps=1, save_every=1, lr=0.0, min_lr=0.0, warmup_steps=0)
     del options["preset"]
     out = tmp_path / "at96"
@@ -584,10 +668,11 @@ def test_finetune_at_another_image_size_interpolates_position_embeddings(
     assert after.config.image_size == 96
     old = before.vision_model.embeddings.position_embedding
     new = after.vision_model.embeddings.position_embedding
-    assert new.shape == (1, 1 + 6 * 6, old.shape[-1])
+    assert new.shape == (1, 1 + 12 * 12, old.shape[-1])
     torch.testing.assert_close(new[:, 0], old[:, 0])  # the class position is kept
-    grid = old[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    want = F.interpolate(grid, size=(6, 6), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 36, -1)
+    grid = old[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(12, 12), mode="bicubic")
+    want = want.permute(0, 2, 3, 1).reshape(1, 144, -1)
     torch.testing.assert_close(new[:, 1:], want)  # lr 0: exactly the interpolation
     assert json.loads((out / "config.json").read_text())["text_tokens"] == 35  # BLIP's ITM
 

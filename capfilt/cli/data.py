@@ -231,8 +231,10 @@ def caption(dataset: DatasetArg, options: CaptionOptions):
 def filter_(dataset: DatasetArg, options: FilterOptions):
     """Score web and synthetic captions with BLIP ITM/ITC into scores/, keep the good ones.
 
-    Pairs with ITM probability ≥ threshold go to curated/, switched in whole. Running it again
-    with another threshold re-derives curated/ from scores/ without loading the model.
+    Pairs with ITM probability ≥ threshold go to curated/, switched in whole; --keep-best K
+    keeps at most the K best synthetic captions of each image among them. Running it again
+    with another threshold or --keep-best re-derives curated/ from scores/ without loading
+    the model.
 
     Example: capfilt filter ds --threshold 0.5
     """
@@ -259,9 +261,9 @@ def filter_(dataset: DatasetArg, options: FilterOptions):
     if curated.plan.generation is not None:
         rows.append(("curated/", f"generation {curated.plan.generation} switched in"))
     else:
-        rows.append(("curated/", "up to date (same threshold and scores)"))
+        rows.append(("curated/", "up to date (same rule and scores)"))
     _print_stage_notes(scored)
-    _print_summary(f"filter, threshold {result.threshold:g}", rows)
+    _print_summary(f"filter, {result.selection}", rows)
 
     from rich.table import Table
 
@@ -335,7 +337,10 @@ def report(
     from capfilt.stages.report import build_report
 
     result = build_report(
-        Dataset(dataset), threshold=options.threshold, examples_per_group=options.examples
+        Dataset(dataset),
+        threshold=options.threshold,
+        examples_per_group=options.examples,
+        evaluations=options.evaluations,
     )
     out = console()
     print_summary(result.summary, out)

@@ -125,7 +125,7 @@ def _parameter(field, spec, hint, default, given_only: bool) -> inspect.Paramete
     elif typing.get_origin(base) is tuple:
         if spec.split:  # one string on the command line, split
             python_type = str
-            cli_default = spec.split.join(default) if given else default
+            cli_default = spec.split.join(map(str, default)) if given else default
         else:  # the option repeated
             python_type = list[typing.get_args(base)[0]]
             if given:

@@ -80,9 +80,7 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
             raise CapfiltError(f"{path}: stage {i} ({command}): `args` must be a list")
         try:
             args = tuple(_expand(str(a), variables) for a in args)
-            options = {
-                k: _expand(v, variables) if isinstance(v, str) else v for k, v in raw.items()
-            }
+            options = {k: _expand_value(v, variables) for k, v in raw.items()}
         except KeyError as e:
             raise CapfiltError(
                 f"{path}: stage {i} ({command}) uses {{{e.args[0]}}}, which [pipeline] does not set"
@@ -93,3 +91,12 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
 
 def _expand(text: str, variables: dict) -> str:
     return text.format(**variables) if "{" in text else text
+
+
+def _expand_value(value, variables: dict):
+    """An option's value with {variables} filled in: a string, or each string of a list."""
+    if isinstance(value, str):
+        return _expand(value, variables)
+    if isinstance(value, list):
+        return [_expand_value(item, variables) for item in value]
+    return value

@@ -208,25 +208,31 @@ def print_bench_data(result: dict) -> None:
 
 
 # --- demo (capfilt/demo/) ----------------------------------------------------------------------
+# The arguments `demo` and `ablate` share.
+ToyOutDir = Annotated[Path, typer.Argument(help="Folder for the toy data, datasets and runs.")]
+SetVariables = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a pipeline variable, as `capfilt run --set`."),
+]
+TorchThreads = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads for torch; the tiny models run fastest on one, with no thread "
+        "syncing per tiny matrix product.  [default: 1 on CPU]"
+    ),
+]
+
+
 @command()
 @with_options(DemoConfig)
 def demo(
-    out_dir: Annotated[Path, typer.Argument(help="Folder for the toy data, datasets and runs.")],
+    out_dir: ToyOutDir,
     options: DemoConfig,
     pipeline: Annotated[
         Path | None, typer.Option(help="Pipeline file to run.  [default: pipelines/demo.toml]")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a pipeline variable, as `capfilt run --set`."),
-    ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="CPU threads for torch; the tiny models run fastest on one, with no thread "
-            "syncing per tiny matrix product.  [default: 1 on CPU]"
-        ),
-    ] = None,
+    set_: SetVariables = None,
+    threads: TorchThreads = None,
 ):
     """Run the whole CapFilt loop offline on a generated toy web, and print what it achieved.
 
@@ -240,38 +246,82 @@ def demo(
     """
     import time
 
+    from capfilt.demo.loop import DEFAULT_PIPELINE, demo_figures
+
+    started = time.perf_counter()
+    run_on_toy_web(out_dir, options, pipeline or DEFAULT_PIPELINE, set_, threads)
+    print_demo_figures(demo_figures(out_dir), out_dir, time.perf_counter() - started)
+
+
+def run_on_toy_web(out_dir: Path, options, pipeline: Path, set_, threads: int | None) -> None:
+    """Generate the toy data, serve the web on 127.0.0.1 and run `pipeline` over it."""
     import torch
 
-    from capfilt.demo.loop import (
-        DEFAULT_PIPELINE,
-        demo_figures,
-        make_toy_data,
-        serve_toy_web,
-    )
+    from capfilt.demo.loop import make_toy_data, serve_toy_web
 
     if threads is not None or not torch.cuda.is_available():
         torch.set_num_threads(threads or 1)
-    started = time.perf_counter()
     data = make_toy_data(out_dir, options)
-    out = console()
-    out.print(
+    console().print(
         f"toy web: {len(data.web_pairs)} pairs, {data.wrong_captions} with a wrong caption; "
         f"{options.annotated_images} annotated and {options.heldout_images} held-out pairs; "
         f"in {out_dir}/toy"
     )
     with serve_toy_web(data) as variables:
+        # The seed of the toy data seeds the training runs too (`--set train_seed=N` apart).
+        variables = {"train_seed": options.seed, **variables}
         overrides = [f"{name}={value}" for name, value in variables.items()]
-        run(
-            pipeline_file=pipeline or DEFAULT_PIPELINE,
-            set_=overrides + list(set_ or []),
-            only=None,
-            dry_run=False,
-        )
-    print_demo_figures(demo_figures(out_dir), out_dir, time.perf_counter() - started)
+        run(pipeline_file=pipeline, set_=overrides + list(set_ or []), only=None, dry_run=False)
+
+
+@command()
+@with_options(DemoConfig)
+def ablate(
+    out_dir: ToyOutDir,
+    options: DemoConfig,
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(help="Pipeline file to run.  [default: pipelines/ablation.toml]"),
+    ] = None,
+    set_: SetVariables = None,
+    threads: TorchThreads = None,
+):
+    """Run BLIP's four CapFilt ablations in miniature on the toy web, in the paper's layout.
+
+    Tables 1-4 of the BLIP paper: noisy web / +captioner / +filter / both; beam search or
+    nucleus sampling; which layers the text encoder and decoder share; a shared or decoupled
+    captioner and filter. Each row pretrains the tiny MED with the same recipe and steps and
+    evaluates it on held-out scenes (retrieval R@K both ways, caption CIDEr); the paper's
+    figures are printed beside for direction. About 40 minutes on two CPU cores; writes
+    ablation.md and ablation.json in OUT_DIR. Re-running resumes.
+
+    Example: capfilt ablate ablation --seed 1
+    """
+    import time
+
+    from capfilt.demo.ablation import (
+        DEFAULT_PIPELINE,
+        ablation_results,
+        print_tables,
+        write_results,
+    )
+
+    started = time.perf_counter()
+    run_on_toy_web(out_dir, options, pipeline or DEFAULT_PIPELINE, set_, threads)
+    results = ablation_results(out_dir)
+    out = console()
+    out.rule("[bold]CapFilt's ablations in miniature (the paper's figures beside)")
+    print_tables(results, out)
+    path = write_results(out_dir, results)
+    minutes = (time.perf_counter() - started) / 60
+    out.print(f"done in {minutes:.1f} min; tables: {path}", soft_wrap=True)
 
 
 def print_demo_figures(figures, out_dir: Path, seconds: float) -> None:
     from rich.table import Table
+
+    from capfilt.report.figures import compare_models
+    from capfilt.report.terminal import models_table
 
     out = console()
     out.rule("[bold]what CapFilt did on the toy web")
@@ -282,6 +332,7 @@ def print_demo_figures(figures, out_dir: Path, seconds: float) -> None:
             f"{truth['caught']} (recall {percent(truth['recall'])}); of {truth['dropped']} web "
             f"captions it dropped, {truth['caught']} were wrong (precision "
             f"{percent(truth['precision'])})"
+            + ("" if truth.get("auc") is None else f"; ranking AUC {truth['auc']:.3f}")
         )
     if figures.kept:
         out.print("curated pairs: " + ", ".join(f"{n} {s}" for s, n in figures.kept.items()))
@@ -291,25 +342,9 @@ def print_demo_figures(figures, out_dir: Path, seconds: float) -> None:
             table.add_row(row["synthetic"], row["truth"])
         out.print(table)
         out.print(f"synthetic captions equal to the truth: {percent(figures.synthetic_correct)}")
-    if figures.retrieval:
-        table = Table(
-            "pretrained on",
-            "image→text R@1",
-            "text→image R@1",
-            "i→t R@5",
-            "t→i R@5",
-            title="Retrieval on held-out toy scenes (ITC similarity)",
-        )
-        for label, result in figures.retrieval.items():
-            i2t, t2i = result["image_to_text"], result["text_to_image"]
-            table.add_row(
-                label,
-                percent(i2t["R@1"]),
-                percent(t2i["R@1"]),
-                percent(i2t["R@5"]),
-                percent(t2i["R@5"]),
-            )
-        out.print(table)
+    compared = compare_models(figures.retrieval)
+    if compared:
+        out.print(models_table(compared, "Held-out toy scenes: the two pretrained models"))
     out.print(
         f"done in {seconds / 60:.1f} min; report: {figures.report}; "
         f'explore: capfilt query {out_dir}/web "select * from scores limit 5"',

@@ -51,15 +51,20 @@ def pretrain(options: TrainConfig):
 @command()
 @with_options(
     TrainConfig,
-    exclude=("preset", "tokenizer"),
+    # The model comes from --init, its sharing too: BLIP finetunes the captioner and the filter
+    # as separate models, so the tying only decides what one kind's finetuning does to the
+    # other kind's weights, which this run's export of its own kind does not use.
+    exclude=("preset", "tokenizer", "sharing"),
     defaults=FINETUNE_DEFAULTS,
     required=("init",),
-    choices={"task": ("caption", "itm")},
+    choices={"task": ("caption", "itm", "pretrain")},
 )
 def finetune(options: TrainConfig):
     """Finetune a pretrained MED into a captioner (LM) or a filter (ITC + ITM), as on COCO.
 
     Then `capfilt export --out DIR` writes the Hugging Face checkpoints caption/filter load.
+    --task pretrain finetunes one model with all three losses, a captioner and a filter that
+    share their parameters (BLIP's Table 4 shows separate ones curate better).
 
     Example: capfilt finetune coco --task caption --init runs/base --out runs/base-cap
     """
@@ -104,7 +109,7 @@ def evaluate(
         str,
         typer.Argument(
             help="A capfilt run folder (pretrain or finetune), an export folder, or a BLIP ITM "
-            "checkpoint (local dir or hub id)."
+            "or captioner checkpoint (local dir or hub id)."
         ),
     ],
     dataset: DatasetArg,
@@ -114,19 +119,24 @@ def evaluate(
         Path | None, typer.Option("--out", help="Also write the result as JSON to this file.")
     ] = None,
 ):
-    """Image-text retrieval recall (R@1, R@5, R@10) of a model, by ITC similarity.
+    """Image-text retrieval recall (R@1, R@5, R@10) by ITC similarity, and captioning scores.
 
     Image→text ranks every distinct text of DATASET for each image; text→image ranks every
     image for each distinct text. A hit is any pair the dataset holds, so repeated texts
     and several captions per image count as in COCO retrieval.
 
+    When MODEL can caption, every distinct image is captioned as BLIP's COCO evaluation does
+    (beam search, 3 beams, 5 to 20 tokens, prompt "a picture of ") and the captions are scored
+    against all of the image's texts with COCO's BLEU-4, CIDEr, METEOR and SPICE
+    (pycocoevalcap); a metric that cannot run here is left out with the reason.
+
     Example: capfilt evaluate runs/base coco-test --json
     """
     import json
 
-    from capfilt.training.evaluate import evaluate_retrieval
+    from capfilt.training.evaluate import evaluate_model
 
-    result = evaluate_retrieval(model, dataset, options)
+    result = evaluate_model(model, dataset, options, progress=not json_output)
     text = json.dumps(result.to_dict(), indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,22 +146,49 @@ def evaluate(
         return
     from rich.table import Table
 
-    table = Table(
-        "direction",
-        *result.image_to_text,
-        title=(
-            f"retrieval · {model}{'' if result.step is None else f' (step {result.step})'} · "
-            f"{result.images} images, "
-            f"{result.texts} distinct texts"
-        ),
-    )
-    for name, recalls in (
-        ("image → text", result.image_to_text),
-        ("text → image", result.text_to_image),
-    ):
-        table.add_row(name, *(percent(v) for v in recalls.values()))
-    console().print(table)
+    step = "" if result.step is None else f" (step {result.step})"
+    if result.image_to_text is not None:
+        table = Table(
+            "direction",
+            *result.image_to_text,
+            title=(
+                f"retrieval · {model}{step} · {result.images} images, {result.texts} distinct texts"
+            ),
+        )
+        for name, recalls in (
+            ("image → text", result.image_to_text),
+            ("text → image", result.text_to_image),
+        ):
+            table.add_row(name, *(percent(v) for v in recalls.values()))
+        console().print(table)
+    if result.captioning is not None:
+        _print_captioning(result.captioning, f"{model}{step}")
+    for part, why in result.not_scored.items():
+        console().print(f"{part} not scored: {why}")
     if result.skipped:
         console().print(
             "skipped rows: " + ", ".join(f"{k}: {v}" for k, v in result.skipped.items())
         )
+
+
+def _print_captioning(scores: dict, model: str) -> None:
+    from rich.table import Table
+
+    from capfilt.training.caption_metrics import METRIC_NAMES
+
+    decoding = scores["decoding"]
+    out = console()
+    out.print(
+        f"captioning · {model} · {scores['images']} distinct images, {scores['references']} "
+        f"references · beam search of {decoding['num_beams']}, prompt {decoding['prompt']!r} · "
+        f"{scores['tokenizer']} tokenizer",
+        soft_wrap=True,
+    )
+    computed = [metric for metric in METRIC_NAMES if metric in scores]
+    if computed:
+        table = Table(*(METRIC_NAMES[metric] for metric in computed))
+        table.add_row(*(f"{scores[metric]:.4f}" for metric in computed))
+        out.print(table)
+    names = {**METRIC_NAMES, "ptb_tokenizer": "PTB tokenizer"}
+    for metric, why in scores["unavailable"].items():
+        out.print(f"{names.get(metric, metric)} left out: {why}", soft_wrap=True)

@@ -55,11 +55,11 @@ class DemoConfig(Options):
 
     images: int = option(2000, "Toy web image-text pairs.", ge=2)
     annotated_images: int = option(
-        400, "Pairs of the clean, human-annotated-like set (plays COCO).", ge=2
+        1000, "Pairs of the clean, human-annotated-like set (plays COCO).", ge=2
     )
     heldout_images: int = option(300, "Held-out pairs for retrieval R@K.", ge=2)
     wrong_fraction: float = option(0.3, "Fraction of web captions that are wrong.", ge=0, le=1)
-    seed: int = option(0, "Random seed of the toy data.")
+    seed: int = option(0, "Random seed of the toy data and of the training runs.")
     image_size: int = 96
 
 

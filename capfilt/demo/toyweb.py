@@ -28,6 +28,7 @@ COLORS = {
     "blue": (40, 60, 220),
     "yellow": (235, 205, 30),
 }
+COLOR_ORDER = {color: i for i, color in enumerate(COLORS)}
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (25, 25, 25)}
 
@@ -56,14 +57,19 @@ URL_LIST = "urls.csv"
 
 @dataclass(frozen=True)
 class Scene:
-    """What an image shows: (colour, shape) objects, left to right, on a background."""
+    """What an image shows: (colour, shape) objects, left to right, on a background.
+
+    The caption names the objects in a fixed order (by colour, then shape), not left to
+    right: a horizontally flipped image, as training's augmentation makes, keeps its caption.
+    """
 
     objects: tuple[tuple[str, str], ...]
     background: str
 
     @property
     def caption(self) -> str:
-        things = " and ".join(f"a {color} {shape}" for color, shape in self.objects)
+        named = sorted(self.objects, key=lambda obj: (COLOR_ORDER[obj[0]], SHAPES.index(obj[1])))
+        things = " and ".join(f"a {color} {shape}" for color, shape in named)
         return f"{things} on a {self.background} background"
 
 

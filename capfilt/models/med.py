@@ -2,9 +2,10 @@
 
 MED = a ViT image encoder + a BERT text encoder that runs unimodal (ITC) or image-grounded
 through cross-attention (ITM) + a text decoder (LM) that shares every parameter with the text
-encoder except self-attention. It is built from transformers' BLIP modules, so its weights
-load from and export to `BlipForConditionalGeneration` (captioner) and
-`BlipForImageTextRetrieval` (filter) checkpoints by plain `load_state_dict`.
+encoder except self-attention (`MEDConfig.sharing` picks another row of BLIP's Table 3). It is
+built from transformers' BLIP modules, so its weights load from and export to
+`BlipForConditionalGeneration` (captioner) and `BlipForImageTextRetrieval` (filter)
+checkpoints by plain `load_state_dict`.
 
 Shapes: B batch, T text tokens, P = 1 + image patches, D text width, V vision width,
 E = `embed_dim` (the ITC space), Q = `queue_size`.
@@ -22,6 +23,8 @@ from torch import nn
 
 from capfilt.models.shapes import (
     BERT_BASE,
+    DEFAULT_SHARING,
+    MED_SHARING,
     PRETRAIN_VIT_B16,
     PRETRAIN_VIT_L16,
     TINY_TEXT,
@@ -44,7 +47,9 @@ TINY_INIT = 0.2
 BLIP_TEXT = dict(BERT_BASE, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 PRESETS = {
     "tiny": dict(
-        vision=dict(TINY_VISION, initializer_range=TINY_INIT),
+        # Patches of 8 px: at 16 px a 64 px toy image is 4 × 4 patches, too coarse to tell a
+        # circle from a square; 8 × 8 patches cost a step about 30 % more on a CPU.
+        vision=dict(TINY_VISION, patch_size=8, initializer_range=TINY_INIT),
         text=dict(TINY_TEXT, initializer_range=TINY_INIT),
         queue_size=64,
     ),
@@ -74,6 +79,13 @@ class MEDConfig:
     temp: float = 0.07  # initial ITC temperature, learned within [0.001, 0.5]
     label_smoothing: float = 0.1  # LM loss
     drop_path_rate: float = 0.0  # stochastic depth of the ViT, rising linearly to this
+    sharing: str = DEFAULT_SHARING  # what the text decoder shares with the encoder (MED_SHARING)
+
+    def __post_init__(self) -> None:
+        if self.sharing not in MED_SHARING:
+            raise ValueError(
+                f"unknown MED sharing {self.sharing!r}; choose one of {', '.join(MED_SHARING)}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict) -> MEDConfig:
@@ -106,7 +118,14 @@ class MEDConfig:
             projection_dim=self.embed_dim,
             image_text_hidden_size=self.embed_dim,
             label_smoothing=self.label_smoothing,
+            # transformers keeps an unknown field in config.json and ignores it; `--init` of an
+            # export reads it back to rebuild the same MED.
+            **{SHARING_CONFIG_KEY: self.sharing},
         )
+
+
+# The field of an exported BlipConfig that records the MED sharing it was exported from.
+SHARING_CONFIG_KEY = "capfilt_med_sharing"
 
 
 def med_config(preset: str, tokenizer, **overrides) -> MEDConfig:
@@ -123,7 +142,8 @@ def med_config(preset: str, tokenizer, **overrides) -> MEDConfig:
 
 
 def med_config_from_blip(blip_config, tokenizer, **overrides) -> MEDConfig:
-    """The MEDConfig matching a transformers BlipConfig (of a captioner or a filter)."""
+    """The MEDConfig matching a transformers BlipConfig (of a captioner or a filter); its
+    sharing is the one a capfilt export recorded, BLIP's for any other checkpoint."""
     vision_keys = (
         "hidden_size",
         "intermediate_size",
@@ -154,6 +174,7 @@ def med_config_from_blip(blip_config, tokenizer, **overrides) -> MEDConfig:
     vision = {k: getattr(blip_config.vision_config, k) for k in vision_keys}
     text = {k: getattr(blip_config.text_config, k) for k in text_keys}
     overrides.setdefault("embed_dim", blip_config.image_text_hidden_size)
+    overrides.setdefault("sharing", getattr(blip_config, SHARING_CONFIG_KEY, DEFAULT_SHARING))
     return MEDConfig(vision=vision, text=text, enc_token_id=enc_token_id(tokenizer), **overrides)
 
 
@@ -218,17 +239,21 @@ def sample_hard_negatives(
     return neg_image, neg_text
 
 
-def tie_encoder_decoder(encoder: nn.Module, decoder: nn.Module) -> None:
-    """Make `decoder` use the encoder's modules everywhere but in self-attention (real tying).
+def tie_encoder_decoder(
+    encoder: nn.Module, decoder: nn.Module, sharing: str = DEFAULT_SHARING
+) -> None:
+    """Make `decoder` use the encoder's modules (real tying) where `sharing` says so.
 
-    Both are BlipTextModel; the decoder keeps only `encoder.layer[i].attention` (self-attention
-    with its output projection and LayerNorm) of its own, as in BLIP.
+    Both are BlipTextModel. BLIP's `all-but-sa` leaves the decoder only
+    `encoder.layer[i].attention` (self-attention with its output projection and LayerNorm) of
+    its own; `all` shares that too, `all-but-ca` keeps `crossattention` instead, and `none`
+    shares nothing, the embeddings included. State-dict keys are the same in every case.
     """
-    decoder.embeddings = encoder.embeddings
+    if sharing != "none":
+        decoder.embeddings = encoder.embeddings
     for enc_layer, dec_layer in zip(encoder.encoder.layer, decoder.encoder.layer, strict=True):
-        dec_layer.crossattention = enc_layer.crossattention
-        dec_layer.intermediate = enc_layer.intermediate
-        dec_layer.output = enc_layer.output
+        for part in MED_SHARING[sharing]:
+            setattr(dec_layer, part, getattr(enc_layer, part))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,10 +454,11 @@ class MED(nn.Module):
         self.vision_model = BlipVisionModel(vision_config)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
         self.text_decoder = BlipTextLMHeadModel(text_config)
-        tie_encoder_decoder(self.text_encoder, self.text_decoder.bert)
-        # The LM head's output matrix is the (now shared) word embedding matrix, as in BERT.
+        tie_encoder_decoder(self.text_encoder, self.text_decoder.bert, config.sharing)
+        # The LM head's output matrix is the decoder's word embedding matrix, as in BERT: the
+        # encoder's too, unless the sharing is `none`.
         self.text_decoder.cls.predictions.decoder.weight = (
-            self.text_encoder.embeddings.word_embeddings.weight
+            self.text_decoder.bert.embeddings.word_embeddings.weight
         )
         self.vision_proj = nn.Linear(vision_config.hidden_size, config.embed_dim)
         self.text_proj = nn.Linear(width, config.embed_dim)
@@ -633,22 +659,24 @@ class MED(nn.Module):
 
     # weights to and from Hugging Face BLIP ----------------------------------------------------
     def decoder_own_keys(self) -> list[str]:
-        """State-dict keys of `text_decoder` that are not shared with the encoder."""
+        """State-dict keys of `text_decoder` whose tensors the encoder does not share: BLIP's
+        self-attention and LM head transform, more or fewer as `config.sharing` says."""
+        shared = {id(t) for t in self.text_encoder.state_dict(keep_vars=True).values()}
         return [
             k
-            for k in self.text_decoder.state_dict()
-            if ".attention." in k or (k.startswith("cls.") and "decoder.weight" not in k)
+            for k, t in self.text_decoder.state_dict(keep_vars=True).items()
+            if id(t) not in shared
         ]
 
     @torch.no_grad()
     def load_blip(self, captioner=None, filter=None) -> None:
         """Copy weights from HF BLIP models (either or both), then reset the momentum encoders.
 
-        MED has one image encoder and one set of shared text weights: the filter
-        (BlipForImageTextRetrieval) supplies them when given, the captioner
-        (BlipForConditionalGeneration) supplies the decoder's self-attention and LM head.
-        A missing side's self-attention starts as a copy of the other's, as both started from
-        BERT's in BLIP.
+        MED has one image encoder and one text encoder: the filter (BlipForImageTextRetrieval)
+        supplies them when given, the captioner (BlipForConditionalGeneration) supplies the
+        decoder's own weights (`decoder_own_keys`: self-attention and the LM head transform
+        with BLIP's sharing; the whole decoder with `none`). A missing side's own text weights
+        start as a copy of the other's, as both started from BERT's in BLIP.
         """
         if captioner is None and filter is None:
             raise ValueError("load_blip needs a captioner, a filter or both")
@@ -666,13 +694,11 @@ class MED(nn.Module):
             else:
                 own = {k: source[k] for k in self.decoder_own_keys()}
                 self.text_decoder.load_state_dict(own, strict=False)
-        for enc_layer, dec_layer in zip(
-            self.text_encoder.encoder.layer, self.text_decoder.bert.encoder.layer, strict=True
-        ):
-            if captioner is None:
-                dec_layer.attention.load_state_dict(enc_layer.attention.state_dict())
-            elif filter is None:
-                enc_layer.attention.load_state_dict(dec_layer.attention.state_dict())
+        # Both are BlipTextModel with the same keys; shared tensors copy onto themselves.
+        if captioner is None:
+            self.text_decoder.bert.load_state_dict(self.text_encoder.state_dict())
+        elif filter is None:
+            self.text_encoder.load_state_dict(self.text_decoder.bert.state_dict())
         self.copy_to_momentum()
 
     @torch.no_grad()

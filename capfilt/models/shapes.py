@@ -54,3 +54,15 @@ BERT_BASE = dict(
 # same features.
 PRETRAIN_VIT_B16 = dict(VIT_B16, image_size=224, initializer_range=0.02)
 PRETRAIN_VIT_L16 = dict(VIT_L16, image_size=224, initializer_range=0.02)
+
+
+# Which layers MED's text decoder shares with its text encoder, as BLIP's Table 3 ablates: the
+# parts of each BlipTextLayer the decoder takes from the encoder. The embeddings, and with them
+# the LM head's output matrix, are shared in all but `none`. BLIP's choice comes first.
+MED_SHARING = {
+    "all-but-sa": ("crossattention", "intermediate", "output"),
+    "all": ("attention", "crossattention", "intermediate", "output"),
+    "all-but-ca": ("attention", "intermediate", "output"),
+    "none": (),
+}
+DEFAULT_SHARING = "all-but-sa"

@@ -11,10 +11,12 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import io as _io
+import json
 import re
 
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import STAGES, Dataset, StageFolder
+from capfilt.stages.curate import describe_selection
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -60,6 +62,27 @@ def curated_threshold(curated: StageFolder) -> float | None:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def curated_keep_best(curated: StageFolder) -> int | None:
+    """The --keep-best a generation of curated/ was made with, None when it kept every caption
+    at the threshold."""
+    value = (curated.record.get("options") or {}).get("keep_best")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def judged_scores(keep_best: int | None) -> str:
+    """scores/ as a subquery with `best`: whether a pair is among the `keep_best` synthetic
+    pairs of highest ITM of its image, ranked as `capfilt filter --keep-best` ranks them
+    (always true for web pairs, and for every pair without keep-best). A pair is kept at a
+    threshold T when `itm_score >= T AND best`: the ranking needs no T, as the pairs at or
+    above any T come first in it."""
+    if keep_best is None:
+        return "(SELECT *, true AS best FROM scores)"
+    return (
+        "(SELECT *, source <> 'synthetic' OR row_number() OVER (PARTITION BY key, source "
+        f"ORDER BY itm_score DESC NULLS LAST, text_id) <= {int(keep_best)} AS best FROM scores)"
+    )
 
 
 # img2dataset stores the exception text; group messages that differ only in URL or numbers.
@@ -118,12 +141,16 @@ def collect_summary(
     `folders`: the stage folders `con`'s views read (one generation of curated/).
     """
     stages = {stage: folders[stage].shards() for stage in STAGES}
+    keep_best = curated_keep_best(folders["curated"])
     summary: dict = {
         "dataset": dataset.root,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threshold": threshold,
         "threshold_origin": threshold_origin,
         "filter_threshold": curated_threshold(folders["curated"]),
+        # The report applies curated/'s --keep-best at its own threshold too.
+        "keep_best": keep_best,
+        "selection": describe_selection(threshold, keep_best, ".2f"),
         "curated_generation": folders["curated"].generation,
         "stages": {
             stage: {"shards": len(shards), "rows": 0, "images": 0}
@@ -149,8 +176,8 @@ def collect_summary(
     if stages["captions"]:
         summary["captions"] = _caption_figures(con)
     if stages["scores"]:
-        summary["scores"] = _score_figures(con, threshold)
-        summary["sweep"] = _sweep(con)
+        summary["scores"] = _score_figures(con, threshold, keep_best)
+        summary["sweep"] = _sweep(con, keep_best)
         summary["histograms"] = _histograms(con)
         if stages["images"] and {"caption_is_wrong"} <= view_columns(con, "images"):
             summary["truth"] = _truth_figures(con, threshold, summary["sweep"])
@@ -223,17 +250,19 @@ def _caption_figures(con) -> dict:
     }
 
 
-def _score_figures(con, threshold: float) -> dict:
+def _score_figures(con, threshold: float, keep_best: int | None) -> dict:
+    scores = judged_scores(keep_best)
     rows = _rows(
         con,
         "SELECT source, count(*) AS pairs, count(itm_score) AS scored, "
         "avg(itm_score) AS mean_itm, avg(itc_score) AS mean_itc, "
-        "count(*) FILTER (WHERE itm_score >= $1) AS kept, count(DISTINCT key) AS images "
-        "FROM scores GROUP BY source ORDER BY source <> 'web', source",
+        "count(*) FILTER (WHERE itm_score >= $1 AND best) AS kept, "
+        f"count(DISTINCT key) AS images FROM {scores} "
+        "GROUP BY source ORDER BY source <> 'web', source",
         [threshold],
     )
     kept_images = con.execute(
-        "SELECT count(DISTINCT key) FROM scores WHERE itm_score >= $1", [threshold]
+        f"SELECT count(DISTINCT key) FROM {scores} WHERE itm_score >= $1 AND best", [threshold]
     ).fetchone()[0]
     by_source = {}
     for r in rows:
@@ -257,13 +286,13 @@ def _score_figures(con, threshold: float) -> dict:
     }
 
 
-def _sweep(con) -> list[dict]:
+def _sweep(con, keep_best: int | None) -> list[dict]:
     """How many pairs each threshold of SWEEP_THRESHOLDS would keep, per source."""
     rows = _rows(
         con,
         "SELECT t.threshold, s.source, count(*) AS pairs, "
-        "count(*) FILTER (WHERE s.itm_score >= t.threshold) AS kept "
-        "FROM scores s, (SELECT unnest($1::DOUBLE[]) AS threshold) t "
+        "count(*) FILTER (WHERE s.itm_score >= t.threshold AND s.best) AS kept "
+        f"FROM {judged_scores(keep_best)} s, (SELECT unnest($1::DOUBLE[]) AS threshold) t "
         "GROUP BY ALL ORDER BY ALL",
         [list(SWEEP_THRESHOLDS)],
     )
@@ -315,10 +344,29 @@ def _truth_counts(con, threshold: float) -> dict:
     }
 
 
+def _ranking_auc(con) -> float | None:
+    """The chance that a right web caption scores above a wrong one (ROC AUC, ties half): how
+    well ITM ranks them whatever the threshold. From the rank sum of the right ones."""
+    right, wrong, rank_sum = con.execute(
+        "WITH ranked AS ("
+        "  SELECT NOT i.caption_is_wrong AS is_right, "
+        "  rank() OVER (ORDER BY s.itm_score) "
+        "  + (count(*) OVER (PARTITION BY s.itm_score) - 1) / 2.0 AS r "
+        "  FROM scores s JOIN images i USING (key) "
+        "  WHERE s.source = 'web' AND s.itm_score IS NOT NULL "
+        "  AND i.caption_is_wrong IS NOT NULL) "
+        "SELECT count(*) FILTER (WHERE is_right), count(*) FILTER (WHERE NOT is_right), "
+        "sum(r) FILTER (WHERE is_right) FROM ranked"
+    ).fetchone()
+    if not right or not wrong:
+        return None
+    return float((rank_sum - right * (right + 1) / 2) / (right * wrong))
+
+
 def _truth_figures(con, threshold: float, sweep: list[dict]) -> dict:
     """How well the filter catches the wrong web captions of a toy web (truth columns)."""
     web_pairs = con.execute("SELECT count(*) FROM scores WHERE source = 'web'").fetchone()[0]
-    figures = {"web_pairs": web_pairs, **_truth_counts(con, threshold)}
+    figures = {"web_pairs": web_pairs, "auc": _ranking_auc(con), **_truth_counts(con, threshold)}
     for entry in sweep:
         counts = _truth_counts(con, entry["threshold"])
         entry["precision"], entry["recall"] = counts["precision"], counts["recall"]
@@ -342,14 +390,25 @@ def _truth_figures(con, threshold: float, sweep: list[dict]) -> dict:
     return figures
 
 
-def pick_examples(con, threshold: float, per_group: int, image_columns: set[str] | None) -> dict:
+def pick_examples(
+    con,
+    threshold: float,
+    per_group: int,
+    image_columns: set[str] | None,
+    keep_best: int | None = None,
+) -> dict:
     """Kept and dropped pairs per source: the clearest ones and the ones nearest the threshold.
 
     Returns {source: {group: [row, ...]}} with the groups of EXAMPLE_GROUPS, each sorted by
-    ITM score from high to low. When one side of the threshold has fewer than 2 × per_group
-    pairs, its borderline and clearest groups split them, so no pair shows twice.
+    ITM score from high to low; `kept` says on which side a row is. When one side has fewer
+    than 2 × per_group pairs, its borderline and clearest groups split them, so no pair shows
+    twice. With `keep_best`, a synthetic pair at or above the threshold but not among the best
+    of its image is dropped.
     """
-    columns = "s.key, s.text_id, s.source, s.text, s.itm_score, s.itc_score"
+    kept = "(s.itm_score >= $2 AND s.best)"
+    sides = {"kept": kept, "dropped": f"(s.itm_score IS NOT NULL AND NOT {kept})"}
+    scores = judged_scores(keep_best)
+    columns = f"s.key, s.text_id, s.source, s.text, s.itm_score, s.itc_score, {kept} AS kept"
     join = ""
     if image_columns is not None:
         join = "LEFT JOIN images i USING (key)"
@@ -357,19 +416,19 @@ def pick_examples(con, threshold: float, per_group: int, image_columns: set[str]
         if "caption_is_wrong" in image_columns:
             columns += ", i.caption_is_wrong"
             columns += ", i.true_caption" if "true_caption" in image_columns else ""
-    # (group, side of the threshold, order from the threshold outwards or from the far end)
+    # (group, side, order from the threshold outwards or from the far end)
     plan = (
-        ("kept_top", ">=", "DESC", "far"),
-        ("kept_borderline", ">=", "ASC", "near"),
-        ("dropped_borderline", "<", "DESC", "near"),
-        ("dropped_bottom", "<", "ASC", "far"),
+        ("kept_top", "kept", "DESC", "far"),
+        ("kept_borderline", "kept", "ASC", "near"),
+        ("dropped_borderline", "dropped", "DESC", "near"),
+        ("dropped_bottom", "dropped", "ASC", "far"),
     )
     examples: dict = {}
     for source in SOURCES:
         sizes = {}
-        for side in (">=", "<"):
+        for side, where in sides.items():
             total = con.execute(
-                f"SELECT count(*) FROM scores WHERE source = $1 AND itm_score {side} $2",
+                f"SELECT count(*) FROM {scores} s WHERE s.source = $1 AND {where}",
                 [source, threshold],
             ).fetchone()[0]
             near = min(per_group, (total + 1) // 2)
@@ -378,8 +437,8 @@ def pick_examples(con, threshold: float, per_group: int, image_columns: set[str]
         for group, side, order, end in plan:
             rows = _rows(
                 con,
-                f"SELECT {columns} FROM scores s {join} "
-                f"WHERE s.source = $1 AND s.itm_score {side} $2 "
+                f"SELECT {columns} FROM {scores} s {join} "
+                f"WHERE s.source = $1 AND {sides[side]} "
                 f"ORDER BY s.itm_score {order}, s.key {order}, s.text_id {order} LIMIT $3",
                 [source, threshold, sizes[side][end]],
             )
@@ -425,3 +484,56 @@ def thumbnail_uri(image_bytes: bytes | None, side: int = THUMBNAIL_SIDE) -> str 
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# evaluate's JSON keys and how the report names them (the captioning block when present).
+RETRIEVAL_DIRECTIONS = (("image_to_text", "i→t"), ("text_to_image", "t→i"))
+CAPTION_METRICS = (
+    ("bleu4", "BLEU-4"),
+    ("cider", "CIDEr"),
+    ("meteor", "METEOR"),
+    ("spice", "SPICE"),
+)
+
+
+def model_metrics(result: dict) -> dict[str, float]:
+    """The figures of one `capfilt evaluate` result, flat and named: "i→t R@1", ..., "CIDEr"."""
+    metrics = {}
+    for key, short in RETRIEVAL_DIRECTIONS:
+        for name, value in (result.get(key) or {}).items():
+            metrics[f"{short} {name}"] = value
+    captioning = result.get("captioning") or {}
+    for key, name in CAPTION_METRICS:
+        if captioning.get(key) is not None:
+            metrics[name] = captioning[key]
+    return metrics
+
+
+def read_evaluations(specs) -> dict[str, dict]:
+    """LABEL=FILE specs → {label: that evaluate JSON}, in the order given."""
+    found = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label.strip() or not path:
+            raise CapfiltError(f"--evaluation takes LABEL=FILE (noisy=eval/web.json), not {spec!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                result = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CapfiltError(f"--evaluation {spec!r}: cannot read {path!r}: {e}") from e
+        if not isinstance(result, dict) or not model_metrics(result):
+            raise CapfiltError(
+                f"--evaluation {spec!r}: {path!r} is not a result of `capfilt evaluate --out`"
+            )
+        found[label.strip()] = result
+    return found
+
+
+def compare_models(evaluations: dict[str, dict]) -> dict | None:
+    """The report's table of models: {"metrics": names, "models": {label: {name: value}}}; a
+    metric only some models have is shown for all (blank where missing)."""
+    if not evaluations:
+        return None
+    rows = {label: model_metrics(result) for label, result in evaluations.items()}
+    names = list(dict.fromkeys(name for metrics in rows.values() for name in metrics))
+    return {"metrics": names, "models": rows}

@@ -266,7 +266,9 @@ def _scores_html(summary: dict) -> str:
     out = ['<section id="scores"><h2>ITM scores</h2>']
     out.append(
         f'<p class="note">Threshold {threshold:.2f} ({_e(summary["threshold_origin"])}). '
-        "A pair is kept when its ITM score is at least the threshold.</p>"
+        "A pair is kept when its ITM score is at least the threshold"
+        + _keep_best_note(summary.get("keep_best"))
+        + ".</p>"
     )
     filter_threshold = summary.get("filter_threshold")
     if filter_threshold is not None and abs(filter_threshold - threshold) > 1e-9:
@@ -301,6 +303,17 @@ def _scores_html(summary: dict) -> str:
     return "".join(out)
 
 
+def _keep_best_note(keep_best: int | None) -> str:
+    """How --keep-best narrows the threshold's pairs, as the end of a sentence."""
+    if keep_best is None:
+        return ""
+    best = "the best" if keep_best == 1 else f"among the {keep_best} best"
+    return (
+        f" and, for a synthetic caption, it is {best} of its image's synthetic captions by ITM "
+        f"(curated/ was made with --keep-best {keep_best})"
+    )
+
+
 def _sweep_html(summary: dict) -> str:
     sweep = summary["sweep"]
     if not sweep:
@@ -311,10 +324,13 @@ def _sweep_html(summary: dict) -> str:
     head += "<th>all kept</th><th>all rate</th>"
     if truth:
         head += "<th>precision</th><th>recall</th>"
-    out = [
-        '<section id="sweep"><h2>What each threshold would keep</h2>',
-        f"<table><tr><th>threshold</th>{head}</tr>",
-    ]
+    out = ['<section id="sweep"><h2>What each threshold would keep</h2>']
+    if summary.get("keep_best") is not None:
+        out.append(
+            f'<p class="note">With at most {summary["keep_best"]} synthetic captions per '
+            "image, as curated/.</p>"
+        )
+    out.append(f"<table><tr><th>threshold</th>{head}</tr>")
     for entry in sweep:
         current = abs(entry["threshold"] - summary["threshold"]) < 1e-9
         cells = "".join(
@@ -348,7 +364,8 @@ def _truth_html(summary: dict) -> str:
         '<section id="truth"><h2>Filter against the truth</h2>',
         '<p class="note">This dataset marks which web captions are wrong. A wrong web caption '
         f"is caught when its ITM score is below {t:.2f}. Precision = caught / all dropped web "
-        "captions; recall = caught / all wrong web captions.</p>",
+        "captions; recall = caught / all wrong web captions. Ranking AUC = the chance that a "
+        "right web caption scores above a wrong one, whatever the threshold.</p>",
         '<div class="cards">',
         _card(
             "precision",
@@ -359,6 +376,11 @@ def _truth_html(summary: dict) -> str:
             "recall",
             percent(truth["recall"]),
             f"{truth['caught']} of {truth['wrong']} wrong web captions are dropped",
+        ),
+        _card(
+            "ranking AUC",
+            "-" if truth.get("auc") is None else f"{truth['auc']:.3f}",
+            "right above wrong web captions",
         ),
         _card("web captions", _int(truth["web_pairs"]), f"{truth['wrong']:,} wrong"),
         "</div>",
@@ -377,17 +399,55 @@ def _truth_html(summary: dict) -> str:
     return "".join(out)
 
 
+def metric_text(name: str, value: float | None) -> str:
+    """A model metric as the tables show it: recalls and BLEU/METEOR/SPICE in %, CIDEr × 100
+    as in BLIP's tables."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if name == "CIDEr" else percent(value)
+
+
+def best_of(models: dict, name: str) -> float | None:
+    values = [m[name] for m in models.values() if m.get(name) is not None]
+    return max(values) if values else None
+
+
+def _models_html(summary: dict) -> str:
+    compared = summary.get("models")
+    if not compared:
+        return ""
+    names, models = compared["metrics"], compared["models"]
+    out = [
+        '<section id="models"><h2>Models trained on this data</h2>',
+        '<p class="note">Held-out evaluation of each model given to <code>--evaluation</code> '
+        "(<code>capfilt evaluate</code>): retrieval recall by ITC similarity both ways, and "
+        "the captions' BLEU-4 and CIDEr (× 100, as BLIP's tables) where the model captions. "
+        "The best of each column is bold.</p><table><tr><th>model</th>",
+        *(f"<th>{_e(name)}</th>" for name in names),
+        "</tr>",
+    ]
+    for label, metrics in models.items():
+        out.append(f"<tr><td>{_e(label)}</td>")
+        for name in names:
+            value = metrics.get(name)
+            text = _e(metric_text(name, value))
+            best = len(models) > 1 and value is not None and value == best_of(models, name)
+            out.append(f"<td><b>{text}</b></td>" if best else f"<td>{text}</td>")
+        out.append("</tr>")
+    out.append("</table></section>")
+    return "".join(out)
+
+
 def _image_html(thumb: str | None, alt: str) -> str:
     if thumb is None:
         return '<div class="noimg">no image: missing or not decodable</div>'
     return f'<img src="{thumb}" alt="{_e(alt)}" width="128" height="128">'
 
 
-def _example_html(row: dict, threshold: float, thumbs: dict) -> str:
-    kept = row["itm_score"] is not None and row["itm_score"] >= threshold
+def _example_html(row: dict, thumbs: dict) -> str:
     badge = (
         '<span class="badge kept">kept</span>'
-        if kept
+        if row["kept"]
         else '<span class="badge dropped">dropped</span>'
     )
     if row.get("caption_is_wrong") and row["source"] == "web":
@@ -409,7 +469,7 @@ def _example_html(row: dict, threshold: float, thumbs: dict) -> str:
     return "".join(lines)
 
 
-def _examples_html(summary: dict, examples: dict, thumbs: dict) -> str:
+def _examples_html(examples: dict, thumbs: dict) -> str:
     if not examples:
         return ""
     titles = {"web": "Web captions", "synthetic": "Synthetic captions"}
@@ -420,7 +480,7 @@ def _examples_html(summary: dict, examples: dict, thumbs: dict) -> str:
             rows = groups.get(group) or []
             out.append(f'<h4>{_e(label)}</h4><div class="grid" data-group="{_e(group)}">')
             if rows:
-                out += [_example_html(r, summary["threshold"], thumbs) for r in rows]
+                out += [_example_html(r, thumbs) for r in rows]
             else:
                 out.append('<p class="empty">none</p>')
             out.append("</div>")
@@ -458,7 +518,8 @@ def render_html(summary: dict, examples: dict, samples: list[dict], thumbs: dict
         _scores_html(summary),
         _sweep_html(summary),
         _truth_html(summary),
-        _examples_html(summary, examples, thumbs),
+        _models_html(summary),
+        _examples_html(examples, thumbs),
         _samples_html(samples, thumbs),
     ]
     return (
@@ -467,8 +528,8 @@ def render_html(summary: dict, examples: dict, samples: list[dict], thumbs: dict
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<header><h1>capfilt report</h1><p>{_e(summary['dataset'])} · threshold "
-        f"{summary['threshold']:.2f} ({_e(summary['threshold_origin'])}) · generated "
+        f"<header><h1>capfilt report</h1><p>{_e(summary['dataset'])} · "
+        f"{_e(summary['selection'])} ({_e(summary['threshold_origin'])}) · generated "
         f"{_e(summary['generated'])}</p></header>"
         f"<main>{''.join(body)}</main></body></html>\n"
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from capfilt.report.figures import rate
-from capfilt.report.html import percent, score_text
+from capfilt.report.html import metric_text, percent, score_text
 
 
 def print_summary(summary: dict, console) -> None:
@@ -50,7 +50,7 @@ def print_summary(summary: dict, console) -> None:
     scores = summary["scores"]
     if scores:
         t = table(
-            f"Scores at threshold {summary['threshold']:.2f} ({summary['threshold_origin']})",
+            f"Scores at {summary['selection']} ({summary['threshold_origin']})",
             "source",
             "pairs",
             "mean ITM",
@@ -79,12 +79,42 @@ def print_summary(summary: dict, console) -> None:
             "caught",
             "precision",
             "recall",
+            "ranking AUC",
         )
+        auc = truth.get("auc")
         t.add_row(
             f"{truth['wrong']:,}",
             f"{truth['dropped']:,}",
             f"{truth['caught']:,}",
             percent(truth["precision"]),
             percent(truth["recall"]),
+            "-" if auc is None else f"{auc:.3f}",
         )
         console.print(t)
+
+    compared = summary.get("models")
+    if compared:
+        console.print(models_table(compared, "Models trained on this data"))
+
+
+def models_table(compared: dict, title: str):
+    """Models side by side, one metric a row (recall and BLEU in %, CIDEr × 100); with two
+    models, the change from the first to the second."""
+    from rich.table import Table
+    from rich.text import Text
+
+    labels = list(compared["models"])
+    change = len(labels) == 2
+    t = Table(title=title, title_justify="left", title_style="bold")
+    t.add_column("metric")
+    for label in labels:
+        t.add_column(Text(label), justify="right")
+    if change:
+        t.add_column("change", justify="right")
+    for name in compared["metrics"]:
+        values = [compared["models"][label].get(name) for label in labels]
+        cells = [metric_text(name, v) for v in values]
+        if change:
+            cells.append("-" if None in values else f"{100 * (values[1] - values[0]):+.1f}")
+        t.add_row(name, *cells)
+    return t

@@ -1,6 +1,15 @@
-"""curated/: the pairs of scores/ with ITM probability ≥ the threshold, derived without a
-model. A run writes a new generation of curated/ and switches it in whole (see
-core/layout.py), so a reader sees one threshold's pairs, never a mix.
+"""curated/: the pairs of scores/ that the selection rule keeps, derived without a model.
+
+The rule: a pair is kept when its ITM probability is ≥ the threshold; with --keep-best K, of
+each image's synthetic captions only the K of highest ITM among those are kept (generate many,
+keep the best: BLIP-2 kept 2, LAION-COCO 1 of 40). The web caption is judged by the threshold
+alone. A run writes a new generation of curated/ and switches it in whole (see
+core/layout.py), so a reader sees one rule's pairs, never a mix.
+
+Keep-best ranks an image's captions within one scores/ shard, and that shard holds all of
+them: scores/ shard N is made from images/ shard N and captions/ shard N alone
+(stages/filter.py), and an image's key is in one images/ shard only (img2dataset's key, and
+ingest's, is the shard number followed by the row). tests/test_filter.py checks it.
 """
 
 from __future__ import annotations
@@ -14,16 +23,63 @@ from capfilt.stages.runner import Stage
 SOURCES = ("web", "synthetic")
 
 
-def curate(scores_table, threshold: float):
-    """The pairs of a scores/ table with ITM probability ≥ threshold, as a CURATED_SCHEMA table."""
+def curate(scores_table, threshold: float, keep_best: int | None = None):
+    """The pairs of a scores/ table that the rule keeps, as a CURATED_SCHEMA table: those with
+    ITM probability ≥ threshold and, with `keep_best`, at most that many synthetic pairs per
+    image (`best_synthetic`). Rows keep their order in scores/."""
     import pyarrow.compute as pc
 
     mask = pc.fill_null(pc.greater_equal(scores_table["itm_score"], threshold), False)
-    return scores_table.filter(mask).select(io.CURATED_SCHEMA.names).cast(io.CURATED_SCHEMA)
+    kept = scores_table.filter(mask)
+    if keep_best is not None:
+        kept = kept.filter(best_synthetic(kept, keep_best))
+    return kept.select(io.CURATED_SCHEMA.names).cast(io.CURATED_SCHEMA)
+
+
+def best_synthetic(pairs, keep_best: int):
+    """A mask over `pairs` (scores/ rows): every web pair, and of each image's synthetic pairs
+    the `keep_best` of highest ITM score. A tie goes to the lower text_id (the earlier
+    caption), so the same scores always keep the same pairs."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = np.ones(pairs.num_rows, dtype=bool)
+    is_synthetic = pc.fill_null(pc.equal(pairs["source"], "synthetic"), False)
+    synthetic = np.flatnonzero(is_synthetic.to_numpy())  # row numbers in `pairs`
+    if len(synthetic) == 0:
+        return pa.array(keep)
+    candidates = pairs.select(["key", "itm_score", "text_id"]).take(synthetic)
+    order = pc.sort_indices(
+        candidates,
+        sort_keys=[("key", "ascending"), ("itm_score", "descending"), ("text_id", "ascending")],
+    ).to_numpy()
+    keys = candidates["key"].take(order).to_numpy()
+    # Sorted by image, best first: a pair's rank is its distance from its image's first pair.
+    position = np.arange(len(keys))
+    first_of_image = np.r_[True, keys[1:] != keys[:-1]]
+    rank = position - np.maximum.accumulate(np.where(first_of_image, position, 0))
+    keep[synthetic[order[rank >= keep_best]]] = False
+    return pa.array(keep)
+
+
+def selection_options(threshold: float, keep_best: int | None) -> dict:
+    """The rule as curated/'s provenance records it. keep_best only when set, so that curated/
+    derived before --keep-best existed is still done for its threshold."""
+    options: dict = {"threshold": threshold}
+    if keep_best is not None:
+        options["keep_best"] = keep_best
+    return options
+
+
+def describe_selection(threshold: float, keep_best: int | None, precision: str = "g") -> str:
+    """The rule in words: 'threshold 0.5', or 'threshold 0.5, best 2 synthetic per image'."""
+    rule = f"threshold {threshold:{precision}}"
+    return rule if keep_best is None else f"{rule}, best {keep_best} synthetic per image"
 
 
 class CurateStage(Stage):
-    """scores/ shard → curated/ shard (of a new generation): the pairs kept at the threshold."""
+    """scores/ shard → curated/ shard (of a new generation): the pairs the rule keeps."""
 
     name = "curate"
     output = "curated"
@@ -32,10 +88,11 @@ class CurateStage(Stage):
     unit = "shards"
 
     def provenance_options(self) -> dict:
-        return {"threshold": self.options.threshold}
+        return selection_options(self.options.threshold, self.options.keep_best)
 
     def process(self, shard: int, inputs: dict, advance):
-        return curate(inputs["scores"], self.options.threshold)
+        # Shard-local keep-best is per image: a scores/ shard holds every caption of its images.
+        return curate(inputs["scores"], self.options.threshold, self.options.keep_best)
 
     def count(self, curated) -> dict:
         return {"pairs": curated.num_rows}

@@ -1,11 +1,12 @@
-"""`capfilt filter`: ITM and ITC scores of every caption, and the pairs kept at a threshold.
+"""`capfilt filter`: ITM and ITC scores of every caption, and the pairs its rule keeps.
 
 For each images/ shard, every downloaded image is paired with its web caption (text_id 0) and
 each synthetic caption from captions/ (text_id caption_id + 1). The vision encoder runs once
 per image; all pairs are scored into scores/ (`ScoreStage`). Then curated/ is derived from
-scores/ alone (stages/curate.py): the pairs with ITM probability ≥ threshold, as a new
-generation switched in whole. A new threshold on a scored dataset only re-derives curated/,
-without loading a model.
+scores/ alone (stages/curate.py): the pairs with ITM probability ≥ threshold (and with
+--keep-best K, at most K synthetic pairs per image, the best), as a new generation switched
+in whole. A new threshold or --keep-best on a scored dataset only re-derives curated/, without
+loading a model.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ from dataclasses import dataclass, field
 from capfilt.core import distributed
 from capfilt.core import parquet as io
 from capfilt.core.ahead import ordered_map
+from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.core.locks import folder_locks
 from capfilt.core.options import Options, option
 from capfilt.images.batches import ShardImages, stage_batches, successful_images
 from capfilt.models.blip import DEFAULT_FILTER, ITM_TOKENS
 from capfilt.stages import inference
-from capfilt.stages.curate import CurateStage, SourceSummary, source_summaries
+from capfilt.stages.curate import (
+    CurateStage,
+    SourceSummary,
+    describe_selection,
+    source_summaries,
+)
 from capfilt.stages.inference import ModelStage
 from capfilt.stages.runner import StageRun, record_run, run_stage
 
@@ -32,6 +39,15 @@ class FilterOptions(Options):
 
     threshold: float = option(
         help="Keep pairs whose ITM match probability (0 to 1) is at least this.", ge=0, le=1
+    )
+    # Not an output option of scores/: a new --keep-best only re-derives curated/.
+    keep_best: int | None = option(
+        None,
+        "Per image, keep at most this many synthetic captions: those of highest ITM at or above "
+        "the threshold (a tie goes to the earlier caption). The web caption is judged by the "
+        "threshold alone.",
+        ge=1,
+        cli_default="no limit",
     )
     model: str = option(DEFAULT_FILTER, "BLIP ITM filter: hub id or local directory (safetensors).")
     itm_token: str = option(
@@ -51,6 +67,11 @@ class FilterOptions(Options):
     fast_decode: bool = inference.fast_decode_option()
     gpu_decode: bool = inference.gpu_decode_option()
     overwrite: bool = inference.overwrite_option()
+
+    def check(self) -> None:
+        whole = isinstance(self.keep_best, int) and not isinstance(self.keep_best, bool)
+        if self.keep_best is not None and not whole:
+            raise CapfiltError(f"--keep-best must be a whole number, got {self.keep_best!r}")
 
 
 class ScoreStage(ModelStage):
@@ -102,6 +123,12 @@ class FilterResult:
     scored: StageRun
     curated: StageRun
     sources: dict[str, SourceSummary] = field(default_factory=dict)
+    keep_best: int | None = None
+
+    @property
+    def selection(self) -> str:
+        """The rule curated/ was derived by, in words."""
+        return describe_selection(self.threshold, self.keep_best)
 
     @property
     def rescored(self) -> bool:
@@ -215,8 +242,8 @@ def _undecoded_images(scores) -> int:
 def filter_dataset(
     dataset: Dataset | str, options: FilterOptions, scorer=None, progress: bool = True
 ) -> FilterResult:
-    """Score every shard not done for these options into scores/, derive curated/ at the
-    threshold (a new generation, when anything changed), and record the run.
+    """Score every shard not done for these options into scores/, derive curated/ by the
+    threshold and --keep-best (a new generation, when anything changed), and record the run.
 
     With every shard scored no model is loaded: only curated/ is re-derived.
     """
@@ -248,6 +275,7 @@ def filter_dataset(
                 ),
                 rescored=scored.shards_done > 0,
                 threshold=options.threshold,
+                keep_best=options.keep_best,
             )
         processes.wait_for_everyone()
-    return FilterResult(options.threshold, scored, curated, sources)
+    return FilterResult(options.threshold, scored, curated, sources, options.keep_best)

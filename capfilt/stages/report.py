@@ -16,7 +16,9 @@ from capfilt.core.layout import STAGES, Dataset
 from capfilt.core.options import Options, option
 from capfilt.report.figures import (
     collect_summary,
+    compare_models,
     pick_examples,
+    read_evaluations,
     resolve_threshold,
     sample_images,
     thumbnails,
@@ -40,6 +42,12 @@ class ReportOptions(Options):
         cli_default="the one curated/ was made at, else 0.5",
     )
     examples: int = option(6, "Examples per group (kept/dropped, clear/borderline).", ge=1)
+    evaluations: tuple[str, ...] = option(
+        (),
+        "Compare models trained on this data: LABEL=FILE, a result of `capfilt evaluate --out` "
+        "(repeat for each model; the demo compares the noisy web with CapFilt).",
+        flag="--evaluation",
+    )
 
 
 @dataclass
@@ -76,11 +84,16 @@ def report_inputs(folders: dict) -> dict:
 
 
 def build_report(
-    dataset: Dataset, threshold: float | None = None, examples_per_group: int = 6
+    dataset: Dataset,
+    threshold: float | None = None,
+    examples_per_group: int = 6,
+    evaluations: tuple[str, ...] = (),
 ) -> Report:
-    """Gather the figures, write a new generation of reports/ and switch it in."""
+    """Gather the figures, write a new generation of reports/ and switch it in; `evaluations`
+    (LABEL=FILE of `capfilt evaluate --out`) adds a table comparing those models."""
     from capfilt.core.sql import connect
 
+    models = compare_models(read_evaluations(evaluations))  # a bad file fails first
     if not dataset.exists():
         raise CapfiltError(f"dataset folder {dataset.root!r} does not exist; check the path")
     folders = {stage: dataset.folder(stage) for stage in STAGES}  # one generation of curated/
@@ -93,13 +106,16 @@ def build_report(
     threshold, origin = resolve_threshold(folders["curated"], threshold)
     con = connect(dataset, folders=folders)
     summary = collect_summary(dataset, threshold, origin, con, folders)
+    summary["models"] = models
 
     has_images, has_scores = bool(folders["images"].shards()), bool(folders["scores"].shards())
     image_columns = view_columns(con, "images") if has_images else None
     examples: dict = {}
     samples: list[dict] = []
     if has_scores:
-        examples = pick_examples(con, threshold, examples_per_group, image_columns)
+        examples = pick_examples(
+            con, threshold, examples_per_group, image_columns, summary["keep_best"]
+        )
     elif has_images:
         samples = sample_images(con, examples_per_group * 2)
 
@@ -117,7 +133,7 @@ def build_report(
 
     record = dict(
         stage="report",
-        options=dict(threshold=threshold, examples=examples_per_group),
+        options=dict(threshold=threshold, examples=examples_per_group, evaluations=evaluations),
         inputs=report_inputs(folders),
     )
     generation, path = publish_generation(dataset, "reports", write, record, "capfilt report")

@@ -110,9 +110,14 @@ def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
     folder = ds.folder(name)
     status = FolderStatus(name)
     if folder.generation:
-        threshold = (folder.record.get("options") or {}).get("threshold")
+        from capfilt.stages.curate import describe_selection
+
+        rule = folder.record.get("options") or {}
+        threshold = rule.get("threshold")
         status.note = f"generation {folder.generation}" + (
-            f", threshold {threshold:g}" if isinstance(threshold, int | float) else ""
+            f", {describe_selection(threshold, rule.get('keep_best'))}"
+            if isinstance(threshold, int | float)
+            else ""
         )
     present = folder.shards()
     try:

@@ -4,10 +4,11 @@ commands are derived from `TrainConfig`, finetune with its own defaults (FINETUN
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from capfilt.core.errors import CapfiltError
 from capfilt.core.options import Options, option
+from capfilt.models.shapes import DEFAULT_SHARING, MED_SHARING
 
 TASKS = {"pretrain": ("itc", "itm", "lm"), "caption": ("lm",), "itm": ("itc", "itm")}
 SOURCES = ("all", "web", "synthetic")
@@ -31,7 +32,19 @@ RESUME_KEYS = (
 )
 
 # The paper's COCO finetuning, where it differs from pretraining.
-FINETUNE_DEFAULTS = dict(task="caption", epochs=5, lr=1e-5, min_lr=0.0, warmup_steps=0)
+FINETUNE_DEFAULTS = dict(task="caption", min_lr=0.0, warmup_steps=0, finetuning=True)
+
+# What --lr and --epochs default to, by (finetuning, small model): BLIP's pretraining and COCO
+# finetuning for its ViT-B/L models, and a recipe a model narrower than ViT-B (the tiny preset)
+# learns a small dataset with in minutes on a CPU: at BLIP's rates it hardly moves (on a
+# 1,200-pair toy web, finetuning a tiny filter at 1e-5 for 5 epochs gave an ITM AUC of 0.69).
+RECIPES = {
+    (False, False): dict(lr=3e-4, epochs=20),
+    (True, False): dict(lr=1e-5, epochs=5),
+    (False, True): dict(lr=1e-3, epochs=20),
+    (True, True): dict(lr=1e-3, epochs=30),
+}
+SMALL_WIDTH = 768  # a vision width below ViT-B's: the small-model recipe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +68,15 @@ class TrainConfig(Options):
         cli_default="1 for each",
     )
     preset: str = option("base", "Model size when not --init.", choices=PRESETS)
+    sharing: str | None = option(
+        None,
+        "Layers the text decoder shares with the text encoder, as BLIP's Table 3 ablates: "
+        "all-but-sa (BLIP's: all but self-attention), all (self-attention too), all-but-ca "
+        "(all but cross-attention), none (the decoder has its own embeddings, layers and LM "
+        "head). A run keeps its sharing: resume and --init RUN refuse another.",
+        choices=tuple(MED_SHARING),
+        cli_default=f"--init's, else {DEFAULT_SHARING}",
+    )
     init: tuple[str, ...] = option(
         (),
         "Start from HF BLIP weights (captioner and/or ITM model: hub id or local dir, "
@@ -76,9 +98,21 @@ class TrainConfig(Options):
     )
     batch_size: int = option(32, "Pairs per batch per process.", ge=1)
     grad_accum: int = option(1, "Gradient accumulation steps.", ge=1)
-    epochs: int = option(20, "Epochs (ignored with --max-steps).", ge=1)
+    epochs: int | None = option(
+        None,
+        "Epochs (ignored with --max-steps).",
+        ge=1,
+        cli_default="BLIP's 20 pretraining, 5 finetuning; 30 finetuning a model narrower than "
+        "ViT-B (the tiny preset)",
+    )
     max_steps: int | None = option(None, "Stop after this many optimizer steps.", ge=1)
-    lr: float = option(3e-4, "Peak learning rate.", ge=0)
+    lr: float | None = option(
+        None,
+        "Peak learning rate.",
+        ge=0,
+        cli_default="BLIP's 3e-4 pretraining, 1e-5 finetuning; 1e-3 for a model narrower than "
+        "ViT-B (the tiny preset)",
+    )
     schedule: str | None = option(
         None,
         "blip: linear warm-up in epoch 0, then the peak rate × 0.9^epoch (BLIP's pretraining); "
@@ -104,7 +138,11 @@ class TrainConfig(Options):
     )
     prompt: str = option("a picture of ", "Captioner prompt (its tokens get no loss).")
     flip: bool = option(True, "Random horizontal flips (turn off when captions say left/right).")
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = option(
+        (0.5, 1.0),
+        "Random crops keep this fraction of the image's area, MIN,MAX (BLIP: 0.5,1).",
+        split=",",
+    )
     queue_size: int | None = option(None, "ITC feature queue size (BLIP: 57600).", ge=1)
     alpha: float | None = None
     precision: str = option(
@@ -125,6 +163,13 @@ class TrainConfig(Options):
     )
     overwrite: bool = option(False, "Start again instead of resuming --out.")
     progress: bool = True
+    finetuning: bool = False  # `capfilt finetune`: its recipe of --lr and --epochs
+
+    def with_recipe(self, vision_width: int) -> TrainConfig:
+        """These options with --lr and --epochs filled in from RECIPES when not given."""
+        recipe = RECIPES[self.finetuning, vision_width < SMALL_WIDTH]
+        given = {"lr": self.lr, "epochs": self.epochs}
+        return replace(self, **{k: recipe[k] if v is None else v for k, v in given.items()})
 
     def check(self) -> None:
         if self.batch_size < 2 and self.task != "caption":
@@ -144,8 +189,7 @@ class TrainConfig(Options):
                 raise CapfiltError(f"--weights must all be > 0, got {list(self.weights)}")
         if self.ratio and self.source != "all":
             raise CapfiltError("--web-synthetic-ratio mixes both kinds: use it with --source all")
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise CapfiltError("--crop-scale must be two numbers 0 < min <= max <= 1")
 
     @property

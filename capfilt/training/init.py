@@ -84,6 +84,7 @@ def _init_model(config: TrainConfig, texts, accelerator):
         for k, v in (("queue_size", config.queue_size), ("alpha", config.alpha))
         if v is not None
     }
+    sharing = {"sharing": config.sharing} if config.sharing else {}
     torch.manual_seed(config.seed)
     kinds = {spec: _init_kind(spec) for spec in config.init}
     runs = [s for s, k in kinds.items() if k == "run"]
@@ -91,6 +92,12 @@ def _init_model(config: TrainConfig, texts, accelerator):
         if len(config.init) > 1:
             raise CapfiltError("--init with a capfilt run takes that run alone")
         model, tokenizer, _ = load_run(runs[0])
+        if sharing and config.sharing != model.config.sharing:
+            raise CapfiltError(
+                f"--init {runs[0]!r} is a run with --sharing {model.config.sharing}, which its "
+                f"weights keep; leave --sharing out, or --init from its `capfilt export` folder "
+                f"to re-tie them as {config.sharing}"
+            )
         if overrides:
             state = model.state_dict()
             model = MED(replace(model.config, **overrides))
@@ -115,7 +122,8 @@ def _init_model(config: TrainConfig, texts, accelerator):
             tokenizer = load_tokenizer(config.tokenizer)
         vocab = first[0].config.text_config.vocab_size
         tokenizer = ensure_blip_specials(tokenizer, vocab)
-        model = MED(med_config_from_blip(first[0].config, tokenizer, **overrides))
+        # The sharing an export recorded (the filter's, as every other field), else BLIP's.
+        model = MED(med_config_from_blip(first[0].config, tokenizer, **overrides, **sharing))
         model.load_blip(
             captioner=blip.get("captioner", (None,))[0], filter=blip.get("filter", (None,))[0]
         )
@@ -134,7 +142,7 @@ def _init_model(config: TrainConfig, texts, accelerator):
                 tokenizer = load_tokenizer(str(folder))
     tokenizer = ensure_blip_specials(tokenizer, None)
     torch.manual_seed(config.seed)
-    med = med_config(config.preset, tokenizer, **overrides)
+    med = med_config(config.preset, tokenizer, **overrides, **sharing)
     if config.image_size:  # a fresh model is built at the size it trains at
         med = replace(med, vision=dict(med.vision, image_size=config.image_size))
     return MED(med), tokenizer

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
+from capfilt.models.shapes import DEFAULT_SHARING
 from capfilt.training.config import RESUME_KEYS, TEXT_TOKENS, TrainConfig
 from capfilt.training.init import init_model, load_tokenizer, trainable_parameters
 from capfilt.training.pairs import DecodeBatch
@@ -125,6 +126,13 @@ def _check_resume(config: TrainConfig, metadata: dict, processes: int) -> None:
             f"{config.out!r} holds a run with other options ({detail}); pass the "
             "same options to resume it, or --overwrite to start again"
         )
+    # The model of a resumed run is its checkpoint's; a run saved before --sharing has BLIP's.
+    sharing = metadata["model_config"].get("sharing", DEFAULT_SHARING)
+    if config.sharing and config.sharing != sharing:
+        raise CapfiltError(
+            f"{config.out!r} holds a run with --sharing {sharing}; leave --sharing out (or pass "
+            f"{sharing}) to resume it, or --overwrite to start again"
+        )
     before = metadata.get("num_processes", processes)
     if before != processes:
         # Each process trains on its own part of every epoch: another count, other parts.
@@ -160,8 +168,11 @@ def _plan(config: TrainConfig, run_dir: Path, resuming: bool, accelerator):
     return plan, sources
 
 
-def _texts(plan: DataPlan, sources, limit: int = 100_000):
-    """Up to `limit` training texts in plan order, for a tokenizer trained from scratch."""
+def _texts(plan: DataPlan, sources, prompt: str, limit: int = 100_000):
+    """Up to `limit` training texts in plan order, for a tokenizer trained from scratch; the
+    captioner's prompt first, so that its words are whole tokens (not single letters) when a
+    finetuned captioner starts from it."""
+    yield prompt
     taken = 0
     for unit in plan.units:
         for candidate in sources[unit.source].candidates(unit.shard, {}):
@@ -225,10 +236,11 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
         model = MED(MEDConfig.from_dict(metadata["model_config"]))
     else:
-        model, tokenizer = init_model(config, _texts(plan, sources), accelerator)
+        model, tokenizer = init_model(config, _texts(plan, sources, config.prompt), accelerator)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     model_config = model.config
+    config = config.with_recipe(int(model_config.vision["hidden_size"]))
 
     prefix = config.prompt if config.task == "caption" else ""
     prompt_length = len(tokenizer(prefix).input_ids) - 1 if prefix else 0
