@@ -708,3 +708,26 @@ def test_a_given_tokenizer_is_the_vocabulary_of_a_run_from_scratch(toy_dataset, 
     assert {dec, enc} == {len(tokens), len(tokens) + 1}  # BLIP's specials, after the vocabulary
     assert model.config.text["vocab_size"] == len(tokens) + 2
     assert json.loads((out / "config.json").read_text())["text_tokens"] == 30  # BLIP's pretrain
+
+
+def test_unset_rates_epochs_and_threads_follow_the_model_size():
+    from capfilt.training.config import FINETUNE_DEFAULTS
+
+    pretrain = TrainConfig(datasets=("d",), out="o")
+    finetune = TrainConfig(datasets=("d",), out="o", **FINETUNE_DEFAULTS)
+    tiny, base = 64, 768  # vision widths: the tiny preset, ViT-B
+    assert (pretrain.lr, pretrain.epochs, pretrain.threads) == (None, None, None)
+    got = {
+        (name, width, cpu): (c.lr, c.epochs, c.threads)
+        for name, config in (("pretrain", pretrain), ("finetune", finetune))
+        for width in (tiny, base)
+        for cpu in (True, False)
+        for c in [config.with_recipe(width, cpu)]
+    }
+    assert got[("pretrain", base, True)] == (3e-4, 20, None)  # BLIP's pretraining
+    assert got[("finetune", base, True)] == (1e-5, 5, None)  # BLIP's COCO finetuning
+    assert got[("pretrain", tiny, True)] == (1e-3, 20, 1)
+    assert got[("finetune", tiny, True)] == (1e-3, 30, 1)
+    assert got[("finetune", tiny, False)] == (1e-3, 30, None)  # a GPU keeps torch's threads
+    given = pretrain.replace(lr=0.5, epochs=2, threads=3).with_recipe(tiny, True)
+    assert (given.lr, given.epochs, given.threads) == (0.5, 2, 3)

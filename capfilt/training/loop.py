@@ -240,7 +240,11 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         if accelerator.is_main_process:
             tokenizer.save_pretrained(str(run_dir / "tokenizer"))
     model_config = model.config
-    config = config.with_recipe(int(model_config.vision["hidden_size"]))
+    config = config.with_recipe(
+        int(model_config.vision["hidden_size"]), accelerator.device.type == "cpu"
+    )
+    if config.threads:
+        torch.set_num_threads(config.threads)
 
     prefix = config.prompt if config.task == "caption" else ""
     prompt_length = len(tokenizer(prefix).input_ids) - 1 if prefix else 0
