@@ -43,10 +43,6 @@ class Table:
     rows: tuple[Row, ...]
     finding: str  # what the paper reports
 
-    @property
-    def has_noise(self) -> bool:
-        return any(row.dataset for row in self.rows)
-
 
 # The paper's figures, from its Tables 1-4 (pretrained on 14M images, ViT-B/16). Its rows
 # that are one run (Table 1's noisy row = Table 2's "none" = Table 3's "all but SA"; +C+F =
@@ -162,6 +158,11 @@ def directions(table: dict) -> str:
     return f"best by mean R@1: paper {paper}; here {ours or '-'} ({verdict})"
 
 
+def has_noise(table: dict) -> bool:
+    """Whether a table of results shows noise ratios (ours or the paper's)."""
+    return any(r["noise"] is not None or r["paper_noise"] for r in table["rows"])
+
+
 def _cells(row: dict, with_noise: bool) -> list[str]:
     ours = row["ours"] or {}
     cells = [metric_text(name, ours.get(name)) for name in COLUMNS]
@@ -188,7 +189,7 @@ def print_tables(results: dict, console) -> None:
     from rich.text import Text
 
     for table in results["tables"]:
-        with_noise = any(r["noise"] is not None or r["paper_noise"] for r in table["rows"])
+        with_noise = has_noise(table)
         out = RichTable("row", *_headers(with_noise), title=table["title"], title_justify="left")
         for row in table["rows"]:
             out.add_row(Text(row["label"]), *_cells(row, with_noise))
@@ -200,7 +201,7 @@ def markdown(results: dict) -> str:
     """The tables as Markdown (the README's copy)."""
     lines = []
     for table in results["tables"]:
-        with_noise = any(r["noise"] is not None or r["paper_noise"] for r in table["rows"])
+        with_noise = has_noise(table)
         headers = ["", *_headers(with_noise)]
         lines += [f"**{table['title']}**", "", "| " + " | ".join(headers) + " |"]
         lines.append("|" + " --- |" * len(headers))

@@ -15,6 +15,7 @@ SOURCES = ("all", "web", "synthetic")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRESETS = ("tiny", "base", "large")
 SCHEDULES = ("blip", "cosine")
+PROMPT = "a picture of "  # BLIP's captioning prompt (caption finetuning and evaluation)
 # Text tokens per task, as BLIP's models truncate them (blip_pretrain.py, blip.py,
 # blip_retrieval.py).
 TEXT_TOKENS = {"pretrain": 30, "caption": 40, "itm": 35}
@@ -136,7 +137,7 @@ class TrainConfig(Options):
         ge=16,
         cli_default="the model's",
     )
-    prompt: str = option("a picture of ", "Captioner prompt (its tokens get no loss).")
+    prompt: str = option(PROMPT, "Captioner prompt (its tokens get no loss).")
     flip: bool = option(True, "Random horizontal flips (turn off when captions say left/right).")
     crop_scale: tuple[float, float] = option(
         (0.5, 1.0),

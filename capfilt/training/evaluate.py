@@ -28,9 +28,9 @@ from pathlib import Path
 from capfilt.core.errors import CapfiltError
 from capfilt.core.options import Options, option
 from capfilt.training.caption_metrics import METRICS
+from capfilt.training.config import PROMPT
 
 KS = (1, 5, 10)
-PROMPT = "a picture of "  # BLIP's captioning prompt
 
 
 @dataclass(frozen=True, kw_only=True)
