@@ -5,6 +5,10 @@ Children come from a fork server that has already imported torch, transformers, 
 and capfilt: a fresh interpreter spends ~15 s on those imports on a small machine, so killing
 CLI processes would mostly kill imports. A forked child runs exactly the code a `capfilt`
 command runs after parsing its options, and SIGKILL ends it the same way.
+
+A child that starts processes of its own (fetch --processes 2) is checked to leave none behind
+(`kill_until_done(workers=True)`); a dataset on an object store is watched through fsspec
+(`StoreWatcher`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +41,10 @@ PRELOAD = [
 ]
 _SHARD = re.compile(r"^(\d{5,})\.parquet$")
 _STEP = re.compile(r"^step-(\d+)$")
+STAGING = "_incoming"  # fetch's staging folder under images/ (capfilt.stages.fetch.STAGING)
+# Set in a stage child's environment, which every process it starts (spawned workers, a logger
+# process) inherits: how the loop finds them once the child is killed and they are reparented.
+TAG = "CAPFILT_KILL_TAG"
 
 
 def context():
@@ -65,13 +75,20 @@ def _child_setup() -> None:
 
 
 # --- what the children run (the body of each CLI command) ------------------------------------
-def run_fetch(url_list: str, root: str, shard_size: int) -> None:
+def run_fetch(url_list: str, root: str, shard_size: int, processes: int = 1) -> None:
+    """`capfilt fetch`; with `processes` > 1 img2dataset's multiprocessing distributor spawns a
+    pool of that many workers and a logger process."""
     from capfilt.stages.fetch import FetchOptions, fetch
 
     _child_setup()
     # The toy web is served on 127.0.0.1, which fetch refuses unless allowed.
     options = FetchOptions(
-        shard_size=shard_size, image_size=32, threads=4, timeout=5, allow_private_addresses=True
+        shard_size=shard_size,
+        image_size=32,
+        processes=processes,
+        threads=4,
+        timeout=5,
+        allow_private_addresses=True,
     )
     fetch(url_list, root, options)
 
@@ -117,6 +134,53 @@ def run_pretrain(options: dict, resumes_log: str) -> None:
     Accelerator.load_state = noting_load_state
     train_config = TrainConfig(**options)
     train(train_config)
+
+
+def run_in_env(env: dict, target: Callable, args: tuple) -> None:
+    """Run `target(*args)` with `env` in os.environ (None: unset), for it and what it starts.
+
+    A fork-server child has the environment the server started with, not the test's: a test
+    that sets variables (the S3 endpoint) passes them here."""
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    target(*args)
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes whose environment holds CAPFILT_KILL_TAG=tag (zombies have none)."""
+    want = f"{TAG}={tag}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if want in environ:
+            found.append(int(name))
+    return found
+
+
+def outliving(tag: str, grace: float) -> tuple[list[int], float]:
+    """(processes of `tag` still alive after `grace` seconds, seconds waited for the others)."""
+    started = time.monotonic()
+    while (alive := tagged_processes(tag)) and time.monotonic() - started < grace:
+        time.sleep(0.02)
+    return alive, time.monotonic() - started
+
+
+def end_orphans(pids: list[int]) -> None:
+    """SIGKILL processes a failed check found, so that they outlive no test."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # --- the watcher -----------------------------------------------------------------------------
@@ -188,6 +252,103 @@ class ShardWatcher:
                 self.files_checked += 1
 
 
+class StoreWatcher(ShardWatcher):
+    """ShardWatcher through an fsspec filesystem (a dataset on S3): listed afresh each look, at
+    most every `every` seconds (each look is a few requests). A shard visible in a stage folder
+    must also have its provenance, written before it; `root` has no protocol ("bucket/ds")."""
+
+    def __init__(self, fs, root: str, stages, expect=None, whole=None, every: float = 0.1):
+        super().__init__(Path(root), stages, expect, whole)
+        self.fs, self.prefix, self.every = fs, root.rstrip("/"), every
+        self.last = 0.0
+
+    def _listing(self, folder: str) -> dict[str, dict]:
+        try:
+            entries = self.fs.ls(f"{self.prefix}/{folder}", detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
+
+    def shards(self, stage: str) -> list[int]:
+        return sorted(int(m.group(1)) for n in self._listing(stage) if (m := _SHARD.match(n)))
+
+    def temp_files(self) -> list[str]:
+        return [
+            f"{stage}/{n}" for stage in self.stages for n in self._listing(stage) if ".tmp-" in n
+        ]
+
+    def in_flight(self) -> bool:
+        """A temporary object in a stage folder, or a staged shard without its stats yet."""
+        staged = self._listing(f"images/{STAGING}") if "images" in self.stages else {}
+        return bool(self.temp_files()) or any(
+            n.endswith(".parquet") and f"{n[:-8]}_stats.json" not in staged for n in staged
+        )
+
+    def check(self) -> None:
+        import io
+
+        import pyarrow.parquet as pq
+
+        from capfilt.core.layout import PROVENANCE_DIR
+
+        if time.monotonic() - self.last < self.every:
+            return
+        try:
+            text = self.fs.cat(f"{self.prefix}/capfilt.json")
+        except FileNotFoundError:
+            pass
+        else:
+            assert isinstance(json.loads(text), dict), "capfilt.json is not a JSON object"
+        if self.whole is not None:
+            self.whole()
+        for stage in self.stages:
+            listing = self._listing(stage)
+            if any(".tmp-" in n for n in listing):
+                self.temp_files_seen += 1
+            provenance = self._listing(f"{stage}/{PROVENANCE_DIR}")
+            for name, entry in sorted(listing.items()):
+                if not (m := _SHARD.match(name)):
+                    continue
+                path = f"{self.prefix}/{stage}/{name}"
+                signature = (entry.get("size"), entry.get("ETag"), entry.get("LastModified"))
+                if self.seen.get(path) == signature:
+                    continue
+                try:
+                    table = pq.read_table(io.BytesIO(self.fs.cat(path)))
+                except FileNotFoundError:  # replaced or removed since the listing
+                    continue
+                except Exception as e:  # noqa: BLE001 - any unreadable object is the failure
+                    raise AssertionError(f"{stage}/{name} is visible but unreadable: {e}") from e
+                if f"{m.group(1)}.json" not in provenance and self.fs.exists(path):
+                    raise AssertionError(f"{stage}/{name} is visible without its provenance")
+                if self.expect is not None:
+                    self.expect(stage, int(m.group(1)), table)
+                self.seen[path] = signature
+                self.files_checked += 1
+        self.last = time.monotonic()
+
+
+def store_leftovers(fs, root: str, known: list | None = None) -> list[str]:
+    """Objects under `root` ("bucket/ds") that a finished run must not leave: temporary
+    objects, img2dataset's staging and temporary folders.
+
+    Two kinds go to `known` instead, gaps no run cleans up on an object store: a manifest's
+    temporary copy (.capfilt.json.tmp-*: only a local dataset removes a killed writer's, under
+    its lock) and a write probe (.capfilt-write-probe-*), when a kill lands in the few
+    milliseconds between writing and removing them."""
+    fs.invalidate_cache()
+    names = [p.removeprefix(root.rstrip("/") + "/") for p in fs.find(root)]
+    found = []
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith((".capfilt.json.tmp-", ".capfilt-write-probe-")):
+            if known is not None:
+                known.append(name)
+        elif ".tmp-" in base or any(p in (STAGING, "_tmp") for p in name.split("/")[:-1]):
+            found.append(name)
+    return found
+
+
 def download_in_flight(root: Path) -> bool:
     """Whether img2dataset is writing a shard (a staged parquet without its stats file yet)."""
     try:
@@ -230,6 +391,10 @@ class KillLog:
     finished_runs: int = 0
     progress_at_kill: list = field(default_factory=list)
     pids: list = field(default_factory=list)  # of every child started, in order
+    # With workers=True: per kill, the processes the child had started (alive at the kill),
+    # and per kill or finished run, the seconds until the last of them had ended.
+    workers_at_kill: list = field(default_factory=list)
+    worker_ends: list = field(default_factory=list)
 
 
 def kill_until_done(
@@ -245,6 +410,10 @@ def kill_until_done(
     timeout: float = 120.0,
     before_start: Callable[[], None] | None = None,
     in_flight: Callable[[], bool] | None = None,
+    env: dict | None = None,
+    workers: bool = False,
+    grace: float = 2.0,
+    poll: float = 0.005,
 ) -> None:
     """Start `target`, SIGKILL it at a seeded random moment, restart, until a run finishes.
 
@@ -253,6 +422,12 @@ def kill_until_done(
     rather than while it loads its model; a third fire as soon as `in_flight()` sees a write
     under way (by default: a temporary file in a stage folder). After `max_kills` kills the
     last run goes uninterrupted.
+
+    `env`: variables for the child (see run_in_env). `workers`: the child starts processes of
+    its own; each is tagged (TAG), and none may be alive `grace` seconds after the child was
+    killed, or after it finished (an orphaned worker would go on writing into the dataset
+    while the next run writes it too). `poll`: seconds between looks at the child (an object
+    store is listed over the network: look less often).
     """
     in_flight = in_flight or (lambda: bool(watcher.temp_files()))
     # Each call ends with a finished run; a stage too fast for its delays would loop forever.
@@ -261,8 +436,13 @@ def kill_until_done(
     while True:
         if before_start is not None:
             before_start()
+        tag = uuid.uuid4().hex if workers else None
+        child_env = {**(env or {}), **({TAG: tag} if tag else {})}
         # Not a daemon: a training child starts DataLoader workers of its own.
-        child = ctx.Process(target=target, args=args, daemon=False)
+        if child_env:
+            child = ctx.Process(target=run_in_env, args=(child_env, target, args), daemon=False)
+        else:
+            child = ctx.Process(target=target, args=args, daemon=False)
         started = time.monotonic()
         progress_before = progress()
         child.start()
@@ -288,22 +468,48 @@ def kill_until_done(
             if kill_now and kill_at is not None and now >= kill_at:
                 break
             assert now - started < timeout, f"{target.__name__} ran for over {timeout} s"
-            time.sleep(0.0005 if mode == "in flight" and kill_now else 0.005)
+            time.sleep(poll / 10 if mode == "in flight" and kill_now else poll)
         if child.is_alive():
             writing = in_flight()
+            started_by_child = tagged_processes(tag) if tag else []
             child.kill()
             child.join()
             kills_here += 1
             log.kills += 1
             log.kills_in_flight += writing
             log.progress_at_kill.append(progress())
+            if tag:
+                log.workers_at_kill.append(len(started_by_child))
+                _assert_none_outlive(tag, grace, log, f"the killed {target.__name__}")
             watcher.check()
             continue
         child.join()
         assert child.exitcode == 0, f"{target.__name__} failed with exit code {child.exitcode}"
+        if tag:
+            _assert_none_outlive(tag, grace, log, f"the finished {target.__name__}")
         watcher.check()
         log.finished_runs += 1
         return
+
+
+def _assert_none_outlive(tag: str, grace: float, log: KillLog, whose: str) -> None:
+    alive, waited = outliving(tag, grace)
+    log.worker_ends.append(round(waited, 2))
+    if alive:
+        described = [_describe_process(pid) for pid in alive]
+        end_orphans(alive)
+        raise AssertionError(f"{len(alive)} processes started by {whose} outlived it: {described}")
+
+
+def _describe_process(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} (state {state[0]}, parent {state[1]}): {command}"
 
 
 def read_curated_as_a_reader(root: Path):

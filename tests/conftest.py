@@ -124,6 +124,28 @@ def tiny_filter(tmp_path_factory, tiny_tokenizer):
     return build_tiny_blip(tmp_path_factory.mktemp("filter"), tiny_tokenizer, "filter", seed=1)
 
 
+def images_schema():
+    """img2dataset's Parquet schema of an images/ shard."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("url", pa.string()),
+            ("caption", pa.string()),
+            ("status", pa.string()),
+            ("error_message", pa.string()),
+            ("width", pa.int64()),
+            ("height", pa.int64()),
+            ("original_width", pa.int64()),
+            ("original_height", pa.int64()),
+            ("exif", pa.string()),
+            ("sha256", pa.string()),
+            ("jpg", pa.binary()),
+        ]
+    )
+
+
 def write_images_dataset(
     root, n_shards: int = 2, per_shard: int = 6, seed: int = 0, bad_keys: tuple[str, ...] = ()
 ):
@@ -188,22 +210,7 @@ def write_images_dataset(
                 )
             )
             truths.append((key, caption))
-        schema = pa.schema(
-            [
-                ("key", pa.string()),
-                ("url", pa.string()),
-                ("caption", pa.string()),
-                ("status", pa.string()),
-                ("error_message", pa.string()),
-                ("width", pa.int64()),
-                ("height", pa.int64()),
-                ("original_width", pa.int64()),
-                ("original_height", pa.int64()),
-                ("exif", pa.string()),
-                ("sha256", pa.string()),
-                ("jpg", pa.binary()),
-            ]
-        )
+        schema = images_schema()
         table = pa.table({n: [r[n] for r in rows] for n in schema.names}, schema=schema)
         ds.write_shard("images", shard, table)
     return truths

@@ -27,6 +27,18 @@ def test_every_command_has_an_example_and_documented_options():
         assert result.exit_code == 0, result.output
 
 
+def test_every_file_a_help_text_names_exists():
+    """`capfilt run --help` once named pipelines/blip_base_cc3m.toml, which never existed."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    runner = CliRunner()
+    for name in COMMANDS:
+        text = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"}).output
+        for path in re.findall(r"(?:pipelines|data_manifests)/[\w.-]+\.toml", text):
+            assert (root / path).is_file(), f"capfilt {name} --help names {path}"
+
+
 def test_readme_documents_every_command():
     for name in COMMANDS:
         assert f"`capfilt {name}" in README, f"README does not document `capfilt {name}`"

@@ -41,7 +41,7 @@ def test_parquet_export_is_self_contained(scored, image_bytes, curated_texts, tm
     out = tmp_path / "pq"
     result = export_data(Dataset(scored.root), "parquet", str(out))
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["00000.parquet", "00001.parquet", "_capfilt_export.json", "_provenance"]
+    assert names == [".provenance", "00000.parquet", "00001.parquet", "_capfilt_export.json"]
     table = pq.read_table(out)  # pyarrow skips the _ names
     assert table.column_names == [
         "key",

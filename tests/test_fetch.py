@@ -128,7 +128,7 @@ def test_rerun_resumes_only_missing_shards(web, fetched, tmp_path):
     ds = tmp_path / "ds"
     shutil.copytree(fetched["dataset"], ds)
     (ds / "images" / "00001.parquet").unlink()
-    (ds / "images" / "00001_stats.json").unlink()
+    Path(Dataset(str(ds)).stats_path("images", 1)).unlink()
     # As if the first run had been killed before it could record itself.
     manifest = json.loads((ds / "capfilt.json").read_text())
     (ds / "capfilt.json").write_text(json.dumps({**manifest, "runs": []}))
@@ -365,3 +365,21 @@ def test_reserved_column_names_are_not_kept(tmp_path):
     listing.cleanup()
     assert listing.extra_columns == ["licence"]
     assert listing.skipped_columns == ["key", "status"]
+
+
+def test_folder_readers_read_images_as_one_table(fetched):
+    """pandas, pyarrow and datasets read a stage folder whole: only shards sit in it (the stats
+    and provenance files live in the hidden .stats/ and .provenance/, which they skip)."""
+    import pandas as pd
+    from datasets import load_dataset
+
+    images = Path(fetched["dataset"]) / "images"
+    assert sorted(p.name for p in images.iterdir() if p.is_file()) == [
+        "00000.parquet",
+        "00001.parquet",
+        "00002.parquet",
+    ]
+    rows = len(pd.read_parquet(images, columns=["key"]))
+    assert rows == 17
+    loaded = load_dataset("parquet", data_dir=str(images), split="train")
+    assert loaded.num_rows == 17

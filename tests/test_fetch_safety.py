@@ -40,8 +40,8 @@ def _fetch(tmp_path, urls: list[str], **options) -> dict[str, dict]:
         ("172.16.0.1", "private"),
         ("192.168.1.1", "private"),
         ("fd12:3456::1", "private"),
-        ("169.254.1.1", "link-local"),
-        ("fe80::1%eth0", "link-local"),
+        ("fec0::1", "site-local"),
+        ("64:ff9b:1::808:808", "private"),  # local-use NAT64 (RFC 8215) is not routed globally
         ("0.0.0.0", "unspecified"),
         ("100.64.0.1", "not a public"),
         ("224.0.0.1", "multicast"),
@@ -52,15 +52,93 @@ def test_private_addresses_are_refused_unless_allowed(address, kind):
     assert safe_fetch.refusal_for_address(address, allow_private=True) is None
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "151.101.1.69", "2606:4700:4700::1111"])
+# Teredo (2001::/32) carries its client's IPv4 with every bit inverted, in the last 32 bits.
+TEREDO_LOOPBACK = "2001:0:4136:e378:8000:63bf:80ff:fffe"  # client 127.0.0.1
+TEREDO_METADATA = "2001:0:4136:e378:8000:63bf:5601:5601"  # client 169.254.169.254
+
+
+@pytest.mark.parametrize(
+    "address, inside, kind",
+    [
+        ("::7f00:1", "127.0.0.1", "loopback"),  # IPv4-compatible (::/96, deprecated)
+        ("::a00:1", "10.0.0.1", "private"),
+        ("::ffff:0:7f00:1", "127.0.0.1", "loopback"),  # IPv4-translated (::ffff:0:0:0/96)
+        ("64:ff9b::7f00:1", "127.0.0.1", "loopback"),  # NAT64 (64:ff9b::/96)
+        ("64:ff9b::c0a8:101", "192.168.1.1", "private"),
+        ("2002:7f00:1::", "127.0.0.1", "loopback"),  # 6to4 (2002::/16)
+        ("2002:a00:1:5::1", "10.0.0.1", "private"),
+        (TEREDO_LOOPBACK, "127.0.0.1", "loopback"),
+    ],
+)
+def test_ipv6_forms_carrying_an_ipv4_address_are_judged_by_it(address, inside, kind):
+    reason = safe_fetch.refusal_for_address(address, allow_private=False)
+    assert reason is not None and inside in reason and kind in reason, reason
+    assert safe_fetch.refusal_for_address(address, allow_private=True) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "151.101.1.69",
+        "2606:4700:4700::1111",
+        "::ffff:8.8.8.8",
+        "64:ff9b::808:808",  # NAT64 for 8.8.8.8
+        "2002:808:808::1",  # 6to4 for 8.8.8.8
+    ],
+)
 def test_public_addresses_are_allowed(address):
     assert safe_fetch.refusal_for_address(address, allow_private=False) is None
 
 
-@pytest.mark.parametrize("address", ["169.254.169.254", "fd00:ec2::254", "100.100.100.200"])
-def test_metadata_addresses_are_refused_even_when_private_ones_are_allowed(address):
+@pytest.mark.parametrize(
+    "address, named",
+    [
+        ("169.254.169.254", "169.254.169.254"),
+        ("fd00:ec2::254", "fd00:ec2::254"),  # AWS instance metadata over IPv6
+        ("fd00:ec2::23", "fd00:ec2::23"),  # AWS EKS Pod Identity over IPv6
+        ("169.254.170.2", "169.254.170.2"),  # AWS ECS task credentials
+        ("169.254.170.23", "169.254.170.23"),  # AWS EKS Pod Identity
+        ("fd20:ce::254", "fd20:ce::254"),  # GCP over IPv6
+        ("100.100.100.200", "100.100.100.200"),  # Alibaba Cloud
+        ("168.63.129.16", "168.63.129.16"),  # Azure WireServer
+        ("192.0.0.192", "192.0.0.192"),  # Oracle Cloud
+        ("::ffff:169.254.169.254", "169.254.169.254"),
+        ("::a9fe:a9fe", "169.254.169.254"),
+        ("::ffff:0:a9fe:a9fe", "169.254.169.254"),
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+        ("64:ff9b::a83f:8110", "168.63.129.16"),
+        ("64:ff9b:1::a9fe:a9fe", "169.254.169.254"),  # local-use NAT64 with a /96 prefix
+        ("64:ff9b:1:a9fe:a9:fe00::", "169.254.169.254"),  # … with a /48 prefix
+        ("2002:a9fe:a9fe::", "169.254.169.254"),
+        (TEREDO_METADATA, "169.254.169.254"),
+    ],
+)
+def test_metadata_addresses_are_refused_even_when_private_ones_are_allowed(address, named):
     for allow in (False, True):
-        assert "metadata" in safe_fetch.refusal_for_address(address, allow_private=allow)
+        reason = safe_fetch.refusal_for_address(address, allow_private=allow)
+        assert reason is not None and "metadata" in reason and named in reason, reason
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "169.254.1.1",
+        "169.254.0.23",
+        "169.254.255.254",
+        "fe80::1%eth0",
+        "fe80::a9fe:a9fe",
+        "::ffff:169.254.1.1",
+        "64:ff9b::a9fe:101",
+        "2002:a9fe:101::",
+    ],
+)
+def test_link_local_is_refused_even_when_private_addresses_are_allowed(address):
+    """Cloud credential services sit on link-local addresses, not only the known ones."""
+    for allow in (False, True):
+        reason = safe_fetch.refusal_for_address(address, allow_private=allow)
+        assert reason is not None and "link-local" in reason, reason
+        assert "refused even with --allow-private-addresses" in reason
 
 
 def test_refused_by_default_allowed_with_the_flag(tmp_path):
@@ -146,6 +224,82 @@ def test_redirects_and_dns_answers_cannot_reach_loopback(tmp_path, monkeypatch):
         assert rows[url]["status"] == status, rows[url]
         if reason:
             assert reason in rows[url]["error_message"], rows[url]
+
+
+def test_disguised_and_link_local_addresses_are_refused_after_dns_and_redirects(
+    tmp_path, monkeypatch
+):
+    """The connection path vets what DNS and redirects hand it with refusal_for_address."""
+    dns = {
+        "nat64.example.test": "64:ff9b::7f00:1",
+        "sixtofour.example.test": "2002:7f00:1::",
+        "eks.example.test": "169.254.170.23",
+        "eks6.example.test": "fd00:ec2::23",
+        "wire.example.test": "168.63.129.16",
+        "linklocal.example.test": "169.254.7.7",
+        "mixed.example.test": ("10.0.0.1", "64:ff9b::a9fe:a9fe"),
+    }
+    real_resolve = safe_fetch._resolve
+
+    def resolve(host, port):
+        if host not in dns:
+            return real_resolve(host, port)
+        answers = dns[host] if isinstance(dns[host], tuple) else (dns[host],)
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in answers
+        ]
+
+    monkeypatch.setattr(safe_fetch, "_resolve", resolve)
+    # Without the flag: a loopback address in IPv6 dress is loopback, and the flag is offered;
+    # when one of a name's addresses is refused whatever the flag, that one is reported.
+    expected = {
+        "http://nat64.example.test/a.jpg": "64:ff9b::7f00:1 is a NAT64 address for 127.0.0.1",
+        "http://sixtofour.example.test/a.jpg": "is a 6to4 address for 127.0.0.1",
+        "http://[::7f00:1]/a.jpg": "for 127.0.0.1, a loopback address",
+        "http://mixed.example.test/a.jpg": "169.254.169.254, a cloud metadata address",
+    }
+    rows = _fetch(tmp_path / "default", list(expected), timeout=2)
+    for url, reason in expected.items():
+        assert rows[url]["status"] == "failed_to_download", rows[url]
+        assert reason in rows[url]["error_message"], rows[url]["error_message"]
+        offered = "--allow-private-addresses" in rows[url]["error_message"]
+        assert offered == ("mixed" not in url), rows[url]["error_message"]
+
+    # With the flag: credential endpoints stay refused, named directly, through DNS or by a
+    # redirect from an allowed server (127.0.0.2).
+    redirects = {
+        "/to-nat64": "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
+        "/to-6to4": "http://[2002:a9fe:a9fe::1]/latest/meta-data/",
+        "/to-teredo": f"http://[{TEREDO_METADATA}]/latest/meta-data/",
+        "/to-compat": "http://[::a9fe:a9fe]/latest/meta-data/",
+        "/to-wireserver": "http://168.63.129.16/machine/?comp=goalstate",
+        "/to-eks": "http://eks.example.test/v1/credentials",
+        "/to-link-local": "http://169.254.42.42/",
+    }
+    routes = {
+        path: (lambda target: lambda p: p.redirect(target))(t) for path, t in redirects.items()
+    }
+    with hostile_server("127.0.0.2", routes) as (base, pages):
+        expected = {base + path: "cloud metadata" for path in redirects}
+        expected[base + "/to-link-local"] = "169.254.42.42 is a link-local address"
+        expected.update(
+            {
+                "http://eks.example.test/a.jpg": "169.254.170.23 is a cloud metadata address",
+                "http://eks6.example.test/a.jpg": "fd00:ec2::23 is a cloud metadata address",
+                "http://wire.example.test/a.jpg": "168.63.129.16 is a cloud metadata address",
+                "http://[fd00:ec2::254]/latest/": "cloud metadata",
+                "http://linklocal.example.test/a.jpg": "refused even with --allow-private",
+                "http://[fe80::1]/a.jpg": "fe80::1 is a link-local address",
+            }
+        )
+        rows = _fetch(tmp_path / "allowed", list(expected), allow_private_addresses=True, timeout=2)
+    assert sorted(pages.requests) == sorted(redirects)  # each redirect was followed, no further
+    for url, reason in expected.items():
+        assert rows[url]["status"] == "failed_to_download", rows[url]
+        message = rows[url]["error_message"]
+        assert reason in message, (url, message)
+        assert "pass --allow-private-addresses" not in message, message
 
 
 # --- size and time ---------------------------------------------------------------------------

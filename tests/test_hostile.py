@@ -1,41 +1,61 @@
-"""Hostile images and captions through every door: fetch, ingest, and the decoding of caption
-and filter. A broken file is an error row with a reason; an odd but valid one (CMYK, 16-bit,
-alpha, palette, animated, EXIF-rotated, 1×1) decodes upright and in RGB; a decompression bomb
-is refused with bounded memory; odd captions are kept, and scored without a crash.
+"""Hostile images and captions through every door: decoding, the resize of fetch and ingest,
+fetch, ingest, caption, filter, query, report and export-data. A broken file is an error row
+with a reason; an odd but valid one (CMYK, 16-bit, alpha, palette, animated, EXIF-rotated,
+progressive, TIFF, BMP, ICO, JPEG 2000, WebP, greyscale, 1×4000, with trailing bytes or a ZIP
+behind it) decodes upright and in RGB; a decompression bomb is refused with bounded memory;
+odd captions are kept as written, scored without a crash, printed and exported as written and
+escaped in the HTML report. The kinds and their stages are the registry's (tests/_hostile.py).
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
+import re
 import subprocess
 import sys
+import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
-from _hostile import Hostile, close, corpus, decompression_bomb, hostile_server, jpeg
+from _hostile import (
+    CAPTIONS,
+    HTML_CAPTION,
+    INVALID_UTF8_CAPTIONS,
+    Hostile,
+    caption_csv,
+    close,
+    corpus,
+    decompression_bomb,
+    exercised,
+    hostile_server,
+    images_row,
+    images_schema,
+    jpeg,
+    names_through,
+)
 from _web import read_images
 
 from capfilt.core.layout import Dataset
+from capfilt.core.text import printable
 from capfilt.images.decode import decode_image
 
 HOSTILE = corpus()
 GOOD = jpeg()
 BOMB = Hostile("decompression_bomb", b"", False)  # bytes made on demand: ~1 MB, 0.6 s
-LONG_CAPTION = "a red circle on a white background " * 286  # 10,010 characters
-# (name, raw caption bytes in the csv, caption expected in images/)
-CAPTIONS = [
-    ("caption_empty", b"", None),  # an empty csv field is a missing caption
-    ("caption_latin1", "café au lait".encode("latin-1"), "caf\ufffd au lait"),
-    ("caption_long", LONG_CAPTION.encode(), LONG_CAPTION),
-    ("caption_emoji", "🐱🐶🎉".encode(), "🐱🐶🎉"),
-]
+IMAGES = (*HOSTILE, BOMB)
 IMAGE_ERRORS = {
     "zero_bytes": "no image bytes",
     "truncated_jpeg": "cannot decode image",
     "html_as_jpg": "cannot decode image",
+    "png_bad_header_crc": "cannot decode image",
+    "svg_text": "cannot decode image",
     "decompression_bomb": "image too large",
 }
+ESCAPED = "capfilt-polyglot-escaped.txt"  # what the ZIP behind polyglot_zip would write
 
 
 def _bytes(entry: Hostile) -> bytes:
@@ -50,7 +70,7 @@ def _decoded_jpg(jpg: bytes):
 
 def _check_image_rows(rows: dict[str, dict]) -> None:
     """Rows named by hostile file: decodable ones upright RGB at their size, the rest errors."""
-    for entry in (*HOSTILE, BOMB):
+    for entry in IMAGES:
         row = rows[entry.name]
         if entry.decodes:
             assert row["status"] == "success", row
@@ -66,33 +86,35 @@ def _check_image_rows(rows: dict[str, dict]) -> None:
 
 
 def _check_caption_rows(rows: dict[str, dict]) -> None:
-    for name, _, expected in CAPTIONS:
-        assert rows[name]["status"] == "success"
-        assert rows[name]["caption"] == expected, name
+    for caption in CAPTIONS:
+        assert rows[caption.name]["status"] == "success"
+        assert rows[caption.name]["caption"] == caption.expected, caption.name
 
 
-def _csv(rows: list[tuple[str, bytes]], first: str) -> bytes:
-    """A csv (as bytes, so a caption may hold any bytes) with columns `first`, caption."""
-    lines = [f"{first},caption".encode()]
-    for value, caption in rows:
-        quoted = b'"' + caption.replace(b'"', b'""') + b'"' if caption else b""
-        lines.append(value.encode() + b"," + quoted)
-    return b"\n".join(lines) + b"\n"
-
-
-def _rows_by_caption(dataset: Path) -> dict[str, dict]:
-    table = Dataset(str(dataset)).read_stage("images")
-    rows = table.to_pylist()
-    named = {r["caption"]: r for r in rows if r["caption"] in {e.name for e in (*HOSTILE, BOMB)}}
+def _rows_by_name(dataset: Path) -> dict[str, dict]:
+    """Rows of images/ by kind: an image kind is its caption, a caption kind its URL's name."""
+    rows = Dataset(str(dataset)).read_stage("images").to_pylist()
+    named = {r["caption"]: r for r in rows if r["caption"] in {e.name for e in IMAGES}}
     by_url = {r["url"].rsplit("/", 1)[-1].split(".")[0]: r for r in rows}
-    named.update({name: by_url[name] for name, _, _ in CAPTIONS})
+    named.update({c.name: by_url[c.name] for c in CAPTIONS})
+    assert len(rows) == len(IMAGES) + len(CAPTIONS)  # every row once
     return named
+
+
+def _nothing_escaped(*folders: Path) -> None:
+    """The ZIP inside polyglot_zip was never unpacked: no file it holds exists anywhere near."""
+    for folder in folders:
+        for parent in (folder, *list(folder.parents)[:3]):
+            assert not (parent / ESCAPED).exists(), parent
 
 
 # --- decoding for caption and filter ---------------------------------------------------------
 @pytest.mark.parametrize("entry", HOSTILE, ids=[e.name for e in HOSTILE])
 def test_decode_image(entry):
-    decoded = decode_image(entry.data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoded = decode_image(entry.data)
+    assert not caught, [str(w.message) for w in caught]  # nothing for the screen
     assert decoded.ok is entry.decodes, decoded.error
     if entry.decodes:
         assert decoded.image.mode == "RGB" and decoded.image.size == entry.size
@@ -100,6 +122,11 @@ def test_decode_image(entry):
         assert close(decoded.image.getpixel((x, y)), colour)
     else:
         assert decoded.error and decoded.image is None
+        assert IMAGE_ERRORS[entry.name] in decoded.error
+
+
+def test_the_decode_tests_cover_the_registry():
+    exercised("image", "decode", [e.name for e in HOSTILE] + ["decompression_bomb"])
 
 
 def test_decompression_bomb_is_refused_with_bounded_memory():
@@ -129,26 +156,100 @@ print(json.dumps(dict(grew_kib=after - before, decode=decoded.error, resize=erro
     assert got["grew_kib"] < 32 * 1024, got  # peak RSS grew by less than 32 MiB
 
 
+# --- the resize of fetch and ingest, with the default mode --------------------------------------
+def _resize_params() -> list:
+    params = []
+    for entry in IMAGES:
+        params.append(pytest.param(entry, id=entry.name))
+    return params
+
+
+@pytest.fixture(scope="module")
+def small_resizer():
+    """img2dataset's resizer behind capfilt's guard, as fetch and ingest build it (keep_ratio:
+    the smaller side becomes 32)."""
+    from capfilt.sources.safe_fetch import SafeResizer
+
+    return SafeResizer.wrapping(
+        image_size=32, resize_mode="keep_ratio", resize_only_if_bigger=False, encode_quality=95
+    )
+
+
+@pytest.mark.parametrize("entry", _resize_params())
+def test_default_resize_gives_a_picture_or_a_reason(entry, small_resizer):
+    jpg, width, height, original_width, original_height, error = small_resizer(
+        io.BytesIO(_bytes(entry))
+    )
+    if not entry.decodes:
+        assert jpg is None and IMAGE_ERRORS[entry.name] in error
+        return
+    if entry.name == "tall_1x4000":  # 32 × 128,000 cannot be a JPEG: it must say why
+        assert jpg is None and "too large" in error, error
+        return
+    assert error is None and (original_width, original_height) == entry.size
+    assert min(width, height) == 32  # keep_ratio: the smaller side is the target
+    assert abs(width / height - entry.size[0] / entry.size[1]) < 0.1  # upright, same shape
+    x, y, colour = entry.probe
+    scaled = (x * width // entry.size[0], y * height // entry.size[1])
+    assert close(_decoded_jpg(jpg).getpixel(scaled), colour), entry.name
+
+
+def test_the_resize_tests_cover_the_registry():
+    exercised("image", "resize", [e.name for e in IMAGES])
+
+
+def test_resize_refuses_what_would_grow_into_a_bomb():
+    """A 102-byte 1×4000 PNG with fetch's defaults (keep_ratio, 384), and a 40×20 JPEG with
+    --image-size 100000 (a data manifest may set it): both must be refused as too large
+    without OpenCV allocating the picture (1.7 GB and 60 GB). Measured under an address-space
+    limit, so that today's allocation fails instead of taking the machine's memory."""
+    code = f"""
+import io, json, resource, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from _hostile import jpeg, tall_png
+from capfilt.sources.safe_fetch import SafeResizer
+def resizer(size):
+    return SafeResizer.wrapping(image_size=size, resize_mode="keep_ratio",
+                                resize_only_if_bigger=False, encode_quality=95)
+default, huge = resizer(384), resizer(100_000)
+size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (size * 1024 + 512 * 2**20, resource.RLIM_INFINITY))
+print(json.dumps([default(io.BytesIO(tall_png()))[-1], huge(io.BytesIO(jpeg()))[-1]]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    for error in errors:
+        assert error and "too large" in error, errors
+
+
 # --- fetch -----------------------------------------------------------------------------------
 def test_fetch_turns_hostile_images_into_rows(tmp_path):
     from capfilt.stages.fetch import FetchOptions, fetch
 
-    routes = {f"/{e.name}.jpg": (lambda p, e=e: p.body(_bytes(e))) for e in (*HOSTILE, BOMB)}
-    routes.update({f"/{name}.jpg": lambda p: p.body(GOOD) for name, _, _ in CAPTIONS})
+    routes = {f"/{e.name}.jpg": (lambda p, e=e: p.body(_bytes(e))) for e in IMAGES}
+    routes.update({f"/{c.name}.jpg": lambda p: p.body(GOOD) for c in CAPTIONS})
     with hostile_server("127.0.0.1", routes) as (base, _):
-        listed = [(f"{base}/{e.name}.jpg", e.name.encode()) for e in (*HOSTILE, BOMB)]
-        listed += [(f"{base}/{name}.jpg", raw) for name, raw, _ in CAPTIONS]
+        listed = [(f"{base}/{e.name}.jpg", e.name.encode()) for e in IMAGES]
+        listed += [(f"{base}/{c.name}.jpg", c.raw) for c in CAPTIONS]
         url_list = tmp_path / "urls.csv"
-        url_list.write_bytes(_csv(listed, "url"))
+        url_list.write_bytes(caption_csv(listed, "url"))
         options = FetchOptions(resize_mode="no", threads=4, allow_private_addresses=True)
-        result = fetch(str(url_list), str(tmp_path / "ds"), options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fetch(str(url_list), str(tmp_path / "ds"), options)
+    assert not [str(w.message) for w in caught if _ours(w)]
     assert result.complete and result.rows_in_images == len(listed)
-    rows = _rows_by_caption(tmp_path / "ds")
+    rows = _rows_by_name(tmp_path / "ds")
     _check_image_rows(rows)
     _check_caption_rows(rows)
     source = Dataset(str(tmp_path / "ds")).read_manifest()["source"]
-    assert source["invalid_utf8_values"] == 1
+    assert source["invalid_utf8_values"] == INVALID_UTF8_CAPTIONS
     assert len(read_images(tmp_path / "ds")) == len(listed)  # nothing dropped
+    _nothing_escaped(tmp_path, Path.cwd())
+    exercised("image", "fetch", [e.name for e in IMAGES])
+    exercised("caption", "fetch", [c.name for c in CAPTIONS])
 
 
 # --- ingest ----------------------------------------------------------------------------------
@@ -158,85 +259,249 @@ def test_ingest_turns_hostile_files_into_rows(tmp_path):
     folder = tmp_path / "src"
     folder.mkdir()
     listed = []
-    for entry in (*HOSTILE, BOMB):
+    for entry in IMAGES:
         (folder / f"{entry.name}.img").write_bytes(_bytes(entry))
         listed.append((f"{entry.name}.img", entry.name.encode()))
-    for name, raw, _ in CAPTIONS:
-        (folder / f"{name}.jpg").write_bytes(GOOD)
-        listed.append((f"{name}.jpg", raw))
-    (folder / "captions.csv").write_bytes(_csv(listed, "file_name"))
-    result = ingest(str(folder), str(tmp_path / "ds"), IngestOptions(resize_mode="no"))
+    for caption in CAPTIONS:
+        (folder / f"{caption.name}.jpg").write_bytes(GOOD)
+        listed.append((f"{caption.name}.jpg", caption.raw))
+    (folder / "captions.csv").write_bytes(caption_csv(listed, "file_name"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = ingest(str(folder), str(tmp_path / "ds"), IngestOptions(resize_mode="no"))
+    assert not [str(w.message) for w in caught if _ours(w)]
     assert result.rows == len(listed) and result.counts["count"] == len(listed)
-    rows = _rows_by_caption(tmp_path / "ds")
+    rows = _rows_by_name(tmp_path / "ds")
     _check_image_rows(rows)
     _check_caption_rows(rows)
-    assert Dataset(str(tmp_path / "ds")).read_manifest()["source"]["invalid_utf8_values"] == 1
+    manifest = Dataset(str(tmp_path / "ds")).read_manifest()
+    assert manifest["source"]["invalid_utf8_values"] == INVALID_UTF8_CAPTIONS
+    _nothing_escaped(tmp_path, Path.cwd())
+    exercised("image", "ingest", [e.name for e in IMAGES])
+    exercised("caption", "ingest", [c.name for c in CAPTIONS])
 
 
-# --- caption and filter ----------------------------------------------------------------------
+# --- caption, filter, query, report and export-data over one dataset ---------------------------
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "2000"})
+    assert result.exit_code == 0, (args[0], result.output, result.exception)
+    return result
+
+
 @pytest.fixture(scope="module")
-def hostile_dataset(tmp_path_factory):
-    """images/ whose rows all say success but hold hostile bytes, with hostile web captions
-    (as if another tool had written them)."""
+def hostile_dataset(tmp_path_factory, tiny_captioner, tiny_filter):
+    """images/ whose rows all say success but hold hostile bytes (the bomb too), with hostile
+    web captions (as if another tool had written them); then caption, filter at threshold 0
+    (every scored pair is kept), report, export-data and query, each run once over it."""
     import pyarrow as pa
 
-    entries = [(e.name, e.data, e.name) for e in HOSTILE]
-    entries += [(name, GOOD, expected) for name, _, expected in CAPTIONS]
+    from capfilt.stages.caption import CaptionOptions, caption_dataset
+    from capfilt.stages.filter import FilterOptions, filter_dataset
+
+    entries = [(e.name, _bytes(e), e.name) for e in IMAGES]
+    entries += [(c.name, GOOD, c.expected) for c in CAPTIONS]
     entries.append(("caption_blank", GOOD, ""))
     rows = [
-        dict(
-            key=f"{i:09d}",
-            url=f"http://example.com/{name}",
-            caption=caption,
-            status="success",
-            error_message=None,
-            jpg=data,
-        )
-        for i, (name, data, caption) in enumerate(entries)
+        images_row(f"{i:09d}", caption, jpg=data) for i, (_, data, caption) in enumerate(entries)
     ]
     root = tmp_path_factory.mktemp("hostile") / "ds"
-    Dataset(str(root)).write_shard("images", 0, pa.Table.from_pylist(rows))
-    return root, {r["key"]: name for r, (name, _, _) in zip(rows, entries, strict=True)}
+    Dataset(str(root)).write_shard("images", 0, pa.Table.from_pylist(rows, schema=images_schema()))
+    names = {r["key"]: name for r, (name, _, _) in zip(rows, entries, strict=True)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        caption_dataset(
+            str(root),
+            CaptionOptions(
+                model=str(tiny_captioner), device="cpu", num_workers=0, batch_size=8, max_length=8
+            ),
+            progress=False,
+        )
+        filter_dataset(
+            str(root),
+            FilterOptions(
+                threshold=0.0, model=str(tiny_filter), device="cpu", num_workers=0, batch_size=8
+            ),
+            progress=False,
+        )
+    out = root.parent / "wds"
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        report = _invoke("report", str(root), "--examples", "200", "--threshold", "0")
+    outputs = {
+        "model_warnings": [str(w.message) for w in caught if _ours(w)],
+        "report_warnings": [str(w.message) for w in shown if _ours(w)],
+        "report": report,
+        "export": _invoke("export-data", str(root), "--format", "webdataset", "--out", str(out)),
+        "query": _invoke(
+            "query", str(root), "select key, caption, status from images", "-f", "json"
+        ),
+    }
+    return root, names, out, outputs
 
 
-def test_caption_gives_undecodable_images_an_error_row(hostile_dataset, tiny_captioner):
-    from capfilt.stages.caption import CaptionOptions, caption_dataset
+def _ours(warning) -> bool:
+    """A warning about the images (PIL's), not about the libraries' versions."""
+    return "PIL" in warning.filename
 
-    root, names = hostile_dataset
-    config = CaptionOptions(
-        model=str(tiny_captioner), device="cpu", num_workers=0, batch_size=8, max_length=8
-    )
-    caption_dataset(str(root), config, progress=False)
-    rows = Dataset(str(root)).read_stage("captions").to_pylist()
-    by_name = {names[r["key"]]: r for r in rows}
+
+def _by_name(root: Path, names: dict, stage: str) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for row in Dataset(str(root)).read_stage(stage).to_pylist():
+        found.setdefault(names[row["key"]], []).append(row)
+    return found
+
+
+def test_caption_gives_undecodable_images_an_error_row(hostile_dataset):
+    root, names, _, outputs = hostile_dataset
+    assert not outputs["model_warnings"]  # a damaged file is a row, not a warning on screen
+    by_name = _by_name(root, names, "captions")
     assert set(by_name) == set(names.values())  # one row per image, none dropped
-    for entry in HOSTILE:
-        row = by_name[entry.name]
+    assert all(len(rows) == 1 for rows in by_name.values())
+    for entry in IMAGES:
+        row = by_name[entry.name][0]
         if entry.decodes:
             assert row["status"] == "success" and isinstance(row["text"], str), row
         else:
-            assert row["status"] == "error" and row["text"] is None and row["error_message"]
+            assert row["status"] == "error" and row["text"] is None, row
+            assert IMAGE_ERRORS[entry.name] in row["error_message"]
+    exercised("image", "caption", [e.name for e in IMAGES])
 
 
-def test_filter_scores_odd_captions_and_skips_undecodable_images(hostile_dataset, tiny_filter):
-    from capfilt.stages.filter import FilterOptions, filter_dataset
-
-    root, names = hostile_dataset
-    config = FilterOptions(
-        threshold=0.0, model=str(tiny_filter), device="cpu", num_workers=0, batch_size=8
-    )
-    filter_dataset(str(root), config, progress=False)
-    scores = Dataset(str(root)).read_stage("scores").to_pylist()
-    web = {names[r["key"]]: r for r in scores if r["source"] == "web"}
-    assert set(web) == set(names.values())
-    for entry in HOSTILE:
+def test_filter_scores_odd_captions_and_skips_undecodable_images(hostile_dataset):
+    root, names, _, _ = hostile_dataset
+    scores = _by_name(root, names, "scores")
+    web = {name: [r for r in rows if r["source"] == "web"] for name, rows in scores.items()}
+    assert set(web) == set(names.values()) and all(len(r) == 1 for r in web.values())
+    web = {name: rows[0] for name, rows in web.items()}
+    for entry in IMAGES:
         assert (web[entry.name]["itm_score"] is None) is (not entry.decodes), entry.name
-    # A 10,000-character caption is cut to BLIP's text length, not a crash; emoji, U+FFFD and
-    # a blank caption are scored like any text; a missing caption gets no score.
-    for name in ("caption_long", "caption_emoji", "caption_latin1", "caption_blank"):
-        assert 0.0 <= web[name]["itm_score"] <= 1.0, web[name]
-    assert web["caption_long"]["text"] == LONG_CAPTION
-    assert web["caption_empty"]["itm_score"] is None
+        synthetic = [r for r in scores[entry.name] if r["source"] == "synthetic"]
+        assert len(synthetic) == (1 if entry.decodes else 0), entry.name
+    # A 100,000-character caption is cut to BLIP's text window, not a crash, and kept whole in
+    # scores/; emoji, U+FFFD, controls, RTL overrides, markup, newlines and a blank caption
+    # are scored like any text; a missing caption gets no score.
+    for caption in CAPTIONS:
+        row = web[caption.name]
+        assert row["text"] == caption.expected, caption.name
+        if caption.expected is None:
+            assert row["itm_score"] is None
+        else:
+            assert 0.0 <= row["itm_score"] <= 1.0, row
+    assert 0.0 <= web["caption_blank"]["itm_score"] <= 1.0
+    exercised("image", "filter", [e.name for e in IMAGES])
+    exercised("caption", "filter", [c.name for c in CAPTIONS])
+
+
+def test_query_returns_every_row_once_as_written(hostile_dataset):
+    root, names, _, outputs = hostile_dataset
+    rows = [json.loads(line) for line in outputs["query"].output.splitlines()]
+    assert sorted(r["key"] for r in rows) == sorted(names)  # every row, once
+    by_name = {names[r["key"]]: r for r in rows}
+    for entry in IMAGES:
+        assert by_name[entry.name]["caption"] == entry.name
+    for caption in CAPTIONS:
+        assert by_name[caption.name]["caption"] == caption.expected, caption.name
+    # A caption that reads as SQL is data: the table it names is still there.
+    count = _invoke("query", str(root), "select count(*) as n from images", "-f", "csv")
+    assert count.output.split() == ["n", str(len(names))]
+    exercised("image", "query", [e.name for e in IMAGES])
+    exercised("caption", "query", [c.name for c in CAPTIONS])
+
+
+def _report_examples(page: str) -> dict[str, list[str | None]]:
+    """The report's examples: alt text (the web caption, unescaped) → thumbnails (data URIs)."""
+    found: dict[str, list[str | None]] = {}
+    for match in re.finditer(r'<img src="(data:image/jpeg;base64,[^"]*)" alt="([^"]*)"', page):
+        found.setdefault(html.unescape(match.group(2)), []).append(match.group(1))
+    return found
+
+
+def _thumbnail(uri: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+
+
+def test_report_escapes_captions_and_shows_each_image(hostile_dataset):
+    root, names, _, outputs = hostile_dataset
+    assert "Traceback" not in outputs["report"].output
+    page = next(root.glob("reports/gen-*/report.html")).read_bytes().decode()
+    summary = json.loads(next(root.glob("reports/gen-*/summary.json")).read_text())
+    assert summary["stages"]["images"]["rows"] == len(names)
+    # Markup in a caption is text: the page holds no element a caption brought in.
+    assert "<script" not in page and "<img src=x" not in page
+    assert html.escape(HTML_CAPTION, quote=True) in page
+    examples = _report_examples(page)
+    for caption in CAPTIONS:
+        if caption.expected and len(caption.expected) < 1000:
+            # as written, control characters shown as \xNN (core/text.py), as in the terminal
+            shown = html.escape(printable(caption.expected), quote=True)
+            assert shown in page, caption.name
+    for entry in IMAGES:  # a kept web pair of each decodable image, with its thumbnail
+        if entry.decodes:
+            assert examples.get(entry.name), entry.name
+        else:
+            assert entry.name not in examples  # never scored, so never an example
+    exercised("image", "report", [e.name for e in IMAGES])
+    exercised("caption", "report", [c.name for c in CAPTIONS])
+
+
+def test_report_html_holds_no_control_characters(hostile_dataset):
+    root, _, _, _ = hostile_dataset
+    page = next(root.glob("reports/gen-*/report.html")).read_bytes().decode()
+    assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", page)
+
+
+def test_report_thumbnails_show_what_the_model_saw(hostile_dataset):
+    root, _, _, outputs = hostile_dataset
+    assert not outputs["report_warnings"]
+    examples = _report_examples(next(root.glob("reports/gen-*/report.html")).read_bytes().decode())
+    wrong = []
+    for entry in HOSTILE:
+        if not entry.decodes:
+            continue
+        thumbnail = _thumbnail(examples[entry.name][0])
+        width, height = thumbnail.size
+        x, y, colour = entry.probe
+        upright = (width >= height) == (entry.size[0] >= entry.size[1])
+        got = thumbnail.getpixel((x * width // entry.size[0], y * height // entry.size[1]))
+        if not (upright and close(got, colour, 60)):
+            wrong.append((entry.name, thumbnail.size, got))
+    assert not wrong
+
+
+def test_export_data_writes_each_kept_pair_as_written(hostile_dataset):
+    root, names, out, _ = hostile_dataset
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                stem, ext = member.name.rsplit(".", 1)
+                samples.setdefault(stem, {})[ext] = tar.extractfile(member).read()
+    web = {names[stem.split("_")[0]]: s for stem, s in samples.items() if stem.endswith("_0")}
+    for entry in IMAGES:
+        if entry.decodes:
+            assert web[entry.name]["jpg"] == entry.data  # the bytes as fetched, untouched
+            assert web[entry.name]["txt"] == entry.name.encode()
+        else:
+            assert entry.name not in web
+    for caption in CAPTIONS:
+        if caption.expected is None:
+            assert caption.name not in web
+        else:
+            assert web[caption.name]["txt"] == caption.expected.encode(), caption.name
+            assert json.loads(web[caption.name]["json"])["text"] == caption.expected
+    _nothing_escaped(out, root)
+    exercised("image", "export-data", [e.name for e in IMAGES])
+    exercised("caption", "export-data", [c.name for c in CAPTIONS])
+
+
+def test_the_caption_kinds_cover_the_registry():
+    assert names_through("caption", "fetch") == {c.name for c in CAPTIONS}
 
 
 # --- model checkpoints -----------------------------------------------------------------------

@@ -270,7 +270,7 @@ def test_export_killed_anywhere_is_resumed_and_switched_in_whole(
         marker = read["marker"]
         assert sum(read["samples"].values()) == marker["pairs"] == pairs, marker["format"]
         listed = {f for f in marker["files"] if "/" not in f}
-        assert read["names"] - {"_capfilt_export.json", "_provenance"} == listed
+        assert read["names"] - {"_capfilt_export.json", ".provenance"} == listed
         formats_seen[marker["format"]] += 1
 
     def staged() -> int:
@@ -374,12 +374,80 @@ def test_fetch_killed_anywhere_downloads_every_row_once(ctx, web, tmp_path):
     staging = root / "images" / "_incoming"
     staging.mkdir()
     (root / "images" / "00003.parquet").rename(staging / "00003.parquet")
-    (root / "images" / "00003_stats.json").unlink()
-    (staging / "00003_stats.json").write_text("")
+    Path(Dataset(str(root)).stats_path("images", 3)).unlink()
+    (staging / "00003_stats.json").write_text("")  # img2dataset's name for it
     run_uninterrupted(ctx, run_fetch, str(url_list), str(root), FETCH_SHARD_SIZE)
     assert [r["url"] for r in sorted_rows(root, "images", ("url",))] == sorted(urls)
-    assert json.loads((root / "images" / "00003_stats.json").read_text())["count"] == 2
+    stats = Path(Dataset(str(root)).stats_path("images", 3))
+    assert json.loads(stats.read_text())["count"] == 2
     assert not staging.exists()
+
+
+MP_SHARD_SIZE = 4  # 29 rows: 8 shards, so each of the 2 workers has several
+MP_KILLS = 6  # each run spawns 3 processes that import img2dataset (~4 s on two cores)
+
+
+def fetched_rows(root: Path) -> list[tuple]:
+    """(url, key, status, sha256, caption) of every row of images/, sorted by url."""
+    columns = ("url", "key", "status", "sha256", "caption")
+    return [tuple(r[c] for c in columns) for r in sorted_rows(root, "images", ("url",))]
+
+
+def test_multiprocess_fetch_killed_anywhere_leaves_no_worker_and_downloads_every_row_once(
+    ctx, web, tmp_path
+):
+    """fetch --processes 2 (img2dataset's multiprocessing distributor: a spawned pool of two
+    workers and a logger process) SIGKILLed anywhere: nothing it started outlives it, and the
+    resumed run has every row once, as an uninterrupted run has them."""
+    from _web import expected_status, write_list
+
+    listed = web.rows()
+    url_list = write_list(listed, tmp_path / "urls.csv", "csv")
+    urls = [r["url"] for r in listed]
+    straight = tmp_path / "straight"  # the reference: one uninterrupted fetch (one process)
+    run_uninterrupted(ctx, run_fetch, str(url_list), str(straight), MP_SHARD_SIZE)
+    want = fetched_rows(straight)
+    assert [(url, status) for url, _, status, _, _ in want] == sorted(
+        (url, expected_status(url)[0]) for url in urls
+    )
+    root = tmp_path / "ds"
+
+    def expect(stage: str, shard: int, table) -> None:
+        want_urls = urls[shard * MP_SHARD_SIZE : (shard + 1) * MP_SHARD_SIZE]
+        assert sorted(table["url"].to_pylist()) == sorted(want_urls), f"images/{shard:05d}"
+
+    watcher = ShardWatcher(root, ("images",), expect)
+    rng = random.Random(12)
+    log = KillLog()
+    rounds = 0
+    while log.kills < MP_KILLS:
+        shutil.rmtree(root, ignore_errors=True)
+        kill_until_done(
+            ctx,
+            run_fetch,
+            (str(url_list), str(root), MP_SHARD_SIZE, 2),
+            rng,
+            watcher,
+            progress=lambda: len(watcher.shards("images")),
+            log=log,
+            max_delay=6.0,
+            max_kills=MP_KILLS - log.kills,
+            # While a worker writes a shard (the fetch process's own writes: the test above).
+            in_flight=lambda: download_in_flight(root),
+            workers=True,
+        )
+        rounds += 1
+        assert fetched_rows(root) == want
+        ds = Dataset(str(root))
+        assert ds.shards("images") == list(range(8))
+        assert not (root / "images" / "_incoming").exists()
+        assert not temp_leftovers(root), temp_leftovers(root)
+        run = json.loads((root / "capfilt.json").read_text())["runs"][-1]
+        assert run["counts"]["rows_in_images"] == len(urls)
+    print(f"multi-process fetch: {log} rounds={rounds} files checked={watcher.files_checked}")
+    # Kills found the pool and the logger process at work (3 processes; fewer while it starts
+    # or ends, or replaces a worker at its task limit) and none of them outlived the kill.
+    assert sum(n >= 2 for n in log.workers_at_kill) >= 2, log.workers_at_kill
 
 
 # --- pretrain --------------------------------------------------------------------------------

@@ -129,3 +129,27 @@ def test_a_killed_manifest_writer_leaves_nothing_behind_after_the_next_run(tmp_p
     ds.record_run("filter", {}, {"images": 1})
     assert not stale.exists() and other.exists()
     assert [r["stage"] for r in ds.read_manifest()["runs"]] == ["caption", "filter"]
+
+
+def test_a_dataset_written_before_keeps_its_provenance_and_stats(tmp_path):
+    """Datasets written before the metadata moved to hidden folders: _provenance/ and
+    NNNNN_stats.json are still read, and removing a shard removes them too."""
+    from capfilt.core import provenance
+
+    ds = Dataset(str(tmp_path / "ds"))
+    ds.write_shard("captions", 0, _captions(2))
+    folder = ds.folder("captions")
+    entry = provenance.Provenance(
+        stage="caption", shard=0, file="sha256:x", options={}, inputs={}, run="r", rows=2
+    )
+    provenance.write(folder, 0, entry)
+    root = tmp_path / "ds" / "captions"
+    (root / ".provenance").rename(root / "_provenance")
+    assert provenance.read(folder, 0).run == "r"
+    (tmp_path / "ds" / "images").mkdir()
+    (tmp_path / "ds" / "images" / "00000_stats.json").write_text('{"count": 3}')
+    assert ds.stats_path("images", 0).endswith("images/00000_stats.json")
+    assert ds.stats_path("images", 1).endswith("images/.stats/00001.json")
+    folder.remove_shard(0)
+    assert not (root / "_provenance" / "00000.json").exists()
+    assert provenance.read(folder, 0) is None

@@ -98,13 +98,13 @@ def test_an_interrupted_write_a_changed_input_and_a_gone_input(dataset):
     assert any("images/ changed since" in r for r in status.reasons)
     assert shout(dataset).processed == [0, 1]  # redone, not refused
     assert captions.shards() == [0, 1]  # the orphan's input is gone: it is removed
-    assert not (dataset / "captions" / "_provenance" / "00002.json").exists()
+    assert not (dataset / "captions" / ".provenance" / "00002.json").exists()
 
 
 def test_shards_without_provenance_are_refused_until_overwritten(dataset):
     ds = Dataset(str(dataset))
     shout(dataset)
-    (dataset / "captions" / "_provenance" / "00001.json").unlink()
+    (dataset / "captions" / ".provenance" / "00001.json").unlink()
     with pytest.raises(CapfiltError, match="no provenance .*00001"):
         shout(dataset)
     assert shout(dataset, overwrite=True).processed == [0, 1, 2]

@@ -99,7 +99,7 @@ def test_every_stage_writes_its_shards_to_s3(on_s3):
     assert ds.read_stage("scores").num_rows == 2 * ok  # web + one synthetic caption each
     listed = objects(on_s3["fs"])
     assert not [p for p in listed if ".tmp-" in p or "_incoming" in p], listed
-    assert {f"images/{s:05d}_stats.json" for s in range(4)} <= set(listed)
+    assert {f"images/.stats/{s:05d}.json" for s in range(4)} <= set(listed)
     manifest = ds.read_manifest()
     assert [r["stage"] for r in manifest["runs"]] == ["fetch", "caption", "filter"]
 
@@ -133,7 +133,7 @@ def test_query_reads_the_shards_on_s3(on_s3):
 
 def test_rerun_on_s3_fetches_only_a_missing_shard_and_redoes_what_it_made_stale(on_s3):
     fs = on_s3["fs"]
-    fs.rm([f"{BUCKET}/ds/images/00002.parquet", f"{BUCKET}/ds/images/00002_stats.json"])
+    fs.rm([f"{BUCKET}/ds/images/00002.parquet", f"{BUCKET}/ds/images/.stats/00002.json"])
     fs.invalidate_cache()
     invoke(*on_s3["fetch_args"])
     ds = Dataset(ROOT)
@@ -155,3 +155,214 @@ def test_rerun_on_s3_fetches_only_a_missing_shard_and_redoes_what_it_made_stale(
     assert "not loaded" in out
     assert ds.read_stage("curated").num_rows == 0
     assert not [p for p in objects(fs) if ".tmp-" in p]
+
+
+# --- killed anywhere on S3 -------------------------------------------------------------------
+# The kill harness of tests/test_kill.py (tests/_kill.py) with the dataset on S3: objects appear
+# whole or not at all, but a rename is a copy and a delete, a folder a prefix, and nothing is
+# locked; every run below is SIGKILLed at seeded random moments and resumed until one finishes.
+S3_KILLS = 8  # kills per stage that land on a live process
+PER_ROUND = 3  # then a run goes uninterrupted: kills spread over a run, not its last steps
+S3_SHARD_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    from _kill import context
+
+    return context()
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3):
+    """The S3 variables for a stage child (a fork-server child has the server's environment)."""
+    import os
+
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    names += ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+    return {name: os.environ.get(name) for name in names}  # None: unset in the child
+
+
+@pytest.fixture
+def watched(s3):
+    """A filesystem that lists afresh every time, as a reader polling the bucket does."""
+    import s3fs
+
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def run_uninterrupted(ctx, target, *args) -> None:
+    child = ctx.Process(target=target, args=args, daemon=False)
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == 0, f"{target.__name__} failed with exit code {child.exitcode}"
+
+
+def test_fetch_to_s3_killed_anywhere_downloads_every_row_once(ctx, s3, s3_env, watched, tmp_path):
+    import random
+
+    from _kill import KillLog, StoreWatcher, kill_until_done, run_fetch, store_leftovers
+    from _web import local_web, write_list
+
+    prefix = f"{BUCKET}/killed-fetch"
+    root = f"s3://{prefix}"
+    columns = ("url", "key", "status", "sha256", "caption")
+
+    def rows_of(dataset: str) -> list[tuple]:
+        table = Dataset(dataset).read_stage("images", columns=list(columns)).to_pylist()
+        return sorted(tuple(r[c] for c in columns) for r in table)
+
+    with local_web(tmp_path / "web", n=8) as web:
+        listed = web.rows()  # 8 toy images and the 5 broken pages: 7 shards of 2
+        url_list = write_list(listed, tmp_path / "urls.csv", "csv")
+        urls = [r["url"] for r in listed]
+        straight = tmp_path / "straight"  # the reference: an uninterrupted local fetch
+        run_uninterrupted(ctx, run_fetch, str(url_list), str(straight), S3_SHARD_SIZE)
+        want = rows_of(str(straight))
+
+        def expect(stage: str, shard: int, table) -> None:
+            want_urls = urls[shard * S3_SHARD_SIZE : (shard + 1) * S3_SHARD_SIZE]
+            assert sorted(table["url"].to_pylist()) == sorted(want_urls), f"images/{shard:05d}"
+
+        watcher = StoreWatcher(watched, prefix, ("images",), expect)
+        rng = random.Random(21)
+        log = KillLog()
+        known: list = []  # see store_leftovers
+        while log.kills < S3_KILLS:
+            if s3.exists(prefix):
+                s3.rm(prefix, recursive=True)
+            kill_until_done(
+                ctx,
+                run_fetch,
+                (str(url_list), root, S3_SHARD_SIZE),
+                rng,
+                watcher,
+                progress=lambda: len(watcher.shards("images")),
+                log=log,
+                max_delay=1.5,
+                max_kills=min(PER_ROUND, S3_KILLS - log.kills),
+                in_flight=watcher.in_flight,
+                env=s3_env,
+                poll=0.02,
+            )
+            s3.invalidate_cache()
+            assert rows_of(root) == want
+            assert Dataset(root).shards("images") == list(range(7))
+            assert not store_leftovers(s3, prefix, known), store_leftovers(s3, prefix)
+            run = Dataset(root).read_manifest()["runs"][-1]
+            assert run["counts"]["rows_in_images"] == len(urls)
+    print(f"S3 fetch: {log} files checked={watcher.files_checked} known leftovers={known}")
+    assert len(set(log.progress_at_kill)) > 1, "every kill landed at the same point"
+
+
+def _sorted_rows(dataset: str, stage: str, columns: tuple[str, ...]) -> list[tuple]:
+    table = Dataset(dataset).read_stage(stage, columns=list(columns))
+    return sorted(tuple(r[c] for c in columns) for r in (table.to_pylist() if table else []))
+
+
+THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def local_reference(ctx, tmp_path_factory, tiny_captioner, tiny_filter):
+    """The images the S3 datasets below start from, captioned and filtered here, uninterrupted."""
+    from _kill import run_caption, run_filter
+    from conftest import write_images_dataset
+
+    local = tmp_path_factory.mktemp("s3-kill") / "local"
+    write_images_dataset(local, n_shards=4, per_shard=5, seed=12)  # 4 successes a shard
+    run_uninterrupted(ctx, run_caption, str(local), str(tiny_captioner))
+    run_uninterrupted(ctx, run_filter, str(local), str(tiny_filter), THRESHOLD)
+    return local
+
+
+def _kill_on_s3(ctx, s3, s3_env, watched, local, target, args, output, copied, seed, check):
+    """Kill `target(root, *args)` on root = s3://BUCKET/killed-OUTPUT until S3_KILLS kills
+    landed; each round starts from the images/ and `copied` folders of `local`, and ends with
+    `check(root)`; the watcher checks every `output` shard it sees meanwhile.
+    Returns the KillLog and the watcher."""
+    import random
+
+    from _kill import KillLog, StoreWatcher, kill_until_done, store_leftovers
+
+    prefix = f"{BUCKET}/killed-{output}"
+    root = f"s3://{prefix}"
+    keys: dict[int, set] = {}  # successful rows per shard: a caption each, two scores each
+    for row in Dataset(str(local)).read_stage("captions", columns=["key"]).to_pylist():
+        keys.setdefault(int(row["key"][:5]), set()).add(row["key"])
+
+    def expect(stage: str, shard: int, table) -> None:
+        got = table["key"].to_pylist()
+        per_key = 2 if stage == "scores" else 1
+        assert set(got) == keys[shard] and len(got) == per_key * len(keys[shard]), stage
+
+    watcher = StoreWatcher(watched, prefix, (output,), expect)
+    rng = random.Random(seed)
+    log = KillLog()
+    known: list = []  # see store_leftovers
+    while log.kills < S3_KILLS:
+        if s3.exists(prefix):
+            s3.rm(prefix, recursive=True)
+        for folder in ("images", *copied):  # byte for byte: captions/ name these images
+            s3.put(str(local / folder), f"{prefix}/", recursive=True)
+        s3.invalidate_cache()
+        kill_until_done(
+            ctx,
+            target,
+            (root, *args),
+            rng,
+            watcher,
+            progress=lambda: len(watcher.shards(output)),
+            log=log,
+            max_delay=1.5,
+            max_kills=min(PER_ROUND, S3_KILLS - log.kills),
+            in_flight=lambda: bool(watcher.temp_files()),
+            env=s3_env,
+            poll=0.02,
+        )
+        s3.invalidate_cache()
+        check(root)
+        assert not store_leftovers(s3, prefix, known), store_leftovers(s3, prefix)
+        assert dataset_status(Dataset(root)).folder(output).done == [0, 1, 2, 3]
+    assert len(set(log.progress_at_kill)) > 1, "every kill landed at the same point"
+    print(f"S3 {output}: {log} files checked={watcher.files_checked} known leftovers={known}")
+    return log, watcher
+
+
+def test_caption_on_s3_killed_anywhere_writes_every_caption_once(
+    ctx, s3, s3_env, watched, local_reference, tiny_captioner
+):
+    from _kill import run_caption
+
+    columns = ("key", "caption_id", "text")
+    want = _sorted_rows(str(local_reference), "captions", columns)
+
+    def check(root: str) -> None:
+        assert _sorted_rows(root, "captions", columns) == want
+
+    _kill_on_s3(
+        ctx, s3, s3_env, watched, local_reference, run_caption, (str(tiny_captioner),),
+        "captions", (), 22, check,
+    )  # fmt: skip
+
+
+def test_filter_on_s3_killed_anywhere_scores_every_pair_once(
+    ctx, s3, s3_env, watched, local_reference, tiny_filter
+):
+    from _kill import run_filter
+
+    columns = ("key", "text_id", "text")
+    want = _sorted_rows(str(local_reference), "scores", (*columns, "itm_score"))
+    want_curated = _sorted_rows(str(local_reference), "curated", ("key", "text_id"))
+
+    def check(root: str) -> None:
+        got = _sorted_rows(root, "scores", (*columns, "itm_score"))
+        assert [row[:3] for row in got] == [row[:3] for row in want]
+        for row, ref in zip(got, want, strict=True):
+            assert row[3] == pytest.approx(ref[3], abs=1e-5)
+        assert _sorted_rows(root, "curated", ("key", "text_id")) == want_curated
+
+    _kill_on_s3(
+        ctx, s3, s3_env, watched, local_reference, run_filter, (str(tiny_filter), THRESHOLD),
+        "scores", ("captions",), 23, check,
+    )  # fmt: skip

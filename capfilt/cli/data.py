@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from capfilt.cli.app import DatasetArg, command, console
+from capfilt.cli.app import DatasetArg, command, console, literal, markup
 from capfilt.cli.options import with_options
 from capfilt.stages.caption import CaptionOptions
 from capfilt.stages.export_data import ExportOptions
@@ -61,12 +61,14 @@ def _print_download_summary(result, title: str) -> None:
     if result.errors:
         table = Table("error", "rows", title="Failures this run")
         for message, n in list(result.errors.items())[:10]:
-            table.add_row(message, str(n))
+            table.add_row(literal(message), str(n))
         out.print(table)
     if result.skipped_columns:
         out.print(
-            "[yellow]not kept[/] (names reserved for img2dataset's own columns): "
-            + ", ".join(result.skipped_columns)
+            markup(
+                "[yellow]not kept[/] (names reserved for img2dataset's own columns): {names}",
+                names=", ".join(result.skipped_columns),
+            )
         )
     if result.invalid_utf8_values:
         out.print(
@@ -133,16 +135,27 @@ def fetch(
 
     log_path = None if verbose else new_log_path("fetch")
     redirect = library_output_to(log_path) if log_path else contextlib.nullcontext(sys.stdout)
-    with redirect as terminal:
-        with _rows_progress(terminal) as progress:
-            task = progress.add_task("fetch", total=None, successes=0)
+    try:
+        with redirect as terminal:
+            progress = _rows_progress(terminal)
+            task = None
 
             def on_progress(done: int, total: int, successes: int) -> None:
+                nonlocal task
+                if task is None:  # the bar appears once the checks passed and rows flow
+                    progress.start()
+                    task = progress.add_task("fetch", total=None, successes=0)
                 progress.update(task, completed=done, total=total, successes=successes)
 
-            result = fetch_stage(
-                url_list, dataset, fetch_options, on_progress=on_progress, source=source
-            )
+            try:
+                result = fetch_stage(
+                    url_list, dataset, fetch_options, on_progress=on_progress, source=source
+                )
+            finally:
+                progress.stop()
+    except BaseException as e:
+        _keep_log_of_failure(log_path, e)
+        raise
 
     _print_download_summary(result, "fetch")
     out = console()
@@ -155,11 +168,26 @@ def fetch(
         out.print(
             f"[bold yellow]warning:[/] {len(result.shards_missing)} shards failed "
             f"({', '.join(map(str, result.shards_missing[:10]))}); run the same command again "
-            "to retry them" + (f"; img2dataset's log: {log_path}" if log_path else "")
+            "to retry them",
+            literal(f"; img2dataset's log: {log_path}" if log_path else ""),
+            sep="",
         )
     elif log_path:
         with contextlib.suppress(OSError):
             Path(log_path).unlink()
+
+
+def _keep_log_of_failure(log_path: str | None, error: BaseException) -> None:
+    """After a failed fetch: delete img2dataset's log unless it says something about a crash."""
+    from capfilt.core.errors import CapfiltError
+
+    if log_path is None:
+        return
+    path = Path(log_path)
+    if isinstance(error, CapfiltError | KeyboardInterrupt) or not path.stat().st_size:
+        path.unlink(missing_ok=True)
+    else:
+        console(stderr=True).print(literal(f"img2dataset's log: {log_path}"), soft_wrap=True)
 
 
 @command()
@@ -271,7 +299,7 @@ def filter_(dataset: DatasetArg, options: FilterOptions):
     for source, s in result.sources.items():
         mean_itm = "-" if s.mean_itm is None else f"{s.mean_itm:.3f}"
         mean_itc = "-" if s.mean_itc is None else f"{s.mean_itc:.3f}"
-        table.add_row(source, f"{s.scored}", f"{s.kept}", mean_itm, mean_itc)
+        table.add_row(literal(source), f"{s.scored}", f"{s.kept}", mean_itm, mean_itc)
     console().print(table)
 
 
@@ -284,10 +312,9 @@ def _print_stage_notes(run) -> None:
         why = run.plan.checks[stale[0]].why
         console().print(
             f"[yellow]redone:[/] {len(stale)} stale shards ({shard_list(stale)}): ",
-            why,
+            literal(why),
             sep="",
             soft_wrap=True,
-            markup=True,
         )
     if run.plan.orphans:
         console().print(
@@ -309,7 +336,7 @@ def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column(style="bold")
     table.add_column()
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, literal(value))
     console().print(table)
 
 
@@ -344,7 +371,7 @@ def report(
     )
     out = console()
     print_summary(result.summary, out)
-    out.print(f"wrote {result.html_url} and {result.summary_path}", soft_wrap=True)
+    out.print(literal(f"wrote {result.html_url} and {result.summary_path}"), soft_wrap=True)
     if open_report:
         import webbrowser
 
@@ -369,14 +396,19 @@ def export_data(dataset: DatasetArg, options: ExportOptions):
 
     result = run_export(Dataset(dataset), options.format, options.out, overwrite=options.overwrite)
     console().print(
-        f"exported {result.pairs:,} pairs of {result.images:,} images as {result.format} "
-        f"({result.shards} shards) to {result.out}",
+        literal(
+            f"exported {result.pairs:,} pairs of {result.images:,} images as {result.format} "
+            f"({result.shards} shards) to {result.out}"
+        ),
         soft_wrap=True,
     )
     if result.missing_images:
         console(stderr=True).print(
-            f"[yellow]warning:[/] {len(result.missing_images)} curated images have no image "
-            f"bytes in images/ and were not exported (e.g. key {result.missing_images[0]})",
+            markup(
+                f"[yellow]warning:[/] {len(result.missing_images)} curated images have no "
+                "image bytes in images/ and were not exported (e.g. key {key})",
+                key=result.missing_images[0],
+            ),
             soft_wrap=True,
         )
 
@@ -408,12 +440,11 @@ def status(
 
 def print_status(result) -> None:
     from rich.table import Table
-    from rich.text import Text
 
     from capfilt.core.provenance import shard_list
 
     out = console()
-    table = Table("folder", "shards", "done", "stale", "pending", "", title=result.dataset)
+    table = Table("folder", "shards", "done", "stale", "pending", "", title=literal(result.dataset))
     for folder in result.folders:
         if not folder.shards and not folder.orphans:
             table.add_row(f"{folder.folder}/", "-", "", "", "", "not run")
@@ -424,13 +455,13 @@ def print_status(result) -> None:
             str(len(folder.done)),
             str(len(folder.stale)) if folder.stale else "",
             str(len(folder.pending)) if folder.pending else "",
-            Text(folder.note),
+            literal(folder.note),
         )
     out.print(table)
     for folder in result.folders:
         for reason, shards in folder.reasons.items():
             which = "" if folder.folder == "reports" else f" {shard_list(shards)}"
-            out.print(Text(f"{folder.folder}/{which} {reason}"), soft_wrap=True)
+            out.print(literal(f"{folder.folder}/{which} {reason}"), soft_wrap=True)
     if all(f.up_to_date for f in result.folders):
         out.print("every stage is up to date")
 
@@ -454,18 +485,34 @@ def query(
     with_images: Annotated[
         bool, typer.Option(help="Keep the `jpg` bytes column in the `images` view.")
     ] = False,
+    allow_external_access: Annotated[
+        bool,
+        typer.Option(
+            "--allow-external-access",
+            help="Lift the sandbox: the SQL may read and write other files and reach the "
+            "network. Use it knowingly.",
+        ),
+    ] = False,
 ):
     """Run DuckDB SQL over the dataset's Parquet shards.
 
     Views: `images` (without the image bytes unless --with-images), `captions`, `scores`,
     `curated` — one for each stage that has run.
 
+    The SQL runs in a sandbox: it reads those views and nothing else. Reading other files,
+    COPY/EXPORT, ATTACH, INSTALL/LOAD and SET are refused unless --allow-external-access.
+
     Example: capfilt query ds "select status, count(*) from images group by 1"
     """
     from capfilt.core.layout import Dataset
     from capfilt.stages.query import run_query
 
-    columns, rows = run_query(Dataset(dataset), sql, with_images=with_images)
+    columns, rows = run_query(
+        Dataset(dataset),
+        sql,
+        with_images=with_images,
+        allow_external_access=allow_external_access,
+    )
     print_rows(columns, rows, format.value)
 
 
@@ -483,8 +530,11 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str) -> None:
             print(json.dumps(dict(zip(columns, row, strict=True)), default=str, ensure_ascii=False))
     else:
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(*columns, show_lines=False)
+        table = Table(show_lines=False)
+        for name in columns:
+            table.add_column(literal(name))
         for row in rows:
-            table.add_row(*("NULL" if v is None else str(v) for v in row))
+            table.add_row(*(Text("NULL", style="dim") if v is None else literal(v) for v in row))
         console().print(table)

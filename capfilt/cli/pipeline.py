@@ -16,6 +16,7 @@ exactly the options `capfilt COMMAND --help` lists.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
         raise CapfiltError(f"{path}: no [[stage]] tables; add at least one stage")
     stages = []
     for i, raw in enumerate(raw_stages, 1):
+        if not isinstance(raw, dict):  # `stage = [1, 2]` rather than [[stage]] tables
+            raise CapfiltError(
+                f"{path}: stage {i} must be a [[stage]] table, not {type(raw).__name__}"
+            )
         raw = dict(raw)
         command = raw.pop("command", None)
         if not isinstance(command, str):
@@ -85,12 +90,62 @@ def load_pipeline(path: str | Path, overrides: dict | None = None) -> Pipeline:
             raise CapfiltError(
                 f"{path}: stage {i} ({command}) uses {{{e.args[0]}}}, which [pipeline] does not set"
             ) from None
+        except _NotAField as e:
+            raise CapfiltError(f"{path}: stage {i} ({command}) {e}") from None
         stages.append(Stage(command, args, options))
+    _check_commands(path, stages)
     return Pipeline(str(variables.get("name", path.stem)), variables, tuple(stages))
 
 
+class _NotAField(ValueError):
+    """A `{...}` in a pipeline value that is not a variable: the message says what it is."""
+
+
+# `{{` and `}}` are literal braces, `{name}` a variable; any other brace is refused.
+_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+
+
 def _expand(text: str, variables: dict) -> str:
-    return text.format(**variables) if "{" in text else text
+    """`text` with each {name} replaced by its variable, once (a value is never expanded
+    again, so variables that name each other cannot loop). Only plain names: unlike
+    str.format, `{name.attr}`, `{name[0]}` and `{0}` reach no Python object."""
+    if "{" not in text:
+        return text
+
+    def field(match: re.Match) -> str:
+        token, name = match.group(0), match.group(1)
+        if token in ("{{", "}}"):
+            return token[0]
+        if name is None:
+            raise _NotAField(
+                f"has an unbalanced brace in {text!r}; write {{{{ or }}}} for a literal one"
+            )
+        if not name.isidentifier():
+            raise _NotAField(
+                f"uses {{{name}}}, which is not a variable name; a value may hold {{name}} "
+                "of a [pipeline] variable, and {{ or }} for a literal brace"
+            )
+        if name not in variables:
+            raise KeyError(name)
+        return str(variables[name])
+
+    return _FIELD.sub(field, text)
+
+
+def _check_commands(path: Path, stages: list[Stage]) -> None:
+    """Refuse, before any stage runs, a command capfilt does not have: found at stage 5, it
+    would fail hours into a run (and no stage may name anything but a capfilt command)."""
+    from typer.main import get_command
+
+    from capfilt.cli import app
+
+    commands = get_command(app).commands
+    for i, stage in enumerate(stages, 1):
+        if stage.command not in commands:
+            raise CapfiltError(
+                f"{path}: stage {i} ({stage.command}) is not a capfilt command; the commands: "
+                f"{', '.join(sorted(commands))}"
+            )
 
 
 def _expand_value(value, variables: dict):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from capfilt.bench import BenchConfig
-from capfilt.cli.app import app, command, console
+from capfilt.cli.app import app, command, console, literal, markup
 from capfilt.cli.options import with_options
 from capfilt.cli.training import percent
 from capfilt.core.errors import CapfiltError
@@ -50,9 +50,11 @@ def toyweb(
     wrong = sum(p.caption_is_wrong for p in pairs)
     port = base_url.rsplit(":", 1)[-1].strip("/") if base_url.count(":") > 1 else "80"
     console().print(
-        f"wrote {len(pairs)} images ({wrong} with a wrong caption) to {out_dir}/images and "
-        f"{url_list}\nserve it with: python -m http.server {port} --bind 127.0.0.1 "
-        f"--directory {out_dir}"
+        literal(
+            f"wrote {len(pairs)} images ({wrong} with a wrong caption) to {out_dir}/images and "
+            f"{url_list}\nserve it with: python -m http.server {port} --bind 127.0.0.1 "
+            f"--directory {out_dir}"
+        )
     )
 
 
@@ -64,7 +66,7 @@ def run(
     ],
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a [pipeline] variable: --set dataset=/data/ds."),
+        typer.Option("--set", help="Override a [pipeline] variable: --set cc3m=/data/cc3m."),
     ] = None,
     only: Annotated[
         list[str] | None, typer.Option(help="Run only these stages (by command name).")
@@ -75,7 +77,7 @@ def run(
 
     Finished shards are skipped by every stage, so re-running a pipeline resumes it.
 
-    Example: capfilt run pipelines/blip_base_cc3m.toml --set dataset=/data/cc3m
+    Example: capfilt run pipelines/blip_base_cc3m_coco.toml --set cc3m=/data/cc3m
     """
     import shlex
 
@@ -94,19 +96,25 @@ def run(
             continue
         argv = stage.argv()
         out.print(
-            f"[bold]▶ {pipeline.name} {i}/{len(pipeline.stages)}:[/] capfilt {shlex.join(argv)}"
+            markup(
+                f"[bold]▶ {{name}} {i}/{len(pipeline.stages)}:[/] capfilt {{argv}}",
+                name=pipeline.name,
+                argv=shlex.join(argv),
+            ),
+            soft_wrap=True,
         )
         if dry_run:
             continue
-        import click
-
         try:
             # Without standalone mode click returns a command's exit code instead of exiting.
             exit_code = app(argv, standalone_mode=False)
-        except click.ClickException as e:  # usage errors: unknown option, bad value
-            raise CapfiltError(f"stage {i} ({stage.command}): {e.format_message()}") from None
+        except typer.TyperException as e:  # usage errors (typer's click): unknown option, bad value
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            raise CapfiltError(f"stage {i} ({stage.command}): {message}") from None
         if isinstance(exit_code, int) and exit_code != 0:
-            console(stderr=True).print(f"[bold red]stage {i} ({stage.command}) failed[/]")
+            console(stderr=True).print(
+                markup(f"[bold red]stage {i} ({{command}}) failed[/]", command=stage.command)
+            )
             raise typer.Exit(exit_code)
 
 
@@ -143,8 +151,11 @@ def print_bench(result: dict) -> None:
         return
     out = console()
     out.print(
-        f"[bold]{result['workload']}[/] · {result['model']} · {result['device']} · "
-        f"{result['dtype']} · {result['images']} images, batch {result['batch_size']}"
+        markup(
+            f"[bold]{result['workload']}[/] · {{model}} · {result['device']} · "
+            f"{result['dtype']} · {result['images']} images, batch {result['batch_size']}",
+            model=result["model"],
+        )
     )
     out.print(f"level: {result['level']}")
     table = Table("", "seconds", "images/s", "pairs/s", "TFLOP/s", "of FLOP bound")
@@ -154,7 +165,7 @@ def print_bench(result: dict) -> None:
         if side is None:
             continue
         if side.get("error"):
-            table.add_row(name, "-", "-", "-", "-", side["error"])
+            table.add_row(name, "-", "-", "-", "-", literal(side["error"]))
             continue
         table.add_row(
             name,
@@ -183,8 +194,11 @@ def print_bench_data(result: dict) -> None:
 
     out = console()
     out.print(
-        f"[bold]pretrain input pipeline[/] · {result['images']} images of 256 px, batch "
-        f"{result['batch_size']} · {result['model']}"
+        markup(
+            f"[bold]pretrain input pipeline[/] · {result['images']} images of 256 px, batch "
+            f"{result['batch_size']} · {{model}}",
+            model=result["model"],
+        )
     )
     table = Table("workers", "images/s", "per worker", "first batch (s)")
     for row in result["data"]:
@@ -263,9 +277,11 @@ def run_on_toy_web(out_dir: Path, options, pipeline: Path, set_, threads: int | 
         torch.set_num_threads(threads or 1)
     data = make_toy_data(out_dir, options)
     console().print(
-        f"toy web: {len(data.web_pairs)} pairs, {data.wrong_captions} with a wrong caption; "
-        f"{options.annotated_images} annotated and {options.heldout_images} held-out pairs; "
-        f"in {out_dir}/toy"
+        literal(
+            f"toy web: {len(data.web_pairs)} pairs, {data.wrong_captions} with a wrong caption; "
+            f"{options.annotated_images} annotated and {options.heldout_images} held-out "
+            f"pairs; in {out_dir}/toy"
+        )
     )
     with serve_toy_web(data) as variables:
         # The seed of the toy data seeds the training runs too (`--set train_seed=N` apart).
@@ -314,7 +330,7 @@ def ablate(
     print_tables(results, out)
     path = write_results(out_dir, results)
     minutes = (time.perf_counter() - started) / 60
-    out.print(f"done in {minutes:.1f} min; tables: {path}", soft_wrap=True)
+    out.print(literal(f"done in {minutes:.1f} min; tables: {path}"), soft_wrap=True)
 
 
 def print_demo_figures(figures, out_dir: Path, seconds: float) -> None:
@@ -335,18 +351,22 @@ def print_demo_figures(figures, out_dir: Path, seconds: float) -> None:
             + ("" if truth.get("auc") is None else f"; ranking AUC {truth['auc']:.3f}")
         )
     if figures.kept:
-        out.print("curated pairs: " + ", ".join(f"{n} {s}" for s, n in figures.kept.items()))
+        out.print(
+            literal("curated pairs: " + ", ".join(f"{n} {s}" for s, n in figures.kept.items()))
+        )
     if figures.caption_samples:
         table = Table("synthetic caption", "true caption", title="Synthetic captions (samples)")
         for row in figures.caption_samples:
-            table.add_row(row["synthetic"], row["truth"])
+            table.add_row(literal(row["synthetic"]), literal(row["truth"]))
         out.print(table)
         out.print(f"synthetic captions equal to the truth: {percent(figures.synthetic_correct)}")
     compared = compare_models(figures.retrieval)
     if compared:
         out.print(models_table(compared, "Held-out toy scenes: the two pretrained models"))
     out.print(
-        f"done in {seconds / 60:.1f} min; report: {figures.report}; "
-        f'explore: capfilt query {out_dir}/web "select * from scores limit 5"',
+        literal(
+            f"done in {seconds / 60:.1f} min; report: {figures.report}; "
+            f'explore: capfilt query {out_dir}/web "select * from scores limit 5"'
+        ),
         soft_wrap=True,
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from capfilt.cli.app import DatasetArg, command, console
+from capfilt.cli.app import DatasetArg, command, console, literal, markup
 from capfilt.cli.options import with_options
 from capfilt.training.config import FINETUNE_DEFAULTS, TrainConfig
 from capfilt.training.evaluate import EvaluateConfig
@@ -25,9 +25,11 @@ def _train_summary(result) -> None:
         f"{result.examples} pairs; {losses}; {result.images_per_second:.1f} images/s"
     )
     if result.skipped:
-        out.print("skipped rows: " + ", ".join(f"{k}: {v}" for k, v in result.skipped.items()))
+        out.print(
+            literal("skipped rows: " + ", ".join(f"{k}: {v}" for k, v in result.skipped.items()))
+        )
     if result.checkpoint:
-        out.print(f"checkpoint: {result.checkpoint}")
+        out.print(literal(f"checkpoint: {result.checkpoint}"), soft_wrap=True)
 
 
 @command()
@@ -94,7 +96,7 @@ def export(
 
     written = export_run(run_dir, out, tuple(only or KINDS), overwrite=overwrite)
     for kind, folder in written.items():
-        console().print(f"[bold green]✓[/] {kind}: {folder}")
+        console().print(markup(f"[bold green]✓[/] {kind}: {{folder}}", folder=folder))
 
 
 # --- evaluate (capfilt/training/evaluate.py) ----------------------------------------------
@@ -151,7 +153,7 @@ def evaluate(
         table = Table(
             "direction",
             *result.image_to_text,
-            title=(
+            title=literal(
                 f"retrieval · {model}{step} · {result.images} images, {result.texts} distinct texts"
             ),
         )
@@ -164,10 +166,10 @@ def evaluate(
     if result.captioning is not None:
         _print_captioning(result.captioning, f"{model}{step}")
     for part, why in result.not_scored.items():
-        console().print(f"{part} not scored: {why}")
+        console().print(literal(f"{part} not scored: {why}"), soft_wrap=True)
     if result.skipped:
         console().print(
-            "skipped rows: " + ", ".join(f"{k}: {v}" for k, v in result.skipped.items())
+            literal("skipped rows: " + ", ".join(f"{k}: {v}" for k, v in result.skipped.items()))
         )
 
 
@@ -179,9 +181,11 @@ def _print_captioning(scores: dict, model: str) -> None:
     decoding = scores["decoding"]
     out = console()
     out.print(
-        f"captioning · {model} · {scores['images']} distinct images, {scores['references']} "
-        f"references · beam search of {decoding['num_beams']}, prompt {decoding['prompt']!r} · "
-        f"{scores['tokenizer']} tokenizer",
+        literal(
+            f"captioning · {model} · {scores['images']} distinct images, "
+            f"{scores['references']} references · beam search of {decoding['num_beams']}, "
+            f"prompt {decoding['prompt']!r} · {scores['tokenizer']} tokenizer"
+        ),
         soft_wrap=True,
     )
     computed = [metric for metric in METRIC_NAMES if metric in scores]
@@ -191,4 +195,4 @@ def _print_captioning(scores: dict, model: str) -> None:
         out.print(table)
     names = {**METRIC_NAMES, "ptb_tokenizer": "PTB tokenizer"}
     for metric, why in scores["unavailable"].items():
-        out.print(f"{names.get(metric, metric)} left out: {why}", soft_wrap=True)
+        out.print(literal(f"{names.get(metric, metric)} left out: {why}"), soft_wrap=True)

@@ -3,14 +3,14 @@
 A DATASET is a folder (local path or any fsspec URL):
 
     capfilt.json                    manifest: source and every stage run
-    images/00000.parquet            img2dataset's schema (+ 00000_stats.json)
+    images/00000.parquet            img2dataset's schema (+ .stats/00000.json, its counts)
     captions/00000.parquet          one row per synthetic caption
     scores/00000.parquet            ITM/ITC score of every web and synthetic caption
     curated/current.json            which generation of curated/ readers see
     curated/gen-000002/00000.parquet   the kept pairs of that generation
     reports/current.json, reports/gen-000001/report.html, summary.json
 
-Every shard has its provenance beside it (_provenance/00000.json, see core/provenance.py).
+Every shard has its provenance beside it (.provenance/00000.json, see core/provenance.py).
 Shards are aligned by number across folders; a shard file appears only when complete.
 
 Outputs that a run replaces as a whole (curated/, reports/) are generations: a new one is
@@ -21,6 +21,7 @@ so a reader that resolved the folder once (`Dataset.folder`) sees one whole gene
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import re
@@ -36,8 +37,13 @@ STAGES = ("images", "captions", "scores", "curated")
 GENERATIONAL = frozenset({"curated", "reports"})
 MANIFEST = "capfilt.json"
 CURRENT = "current.json"
-# Beside the shards, in a folder that pyarrow and datasets skip when they read a folder.
-PROVENANCE_DIR = "_provenance"
+# Beside the shards, in hidden folders: readers of a whole folder (pyarrow, pandas, datasets,
+# DuckDB globs) take every other file in it for Parquet. datasets skips only hidden folders
+# and "__" ones, so the "_provenance" of earlier datasets broke it; it is still read.
+PROVENANCE_DIR = ".provenance"
+LEGACY_PROVENANCE_DIR = "_provenance"
+STATS_DIR = ".stats"  # img2dataset's stats of each images/ shard
+METADATA_DIRS = (PROVENANCE_DIR, LEGACY_PROVENANCE_DIR, STATS_DIR)
 _SHARD_FILE = re.compile(r"^(\d{5,})\.parquet$")
 _GENERATION = re.compile(r"^gen-(\d{6,})$")
 
@@ -81,26 +87,40 @@ class Dataset:
         return self.folder(stage).shard_path(shard)
 
     def stats_path(self, stage: str, shard: int) -> str:
-        return self.join(stage, f"{shard_name(shard)}_stats.json")
+        """img2dataset's stats of one shard. Kept out of the shards' folder listing, as
+        folder readers (pandas, datasets, DuckDB globs) take every file there for Parquet; a
+        dataset written before keeps its stats beside the shard, where they are still read."""
+        path = self.join(stage, STATS_DIR, f"{shard_name(shard)}.json")
+        legacy = self.join(stage, f"{shard_name(shard)}_stats.json")
+        if not self.fs.exists(path) and self.fs.exists(legacy):
+            return legacy
+        return path
 
     # checks --------------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.fs.exists(self.path)
 
-    def ensure_writable(self) -> None:
-        """Create the folder, or raise a CapfiltError saying why it cannot be written."""
-        try:
-            self.fs.makedirs(self.path, exist_ok=True)
-            # One probe per process: processes of one run check at the same moment.
-            probe = self.join(f".capfilt-write-probe-{uuid.uuid4().hex[:8]}")
-            with self.fs.open(probe, "wb") as f:
-                f.write(b"ok")
-            self.fs.rm(probe)
-        except (OSError, PermissionError) as e:
-            raise CapfiltError(
-                f"cannot write to dataset folder {self.root!r}: {e}. "
-                "Pass a folder you can write to."
-            ) from e
+    def ensure_writable(self, *folders: str) -> None:
+        """Create the dataset folder, or raise a CapfiltError saying why it cannot be written;
+        also each of `folders` (stage folders a run writes into) that exists already."""
+        where = [self.path] + [self.join(f) for f in folders if self.fs.isdir(self.join(f))]
+        for path in where:
+            try:
+                self.fs.makedirs(path, exist_ok=True)
+                # One probe per process: processes of one run check at the same moment.
+                probe = f"{path}/.capfilt-write-probe-{uuid.uuid4().hex[:8]}"
+                with self.fs.open(probe, "wb") as f:
+                    f.write(b"ok")
+                self.fs.rm(probe)
+            except OSError as e:
+                which = "dataset folder" if path == self.path else "folder"
+                shown = self.root if path == self.path else self.url(path[len(self.path) + 1 :])
+                full = e.errno == errno.ENOSPC
+                what = "Free some space, or pass" if full else "Pass"
+                raise CapfiltError(
+                    f"cannot write to {which} {shown!r}: {e.strerror or e}. "
+                    f"{what} a folder you can write to."
+                ) from e
 
     # shards --------------------------------------------------------------------------------
     def folder(self, stage: str) -> StageFolder:
@@ -305,8 +325,9 @@ class ShardFolder:
     def shard_path(self, shard: int) -> str:
         return f"{self.path}/{shard_name(shard)}{self.suffix}"
 
-    def provenance_path(self, shard: int) -> str:
-        return f"{self.path}/{PROVENANCE_DIR}/{shard_name(shard)}.json"
+    def provenance_path(self, shard: int, legacy: bool = False) -> str:
+        where = LEGACY_PROVENANCE_DIR if legacy else PROVENANCE_DIR
+        return f"{self.path}/{where}/{shard_name(shard)}.json"
 
     def fingerprint(self, shard: int, path: str | None = None) -> str | None:
         """The fingerprint of a shard file (core/parquet.py), None if there is none."""
@@ -329,8 +350,12 @@ class ShardFolder:
 
     def remove_shard(self, shard: int) -> None:
         """Remove one shard file, its provenance and its stats file (img2dataset's)."""
-        stats = f"{self.path}/{shard_name(shard)}_stats.json"
-        for path in (self.shard_path(shard), self.provenance_path(shard), stats):
+        stats = [
+            f"{self.path}/{STATS_DIR}/{shard_name(shard)}.json",
+            f"{self.path}/{shard_name(shard)}_stats.json",  # where datasets kept it before
+        ]
+        provenance = [self.provenance_path(shard), self.provenance_path(shard, legacy=True)]
+        for path in (self.shard_path(shard), *provenance, *stats):
             if self.fs.exists(path):
                 self.fs.rm(path)
 
@@ -340,8 +365,8 @@ class ShardFolder:
             self.remove_shard(shard)
 
     def remove_temp_files(self) -> None:
-        """Delete the temporary files a killed writer left (shards and provenance)."""
-        for folder in (self.path, f"{self.path}/{PROVENANCE_DIR}"):
+        """Delete the temporary files a killed writer left (shards, provenance, stats)."""
+        for folder in (self.path, *(f"{self.path}/{d}" for d in METADATA_DIRS)):
             if not self.fs.exists(folder):
                 continue
             for entry in self.fs.ls(folder, detail=False):

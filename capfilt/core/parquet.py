@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 
+from capfilt.core.errors import CapfiltError
+
 # images/ follows img2dataset's parquet schema (plus any extra input columns), so it is not
 # fixed here; these are the folders capfilt itself writes. Built on first use (module
 # __getattr__), so that `capfilt --help` does not import pyarrow.
@@ -74,6 +76,7 @@ def write_atomic(fs, path: str, write, fingerprint=None, before_rename=None) -> 
     fingerprint (None without `fingerprint`).
     """
     tmp = temp_name(path)
+    fs.makedirs(path.rpartition("/")[0], exist_ok=True)
     try:
         with fs.open(tmp, "wb") as f:
             write(f)
@@ -108,22 +111,140 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     write_atomic(fs, path, lambda f: f.write(data))
 
 
+# What a reader needs of each folder. images/ is img2dataset's schema with any extra columns
+# of the URL list; the folders capfilt writes have their fixed schemas above.
+REQUIRED_COLUMNS = {
+    "images": ("key", "jpg"),
+    **{
+        name.split("_")[0].lower(): tuple(column for column, _ in columns)
+        for name, columns in _SCHEMAS.items()
+    },
+}
+# The kinds of the columns readers use, where a folder has them: string or large_string,
+# binary or large_binary, a number.
+COLUMN_KINDS = {
+    "images": {"key": "string", "jpg": "binary", "status": "string", "caption": "string"},
+    **{
+        name.split("_")[0].lower(): {
+            column: "number" if kind.startswith(("int", "float")) else kind
+            for column, kind in columns
+        }
+        for name, columns in _SCHEMAS.items()
+    },
+}
+
+
+UNREADABLE = "unreadable:"  # the fingerprint of a file that is not Parquet
+
+
+class UnreadableShard(CapfiltError):
+    """A shard that is cut short, not Parquet, or not in the schema its folder holds."""
+
+
 def read_table(fs, path: str, columns: list[str] | None = None):
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    return read_table_and_fingerprint(fs, path, columns, fingerprint=False)[0]
 
 
-def read_table_and_fingerprint(fs, path: str, columns: list[str] | None = None):
+def read_table_and_fingerprint(
+    fs, path: str, columns: list[str] | None = None, fingerprint: bool = True
+):
     """(table, fingerprint) of one file, both from the same open handle: the fingerprint is of
-    exactly the bytes that were read, even if the file is replaced meanwhile."""
+    exactly the bytes that were read, even if the file is replaced meanwhile.
+
+    A damaged file, or one without the `columns` asked for, raises UnreadableShard naming it.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with fs.open(path, "rb") as f:
-        fingerprint = _footer_fingerprint(f)
-        f.seek(0)
-        return pq.read_table(f, columns=columns), fingerprint
+        try:
+            found = _footer_fingerprint(f) if fingerprint else None
+            f.seek(0)
+            if columns:
+                check_columns(path, pq.read_schema(f).names, columns)
+                f.seek(0)
+            return pq.read_table(f, columns=columns), found
+        except (ValueError, OSError, pa.ArrowException) as e:
+            if isinstance(e, FileNotFoundError | UnreadableShard):
+                raise
+            raise UnreadableShard(damaged(path, e)) from e
+
+
+def check_columns(path: str, names: list[str], required) -> None:
+    """Raise UnreadableShard when a file with columns `names` lacks some of `required`."""
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise UnreadableShard(
+            f"{path} has no column {', '.join(missing)} (its columns: "
+            f"{', '.join(names[:12]) + (' …' if len(names) > 12 else '') or 'none'}); it was "
+            "not written in the layout capfilt reads. Put images in with `capfilt fetch` or "
+            "`capfilt ingest`, or move the file out of the dataset"
+        )
+
+
+def check_kinds(path: str, schema, kinds: dict) -> None:
+    """Raise UnreadableShard when a column of `schema` named in `kinds` holds another kind of
+    value (a key that is a number, image bytes stored as text)."""
+    import pyarrow as pa
+
+    tests = {
+        "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+        "binary": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        "number": lambda t: pa.types.is_integer(t) or pa.types.is_floating(t),
+    }
+    for field in schema:
+        kind = kinds.get(field.name)
+        if kind and not pa.types.is_null(field.type) and not tests[kind](field.type):
+            raise UnreadableShard(
+                f"{path}: column {field.name} holds {field.type}, not {kind}; it was not "
+                "written in the layout capfilt reads. Put images in with `capfilt fetch` or "
+                "`capfilt ingest`, or move the file out of the dataset"
+            )
+
+
+def check_keys(path: str, table) -> None:
+    """Raise UnreadableShard when a shard's `key` column has nulls or repeats: each image must
+    be told apart from the others (its captions, scores and curated pairs hang on the key)."""
+    import pyarrow.compute as pc
+
+    keys = table.column("key")
+    if keys.null_count:
+        raise UnreadableShard(
+            f"{path}: {keys.null_count} rows have no key; every image needs its own key"
+        )
+    if pc.count_distinct(keys).as_py() != len(keys):
+        counts = pc.value_counts(keys)
+        repeated = next(c for c in counts.to_pylist() if c["counts"] > 1)
+        raise UnreadableShard(
+            f"{path}: key {repeated['values']!r} is on {repeated['counts']} rows; every image "
+            "needs its own key"
+        )
+
+
+def check_schema(fs, path: str, folder: str) -> None:
+    """Read one file's footer: it is Parquet, has the columns readers of `folder` need, of
+    the kinds they read (`REQUIRED_COLUMNS`, `COLUMN_KINDS`), or raise UnreadableShard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+    except (ValueError, OSError, pa.ArrowException) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise UnreadableShard(damaged(path, e)) from e
+    check_columns(path, schema.names, REQUIRED_COLUMNS.get(folder, ()))
+    check_kinds(path, schema, COLUMN_KINDS.get(folder, {}))
+
+
+def damaged(path: str, error) -> str:
+    why = (str(error).splitlines() or [type(error).__name__])[0].replace("'<Buffer>'", "it")
+    why = why.rstrip(". ")
+    return (
+        f"cannot read {path}: {why}. The file is damaged (cut short by a full disk or a killed "
+        "copy?) or not Parquet: delete it and re-run the stage that wrote it"
+    )
 
 
 def file_fingerprint(fs, path: str) -> str | None:
@@ -132,8 +253,8 @@ def file_fingerprint(fs, path: str) -> str | None:
         with fs.open(path, "rb") as f:
             try:
                 return _footer_fingerprint(f)
-            except ValueError:  # damaged, or not Parquet: it matches no provenance
-                return f"unreadable:{f.seek(0, 2)}"
+            except ValueError as e:  # damaged, or not Parquet: it matches no provenance
+                return f"{UNREADABLE}{f.seek(0, 2)} ({e})"
     except FileNotFoundError:
         return None
 

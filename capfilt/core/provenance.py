@@ -2,7 +2,7 @@
 shard is done for a run.
 
     captions/00003.parquet
-    captions/_provenance/00003.json
+    captions/.provenance/00003.json
         {"stage": "caption", "shard": 3,
          "file": "sha256:…",                     the shard file it describes
          "options": {"model_revision": …, "num_captions": 3, …},
@@ -76,11 +76,13 @@ class Provenance:
 
 def read(folder: ShardFolder, shard: int) -> Provenance | None:
     """The provenance stored beside a shard; None when there is none or it cannot be read."""
-    try:
-        with folder.fs.open(folder.provenance_path(shard), "rb") as f:
-            return Provenance.from_bytes(f.read())
-    except FileNotFoundError:
-        return None
+    for legacy in (False, True):  # datasets written before kept it in _provenance/
+        try:
+            with folder.fs.open(folder.provenance_path(shard, legacy), "rb") as f:
+                return Provenance.from_bytes(f.read())
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def write(folder: ShardFolder, shard: int, provenance: Provenance) -> None:
@@ -117,6 +119,11 @@ def check(
     file = file if file is not None else folder.fingerprint(shard)
     if file is None:
         return ShardCheck(shard, PENDING, why="not written yet")
+    if file.startswith(parquet.UNREADABLE):
+        why = file.partition("(")[2][:-1] or "not a Parquet file"
+        return ShardCheck(
+            shard, STALE, INTERRUPTED, f"damaged, {why}: delete it and run its stage again"
+        )
     provenance = provenance or read(folder, shard)
     if provenance is None:
         return ShardCheck(

@@ -1,9 +1,19 @@
-"""DuckDB views over a dataset folder: one view per stage folder that has shards."""
+"""DuckDB views over a dataset folder: one view per stage folder that has shards.
+
+A connection is a sandbox unless its caller opts out: DuckDB may open only the shard files
+its views read (`allowed_paths`), nothing else (`enable_external_access=false`: no other
+file, no network, no extension), and `lock_configuration` refuses the SET that would undo
+it. DuckDB's allowed paths may be written as well as read, so `check_statements` refuses,
+before anything runs, each statement that writes or opens files (COPY, EXPORT, ATTACH,
+INSTALL/LOAD, SET, file PRAGMAs, CREATE SECRET); what is left reads the views and makes
+in-memory tables at most.
+"""
 
 from __future__ import annotations
 
 import re
 
+from capfilt.core import parquet
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import STAGES, Dataset
 
@@ -13,40 +23,243 @@ STAGE_HINTS = {
     "scores": "run `capfilt filter DATASET --threshold T` first",
     "curated": "run `capfilt filter DATASET --threshold T` first",
 }
+SANDBOX_FLAG = "--allow-external-access"
+
+# Set in this order, once the views exist; `lock_configuration` last. A setting this DuckDB
+# does not know is skipped, except those the sandbox rests on.
+_REQUIRED = ("allowed_paths", "enable_external_access", "lock_configuration")
+_SANDBOX_SETTINGS = (
+    ("python_enable_replacements", False),  # no scans of the caller's Python variables
+    ("autoinstall_known_extensions", False),  # no download of an extension
+    ("autoload_known_extensions", False),
+    ("allow_community_extensions", False),
+    ("enable_external_access", False),  # no file but the allowed ones, no network
+    ("lock_configuration", True),  # no SET/RESET/PRAGMA that changes a setting
+)
 
 
-def connect(dataset: Dataset, with_images: bool = False, folders: dict | None = None):
+def connect(
+    dataset: Dataset,
+    with_images: bool = False,
+    folders: dict | None = None,
+    sandbox: bool = True,
+):
     """A DuckDB connection with one view per stage folder that has shards.
 
     `folders`: stage -> StageFolder already resolved (`Dataset.folder`), so that several
     connections and other readers of one command see the same generation of curated/.
+    `sandbox`: DuckDB may open only the shards the views read (see the module docstring);
+    False leaves the connection as DuckDB makes it (`capfilt query --allow-external-access`).
     """
     import duckdb
 
     con = duckdb.connect()
     if not dataset.is_local:
         con.register_filesystem(dataset.fs)
+    allowed: list[str] = []
     for stage in STAGES:
         folder = (folders or {}).get(stage) or dataset.folder(stage)  # one generation
         shards = folder.shards()
         if not shards:
             continue
         files = [folder.url(s) for s in shards]
+        allowed += files
         file_list = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
         exclude = " EXCLUDE (jpg)" if stage == "images" and not with_images else ""
+        # The first shard's footer: the columns the views' readers use, of the kinds they use
+        # (a key that is a number would fail deep in a report's SQL).
+        parquet.check_schema(folder.fs, folder.shard_path(shards[0]), stage)
         try:
             con.execute(
                 f"CREATE VIEW {stage} AS SELECT *{exclude} "
                 f"FROM read_parquet({file_list}, union_by_name=true)"
             )
         except duckdb.Error as e:
-            # DuckDB reads every footer here, so a damaged shard fails before any query runs.
+            # DuckDB reads every footer here, so a damaged shard fails before any query runs;
+            # name the shard, and say whether it is damaged or in another schema.
+            for shard in shards:
+                parquet.check_schema(folder.fs, folder.shard_path(shard), stage)
             raise CapfiltError(
                 f"cannot read the {stage}/ shards of {dataset.root!r}: "
                 f"{str(e).splitlines()[0]}. Delete the damaged shard and re-run the stage "
                 "that wrote it"
             ) from e
+    if sandbox:
+        _lock_down(con, dataset, allowed)
     return con
+
+
+def _lock_down(con, dataset: Dataset, files: list[str]) -> None:
+    """Let `con` open `files` and nothing else, for good (views bind again at each query)."""
+    import duckdb
+
+    known = {row[0] for row in con.execute("SELECT name FROM duckdb_settings()").fetchall()}
+    missing = [name for name in _REQUIRED if name not in known]
+    if missing:
+        raise CapfiltError(
+            f"this DuckDB ({duckdb.__version__}) cannot sandbox SQL (it has no "
+            f"{', '.join(missing)} setting): upgrade duckdb to 1.2 or later; `capfilt query` "
+            f"also runs without the sandbox with {SANDBOX_FLAG}"
+        )
+    allowed = set(files)
+    if not dataset.is_local:
+        # DuckDB asks a registered fsspec filesystem for the files of a view and checks the
+        # names it returns, which may be spelt otherwise (memory://b/x -> memory:///b/x).
+        fs = dataset.fs
+        allowed |= {fs.unstrip_protocol(fs._strip_protocol(f)) for f in files}
+    con.execute("SET allowed_paths = $1", [sorted(allowed)])
+    for name, value in _SANDBOX_SETTINGS:
+        if name not in known:
+            continue
+        try:
+            con.execute(f"SET {name} = {str(value).lower()}")
+        except duckdb.Error:
+            if name in _REQUIRED:
+                raise
+
+
+# --- the statements a sandboxed query may run --------------------------------------------------
+# By DuckDB's own parser (case, whitespace and comments are its business, not a regex's):
+# the statement types allowed, then the leading words of each, so that a MULTI statement
+# (what DuckDB makes of a PIVOT, also inside COPY (PIVOT …) TO) or an EXPLAIN ANALYZE runs
+# nothing but a query.
+_ALLOWED_TYPES = frozenset(
+    {
+        "SELECT",
+        "EXPLAIN",
+        "MULTI",
+        "CREATE",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "DROP",
+        "ALTER",
+        "TRANSACTION",
+        "PRAGMA",
+    }
+)
+_QUERY_WORDS = frozenset(
+    "select with from values table pivot unpivot pivot_wider pivot_longer summarize describe "
+    "show ( create insert update delete drop alter begin commit rollback abort start end "
+    "pragma explain".split()
+)
+# PRAGMAs that only describe the in-memory catalog; the others set a setting (locked
+# anyway) or touch files.
+_READ_PRAGMAS = frozenset(
+    "table_info show show_tables show_tables_expanded database_size storage_info version "
+    "platform functions collations user_agent metadata_info".split()
+)
+_WHAT = {
+    "COPY": "COPY (reads or writes files)",
+    "EXPORT": "EXPORT DATABASE (writes files)",
+    "IMPORT": "IMPORT DATABASE (reads files)",
+    "ATTACH": "ATTACH (opens or creates a database file)",
+    "DETACH": "DETACH",
+    "LOAD": "INSTALL/LOAD (extensions)",
+    "INSTALL": "INSTALL/LOAD (extensions)",
+    "FORCE": "INSTALL/LOAD (extensions)",
+    "UPDATE_EXTENSIONS": "UPDATE EXTENSIONS",
+    "SET": "SET/RESET/USE (changes settings)",
+    "RESET": "SET/RESET/USE (changes settings)",
+    "USE": "SET/RESET/USE (changes settings)",
+    "PREPARE": "PREPARE/EXECUTE (statements it cannot check)",
+    "EXECUTE": "PREPARE/EXECUTE (statements it cannot check)",
+    "CALL": "CALL (use SELECT * FROM the function instead)",
+    "CHECKPOINT": "CHECKPOINT",
+    "VACUUM": "VACUUM/ANALYZE",
+    "ANALYZE": "VACUUM/ANALYZE",
+}
+
+
+def sandbox_refusal(what: str) -> CapfiltError:
+    """The one line a sandboxed query that tries `what` fails with."""
+    return CapfiltError(
+        f"the query is sandboxed to the dataset's views ({', '.join(STAGES)}) and cannot "
+        f"{what}; pass {SANDBOX_FLAG} to lift the sandbox"
+    )
+
+
+def check_statements(con, sql: str) -> None:
+    """Raise a CapfiltError for a statement of `sql` that the sandbox refuses, before any
+    statement runs; `con` parses (a syntax error raises duckdb's ParserException)."""
+    for kind, text in _statements(con, sql):
+        _check_statement(con, kind, text)
+
+
+def _statements(con, sql: str) -> list[tuple[str, str]]:
+    """(type name, text) of each statement of `sql`, by DuckDB's parser."""
+    try:
+        return [(s.type.name, s.query) for s in con.extract_statements(sql)]
+    except ValueError as e:  # a statement type this duckdb's Python API has no name for
+        raise sandbox_refusal("run a statement of a kind it does not know") from e
+
+
+def _tokens(text: str) -> list[tuple[int, str]]:
+    """(position, lower-case text) of each token of `text` that is not a comment."""
+    import duckdb
+
+    found = duckdb.tokenize(text)
+    tokens = []
+    for i, (pos, kind) in enumerate(found):
+        end = found[i + 1][0] if i + 1 < len(found) else len(text)
+        if getattr(kind, "name", str(kind)).rsplit(".", 1)[-1] != "comment":
+            tokens.append((pos, text[pos:end].strip().lower()))
+    return tokens
+
+
+def _check_statement(con, kind: str, text: str) -> None:
+    tokens = _tokens(text)
+    words = [word for _, word in tokens]
+    first = words[0] if words else ""
+    if kind not in _ALLOWED_TYPES or first not in _QUERY_WORDS:
+        raise sandbox_refusal(
+            _WHAT.get(first.upper()) or _WHAT.get(kind) or f"run {(first or kind).upper()}"
+        )
+    if kind == "PRAGMA" and first != "pragma":  # IMPORT DATABASE, COPY FROM DATABASE
+        raise sandbox_refusal(_WHAT.get(first.upper()) or f"run {first.upper()}")
+    if first == "explain":  # EXPLAIN ANALYZE runs what it explains: check that
+        i = 2 if words[1:2] == ["analyze"] else 1
+        if words[i : i + 1] == ["("]:  # EXPLAIN (FORMAT json) …
+            i = words.index(")", i) + 1 if ")" in words[i:] else len(words)
+        if i >= len(words):
+            raise sandbox_refusal("run this EXPLAIN")
+        for inner_kind, inner in _statements(con, text[tokens[i][0] :]):
+            _check_statement(con, inner_kind, inner)
+    elif first == "pragma":
+        name = words[1] if len(words) > 1 else ""
+        if name not in _READ_PRAGMAS:
+            raise sandbox_refusal(f"run PRAGMA {name} (only pragmas that describe the views)")
+    elif first in ("create", "drop"):
+        # CREATE [OR REPLACE] [TEMP|TEMPORARY|PERSISTENT] kind …: in-memory objects only
+        rest = [w for w in words[1:4] if w not in ("or", "replace", "temp", "temporary")]
+        if rest[:1] in (["persistent"], ["secret"]):
+            raise sandbox_refusal(f"{first.upper()} SECRET (credentials, stored in a file)")
+        if rest[:1] in (["database"], ["extension"]):
+            raise sandbox_refusal(f"{first.upper()} {rest[0].upper()}")
+
+
+def sandbox_error(e: Exception) -> CapfiltError | None:
+    """The sandbox's one line for a DuckDB error that its settings raised, else None."""
+    import duckdb
+
+    message = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, duckdb.PermissionException):
+        m = re.search(r'Cannot access (?:file|directory) "([^"]*)"', message)
+        if m:
+            return sandbox_refusal(f"open {m.group(1)}")
+        if "extension" in message.lower():
+            return sandbox_refusal("install or load an extension")
+        return sandbox_refusal("reach files or the network")
+    m = re.search(r'Cannot change configuration option "([^"]*)"', message)
+    if m and "locked" in message:
+        return sandbox_refusal(f"change the setting {m.group(1)}")
+    m = re.search(r"but it exists in the (\w+) extension", message)
+    if m or "automatically install" in message:
+        return sandbox_refusal(f"load the {m.group(1) if m else 'needed'} extension")
+    m = re.search(r"Table with name (\S+) does not exist", message)
+    if m and re.search(r"/|\.(csv|tsv|txt|json|jsonl|ndjson|parquet|gz)$", m.group(1), re.I):
+        return sandbox_refusal(f"open {m.group(1)} (a file named as a table)")
+    return None
 
 
 def missing_stages(sql: str, dataset: Dataset) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capfilt.core.layout import Dataset
+from capfilt.core.text import printable
 from capfilt.demo.loop import EVAL_DIR
 from capfilt.report.figures import model_metrics
 from capfilt.report.html import metric_text
@@ -192,7 +193,7 @@ def print_tables(results: dict, console) -> None:
         with_noise = has_noise(table)
         out = RichTable("row", *_headers(with_noise), title=table["title"], title_justify="left")
         for row in table["rows"]:
-            out.add_row(Text(row["label"]), *_cells(row, with_noise))
+            out.add_row(Text(printable(row["label"])), *_cells(row, with_noise))
         console.print(out)
         console.print(Text(f"paper: {table['finding']}; {directions(table)}"))
 

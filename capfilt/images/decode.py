@@ -81,6 +81,15 @@ def prepare_for_resize(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
         return None, _decode_error(e)
 
 
+def image_size(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int] | None:
+    """(width, height) from an image's header, quietly; None when it cannot be read."""
+    try:
+        with _open_image(data, max_pixels) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - unreadable: the caller's decoder says why
+        return None
+
+
 class _ImageRefused(Exception):
     """An image capfilt will not decode (too many pixels)."""
 
@@ -99,6 +108,7 @@ def _open_image(data: bytes, max_pixels: int):
             # PIL warns between its limit and twice that, and raises above: capfilt's own
             # check below decides, so neither may escape as a warning or a traceback.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _quiet_about_damage()
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise _ImageRefused(f"image too large: {e}") from e
@@ -110,7 +120,15 @@ def _open_image(data: bytes, max_pixels: int):
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        _quiet_about_damage()
         yield img
+
+
+def _quiet_about_damage() -> None:
+    """Inside a catch_warnings block: PIL's warnings about a damaged file ("Corrupt EXIF
+    data", found by the hostile corpus) do not reach the screen; what can be decoded is, and
+    what cannot is the row's error."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 def _decode_error(e: Exception) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +180,12 @@ def check_checkpoint(source: ModelSource, kind: str) -> None:
                 "loads safetensors only, since pickles can run code. Convert it where you trust "
                 "the file: load it with transformers and call "
                 "save_pretrained(dir, safe_serialization=True), then pass that dir to --model"
+            )
+        if any(re.match(r"^step-\d+$", p.name) for p in source.path.iterdir() if p.is_dir()):
+            raise CapfiltError(
+                f"{source.model_id!r} is a capfilt training run, not a model checkpoint; turn "
+                f"it into BLIP checkpoints first: `capfilt export {source.path} --out DIR`, "
+                f"then pass DIR/{kind} to --model"
             )
         raise CapfiltError(
             f"{source.model_id!r} has no model weights (no *.safetensors in {source.path}); "

@@ -453,13 +453,14 @@ def sample_images(con, count: int) -> list[dict]:
     return _rows(
         con,
         "SELECT key, caption AS web_caption FROM images WHERE status = 'success' "
-        "ORDER BY key LIMIT $1",
+        "AND key IS NOT NULL ORDER BY key LIMIT $1",
         [count],
     )
 
 
 def thumbnails(con_with_images, keys: set[str]) -> dict[str, str | None]:
     """`data:` URIs of small JPEG thumbnails by key; None where the bytes are not an image."""
+    keys = {key for key in keys if key is not None}  # a row without a key has no image to show
     if not keys:
         return {}
     rows = con_with_images.execute(
@@ -473,16 +474,15 @@ def thumbnail_uri(image_bytes: bytes | None, side: int = THUMBNAIL_SIDE) -> str 
     """A base64 JPEG `data:` URI of the image shrunk to fit side × side, or None."""
     if not image_bytes:
         return None
-    from PIL import Image, UnidentifiedImageError
+    from capfilt.images.decode import decode_image
 
-    try:
-        with Image.open(_io.BytesIO(image_bytes)) as img:
-            img = img.convert("RGB")
-            img.thumbnail((side, side))
-            buf = _io.BytesIO()
-            img.save(buf, format="JPEG", quality=80)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    decoded = decode_image(image_bytes)  # upright 8-bit RGB, as the models saw it
+    if not decoded.ok:
         return None
+    img = decoded.image
+    img.thumbnail((side, side))
+    buf = _io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import html
 
+from capfilt.core.text import printable
 from capfilt.report.figures import EXAMPLE_GROUPS, SOURCES, rate
 
 
 def _e(value) -> str:
-    """Escape any value for HTML text and attributes (captions are hostile web text)."""
-    return html.escape("" if value is None else str(value), quote=True)
+    """Escape any value for HTML text and attributes (captions are hostile web text); control
+    characters are shown as \\xNN, as in the terminal."""
+    return html.escape("" if value is None else printable(value), quote=True)
 
 
 def percent(rate: float | None) -> str:

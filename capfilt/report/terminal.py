@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from capfilt.core.text import printable
 from capfilt.report.figures import rate
 from capfilt.report.html import metric_text, percent, score_text
 
@@ -29,12 +30,12 @@ def print_summary(summary: dict, console) -> None:
     if fetch:
         status = table("Fetch status", "status", "rows", "share")
         for name, n in fetch["status"].items():
-            status.add_row(Text(name), f"{n:,}", percent(rate(n, fetch["rows"])))
+            status.add_row(Text(printable(name)), f"{n:,}", percent(rate(n, fetch["rows"])))
         console.print(status)
         if fetch["error_kinds"]:
             kinds = table("Fetch errors by kind", "error kind", "rows")
             for kind, n in fetch["error_kinds"].items():
-                kinds.add_row(Text(kind), f"{n:,}")
+                kinds.add_row(Text(printable(kind)), f"{n:,}")
             console.print(kinds)
 
     captions = summary["captions"]
@@ -59,7 +60,7 @@ def print_summary(summary: dict, console) -> None:
         )
         for source, s in scores["by_source"].items():
             t.add_row(
-                Text(source),
+                Text(printable(source)),
                 f"{s['pairs']:,}",
                 score_text(s["mean_itm"]),
                 f"{s['kept']:,}",
@@ -108,7 +109,7 @@ def models_table(compared: dict, title: str):
     t = Table(title=title, title_justify="left", title_style="bold")
     t.add_column("metric")
     for label in labels:
-        t.add_column(Text(label), justify="right")
+        t.add_column(Text(printable(label)), justify="right")
     if change:
         t.add_column("change", justify="right")
     for name in compared["metrics"]:

@@ -83,32 +83,40 @@ def download(listing, output_folder: str, done: set[int], options) -> None:
             else:
                 from img2dataset import download as img2dataset_download
 
-                # img2dataset's incremental mode skips the shards whose stats file exists.
-                img2dataset_download(
-                    url_list=listing.img2dataset_input(),
-                    output_folder=output_folder,
-                    input_format="parquet",
-                    output_format="parquet",
-                    url_col=listing.url_col,
-                    caption_col=listing.caption_col,
-                    save_additional_columns=listing.extra_columns or None,
-                    image_size=options.image_size,
-                    resize_mode=options.resize_mode,
-                    encode_quality=options.encode_quality,
-                    min_image_size=options.min_image_size,
-                    processes_count=options.processes,
-                    thread_count=options.threads,
-                    timeout=options.timeout,
-                    retries=options.retries,
-                    distributor=options.distributor,
-                    number_sample_per_shard=options.shard_size,
-                    incremental_mode="incremental",
-                    user_agent_token=USER_AGENT_TOKEN,
-                    # img2dataset reads an empty list as "respect nothing".
-                    disallowed_header_directives=list(options.opt_out_directives),
-                    compute_hash="sha256",
-                    enable_wandb=False,
+                from capfilt.sources.orphans import processes_end_with_this_one
+
+                workers = (
+                    processes_end_with_this_one()
+                    if options.distributor == "multiprocessing"
+                    else contextlib.nullcontext()
                 )
+                # img2dataset's incremental mode skips the shards whose stats file exists.
+                with workers:
+                    img2dataset_download(
+                        url_list=listing.img2dataset_input(),
+                        output_folder=output_folder,
+                        input_format="parquet",
+                        output_format="parquet",
+                        url_col=listing.url_col,
+                        caption_col=listing.caption_col,
+                        save_additional_columns=listing.extra_columns or None,
+                        image_size=options.image_size,
+                        resize_mode=options.resize_mode,
+                        encode_quality=options.encode_quality,
+                        min_image_size=options.min_image_size,
+                        processes_count=options.processes,
+                        thread_count=options.threads,
+                        timeout=options.timeout,
+                        retries=options.retries,
+                        distributor=options.distributor,
+                        number_sample_per_shard=options.shard_size,
+                        incremental_mode="incremental",
+                        user_agent_token=USER_AGENT_TOKEN,
+                        # img2dataset reads an empty list as "respect nothing".
+                        disallowed_header_directives=list(options.opt_out_directives),
+                        compute_hash="sha256",
+                        enable_wandb=False,
+                    )
     finally:
         # img2dataset installs a SIGINT handler that exits with status 0; put ours back.
         signal.signal(signal.SIGINT, sigint)

@@ -10,7 +10,10 @@ with `download_image` below, for the time a shard is downloaded, in whichever pr
 - the connection goes to an address vetted after DNS resolution (and checked again once
   connected), so neither a name nor a redirect nor a DNS answer that changes between look-ups
   reaches a loopback, private, link-local or metadata address, unless
-  `allow_private_addresses`; cloud metadata endpoints are refused even then;
+  `allow_private_addresses`; cloud metadata endpoints and all link-local addresses
+  (169.254.0.0/16, fe80::/10, where credential services live) are refused even then. An IPv6
+  address that carries an IPv4 one (IPv4-mapped, -compatible or -translated, NAT64, 6to4,
+  Teredo) is judged by that IPv4 address as well;
 - at most `max_image_bytes` are read, and the whole transfer (connect, TLS, headers, body,
   redirects) ends at `image_deadline` seconds: a watchdog shuts the socket down;
 - `SafeResizer` refuses decompression bombs from the image header before a pixel is decoded,
@@ -41,7 +44,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from capfilt.core.errors import CapfiltError
-from capfilt.images.decode import MAX_IMAGE_PIXELS, prepare_for_resize
+from capfilt.images.decode import MAX_IMAGE_PIXELS, image_size, prepare_for_resize
 
 DEFAULT_MAX_IMAGE_BYTES = 32 * 2**20
 DEFAULT_IMAGE_DEADLINE = 60.0
@@ -54,13 +57,19 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
     for a in (
         "169.254.169.254",  # AWS, GCP, Azure, OpenStack, …
-        "fd00:ec2::254",  # AWS over IPv6
-        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.170.2",  # AWS ECS task credentials
+        "169.254.170.23",  # AWS EKS Pod Identity
+        "fd20:ce::254",  # GCP over IPv6
+        "168.63.129.16",  # Azure WireServer (host agent)
         "100.100.100.200",  # Alibaba Cloud
+        "192.0.0.192",  # Oracle Cloud
     )
 )
+# AWS's instance services over IPv6: metadata ::254, EKS Pod Identity ::23, DNS, NTP.
+METADATA_NETWORKS = (ipaddress.ip_network("fd00:ec2::/64"),)
 PRIVATE_FLAG = "--allow-private-addresses"
 _READ_CHUNK = 64 * 1024
+JPEG_MAX_SIDE = 65_500  # what libjpeg (OpenCV's encoder) writes at most, in pixels a side
 
 
 @dataclass(frozen=True)
@@ -82,26 +91,91 @@ class RefusedDownload(OSError):
 
 # --- addresses -------------------------------------------------------------------------------
 def refusal_for_address(address: str, allow_private: bool) -> str | None:
-    """Why an IP address may not be fetched from, or None when it may."""
+    """Why an IP address may not be fetched from, or None when it may.
+
+    Metadata and link-local addresses are refused whatever `allow_private` says, also when
+    an IPv6 address carries them (64:ff9b::a9fe:a9fe is NAT64 for 169.254.169.254).
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
     if ip.version == 6 and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
-    if ip in METADATA_ADDRESSES:
-        return f"{ip} is a cloud metadata address, which capfilt never fetches from"
+    # (reason, refused even with allow_private, certain): an IPv4 address inside comes first
+    judged = []
+    for inner, form, certain in [*_carried(ip), (ip, "", True)]:
+        verdict = _verdict(inner)
+        if verdict is not None:
+            what, always = verdict
+            judged.append((f"{ip} is {form + ', ' if form else ''}{what}", always, certain))
+    for reason, always, _ in judged:
+        if always:
+            return reason
     if allow_private:
         return None
+    # An uncertain reading (local-use NAT64) only ever adds refusals that hold with the flag;
+    # such an address is refused as private anyway.
+    return next((reason for reason, _, certain in judged if certain), None)
+
+
+def _verdict(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[str, bool] | None:
+    """(what ip is, whether it is refused even with allow_private), or None for a public one."""
+    if ip in METADATA_ADDRESSES or any(ip in network for network in METADATA_NETWORKS):
+        return "a cloud metadata address, which capfilt never fetches from", True
+    if ip.is_link_local:
+        return (
+            "a link-local address (cloud credential services live there); refused even with "
+            f"{PRIVATE_FLAG}",
+            True,
+        )
     for kind, test in (
         ("unspecified", ip.is_unspecified),  # 0.0.0.0 reaches this machine
         ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
         ("multicast", ip.is_multicast),
-        ("private", ip.is_private),
+        ("site-local", ip.version == 6 and ip.is_site_local),  # fec0::/10, deprecated
+        ("private", ip.is_private or ip in _LOCAL_NAT64),
     ):
         if test:
-            return f"{ip} is a {kind} address"
+            return f"a {kind} address", False
     if not ip.is_global:
-        return f"{ip} is not a public address"
+        return "not a public address", False
     return None
+
+
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated (RFC 4291): ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT (RFC 2765)
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix (RFC 6052)
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # local-use prefixes (RFC 8215)
+
+
+def _carried(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[tuple[ipaddress.IPv4Address, str, bool]]:
+    """The IPv4 addresses an IPv6 address carries: (address, how, whether certainly)."""
+    if ip.version != 6:
+        return []
+    last = ipaddress.IPv4Address(ip.packed[12:])
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # :: and ::1 are IPv6's own
+        return [(last, f"an IPv4-compatible address for {last}", True)]
+    if ip in _IPV4_TRANSLATED:
+        return [(last, f"an IPv4-translated address for {last}", True)]
+    if ip in _NAT64:
+        return [(last, f"a NAT64 address for {last}", True)]
+    if ip in _LOCAL_NAT64:
+        # A local-use NAT64 prefix may be /48, /56, /64 or /96 long; each length puts the
+        # IPv4 address elsewhere, skipping bits 64-71 (RFC 6052). Every reading is checked.
+        squeezed = ip.packed[:8] + ip.packed[9:]
+        readings = dict.fromkeys(
+            [last] + [ipaddress.IPv4Address(squeezed[at : at + 4]) for at in (6, 7, 8)]
+        )
+        return [(v4, f"perhaps a local-use NAT64 address for {v4}", False) for v4 in readings]
+    if ip.sixtofour is not None:
+        return [(ip.sixtofour, f"a 6to4 address for {ip.sixtofour}", True)]
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        return [
+            (client, f"a Teredo address for {client}", True),
+            (server, f"a Teredo address through server {server}", True),
+        ]
+    return []
 
 
 def _resolve(host: str, port: int) -> list[tuple]:
@@ -189,7 +263,8 @@ def _guarded_connect(policy: DownloadPolicy, transfer: _Transfer):
         for family, kind, proto, _, sockaddr in _resolve(host, port):
             reason = refusal_for_address(sockaddr[0], policy.allow_private_addresses)
             if reason is not None:
-                refusals.append(reason)
+                # refused even with the flag (metadata, link-local): the flag is no remedy
+                refusals.append((reason, refusal_for_address(sockaddr[0], True) is not None))
                 continue
             sock = socket.socket(family, kind, proto)
             try:
@@ -212,12 +287,13 @@ def _guarded_connect(policy: DownloadPolicy, transfer: _Transfer):
         if error is not None:
             raise error
         if refusals:
-            hint = (
-                f"; pass {PRIVATE_FLAG} to fetch from private networks"
-                if not any("metadata" in r for r in refusals)
-                else ""
+            always = [reason for reason, held in refusals if held]
+            if always:
+                raise RefusedDownload(f"refused: {host} resolves to {always[0]}")
+            raise RefusedDownload(
+                f"refused: {host} resolves to {refusals[0][0]}; pass {PRIVATE_FLAG} to fetch "
+                "from private networks"
             )
-            raise RefusedDownload(f"refused: {host} resolves to {refusals[0]}{hint}")
         raise OSError(f"{host} has no address")
 
     return create_connection
@@ -399,9 +475,46 @@ class SafeResizer:
     def __call__(self, img_stream, blurring_bbox_list=None):
         img_stream.seek(0)
         prepared, error = prepare_for_resize(img_stream.read(), self.max_pixels)
+        if error is None:
+            error = self.refusal_of_output(prepared)
         if error is not None:
             return None, None, None, None, None, error
         return self.resizer(io.BytesIO(prepared), blurring_bbox_list)
+
+    def refusal_of_output(self, prepared: bytes) -> str | None:
+        """Why the resized picture would be too large (a 1 × 4000 strip at keep_ratio 384 is
+        384 × 1,536,000 pixels, 1.7 GB), from the header alone; None when it is fine."""
+        size = image_size(prepared, self.max_pixels)
+        if size is None:
+            return None  # OpenCV's decoder gives the row its error
+        width, height = size
+        out_width, out_height = self.output_size(width, height)
+        if out_width * out_height > self.max_pixels or max(out_width, out_height) > JPEG_MAX_SIDE:
+            mode = getattr(self.resizer.resize_mode, "name", self.resizer.resize_mode)
+            return (
+                f"image too large once resized: {width}×{height} at {mode} "
+                f"{self.resizer.image_size} would be {out_width}×{out_height} pixels "
+                f"(at most {self.max_pixels:,} pixels, {JPEG_MAX_SIDE:,} a side)"
+            )
+        return None
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """The largest picture img2dataset's resizer makes of a width × height image."""
+        size = self.resizer.image_size
+        mode = getattr(self.resizer.resize_mode, "name", str(self.resizer.resize_mode))
+        only_bigger = self.resizer.resize_only_if_bigger
+        if mode in ("keep_ratio", "center_crop"):  # the smaller side becomes `size` (then crop)
+            if only_bigger and min(width, height) <= size:
+                return width, height
+            scale = size / max(1, min(width, height))
+        elif mode in ("keep_ratio_largest", "border"):  # the larger side becomes `size`
+            if only_bigger and max(width, height) <= size:
+                return width, height
+            scale = size / max(1, max(width, height))
+        else:  # "no"
+            return width, height
+        out = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return (max(out[0], size), max(out[1], size)) if mode == "border" else out
 
 
 @contextlib.contextmanager

@@ -191,8 +191,8 @@ def _read_table(fs, file: str, fmt: str, options: ListColumns):
                 if not isinstance(records, list):
                     raise ValueError("a .json URL list must hold a list of objects")
                 table = pa.Table.from_pylist(records)
-            else:  # txt: one URL a line
-                urls = [line.strip() for line in f.read().decode("utf-8").splitlines()]
+            else:  # txt: one URL a line (after the byte order mark editors put first)
+                urls = [line.strip() for line in f.read().decode("utf-8-sig").splitlines()]
                 table = pa.table(
                     {options.url_col: [u for u in urls if u]},
                     pa.schema([(options.url_col, pa.string())]),
@@ -257,6 +257,8 @@ def check_jsonl_lines(f) -> None:
     """
     for number, line in enumerate(f, start=1):
         stripped = line.strip()
+        if number == 1:  # a byte order mark (which pyarrow's reader skips) may come first
+            stripped = stripped.removeprefix(b"\xef\xbb\xbf").strip()
         if stripped and not stripped.startswith(b"{"):
             raise ValueError(f"line {number} is not a JSON object; each line must be one")
 

@@ -160,7 +160,8 @@ class CaptionResult:
 
     @property
     def images_per_second(self) -> float:
-        return self.images / self.run.seconds if self.run.seconds else 0.0
+        """Images captioned a second, once the model was loaded (as the progress bar counts)."""
+        return self.images / self.run.work_seconds if self.run.work_seconds else 0.0
 
     @property
     def model(self) -> dict:

@@ -35,7 +35,7 @@ from capfilt.core import parquet as io
 from capfilt.core import provenance
 from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
-from capfilt.core.layout import MANIFEST, STAGES, Dataset, ShardFolder
+from capfilt.core.layout import MANIFEST, METADATA_DIRS, STAGES, Dataset, ShardFolder
 from capfilt.core.locks import path_lock
 from capfilt.core.options import Options, option
 from capfilt.stages.runner import Stage, run_stage
@@ -123,7 +123,14 @@ def join_images(curated, images):
     joined = joined.filter(pc.invert(missing_mask))
     joined = joined.sort_by([("key", "ascending"), ("text_id", "ascending")])
     schema = export_schema()
-    columns = {name: joined.column(name).cast(schema.field(name).type) for name in schema.names}
+    columns = {
+        name: (
+            joined.column(name).cast(schema.field(name).type)
+            if name in joined.column_names  # width and height are img2dataset's, not required
+            else pa.nulls(joined.num_rows, schema.field(name).type)
+        )
+        for name in schema.names
+    }
     for extra in ("url", "sha256"):
         if extra in joined.column_names:
             columns[extra] = joined.column(extra).cast(pa.string())
@@ -284,6 +291,7 @@ def export_data(
     options = ExportOptions(out=out, format=ExportFormat(format).value, overwrite=overwrite)
     if not dataset.exists():
         raise CapfiltError(f"dataset folder {dataset.root!r} does not exist; check the path")
+    dataset.read_manifest()  # the run is recorded there: a damaged one stops it before the work
     target = _Out(out)
     earlier = _check_out(dataset, target)
     stage = ExportStage(options)
@@ -309,7 +317,7 @@ def export_data(
                     "--overwrite to replace it"
                 )
             extra = set(target.files(target.path)) - set(earlier.get("files", [])) - {MARKER}
-            extra = {f for f in extra if not f.startswith("_provenance/")}
+            extra = {f for f in extra if f.split("/")[0] not in METADATA_DIRS}
             if extra:
                 raise CapfiltError(
                     f"--out {out!r} holds files capfilt did not write ({sorted(extra)[0]!r}, "
@@ -340,7 +348,7 @@ def export_data(
             shards=len(run.plan.shards),
             missing_images=totals.get("missing_images", 0),
         )
-        marker["files"] = [f for f in target.files(final) if not f.startswith("_provenance/")]
+        marker["files"] = [f for f in target.files(final) if f.split("/")[0] not in METADATA_DIRS]
         io.write_bytes_atomic(
             target.fs, f"{final}/{MARKER}", json.dumps(marker, indent=1, default=str).encode()
         )

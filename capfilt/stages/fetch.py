@@ -14,6 +14,8 @@ images/, with its provenance, only once img2dataset has written the shard's stat
 that a shard in images/ is always complete (the layout's rule). A re-run seeds the staging
 folder with the done shards, so img2dataset's incremental mode downloads only the others: no
 row is fetched or written twice.
+
+A fetch killed with SIGKILL leaves no img2dataset process behind (sources/orphans.py).
 """
 
 from __future__ import annotations
@@ -100,9 +102,9 @@ class FetchOptions(Options):
     # Safety of the download itself (capfilt.safe_fetch): what may be reached, how much, how long.
     allow_private_addresses: bool = option(
         False,
-        "Also fetch from loopback, private and link-local addresses (a local server, an "
-        "intranet). Without it such URLs, also after a redirect or DNS lookup, become failed "
-        "rows. Cloud metadata addresses are always refused.",
+        "Also fetch from loopback and private addresses (a local server, an intranet). "
+        "Without it such URLs, also after a redirect or DNS lookup, become failed rows. Cloud "
+        "metadata and link-local addresses (169.254/16, fe80::/10) are always refused.",
     )
     max_image_bytes: int = option(
         DEFAULT_MAX_IMAGE_BYTES,
@@ -390,7 +392,7 @@ def fetch(
     check_distributor(options.distributor)
     listing = read_url_list(str(url_list), options.list_columns())
     try:
-        dataset.ensure_writable()
+        dataset.ensure_writable("images")
         stage = FetchStage(options, listing)
         command = f"capfilt fetch {listing.source} {dataset.root}"
         with folder_locks(dataset, ("images",), command):

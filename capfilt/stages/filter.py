@@ -248,7 +248,7 @@ def filter_dataset(
     With every shard scored no model is loaded: only curated/ is re-derived.
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    ds.ensure_writable()
+    ds.ensure_writable("scores", "curated")
     processes = distributed.current()
     with folder_locks(ds, ("scores", "curated"), "capfilt filter", processes):
         scored = run_stage(

@@ -259,7 +259,7 @@ def ingest(
     options = options or IngestOptions()
     dataset = Dataset(dataset) if isinstance(dataset, str) else dataset
     found = read_source(str(source), options.local_columns())
-    dataset.ensure_writable()
+    dataset.ensure_writable("images")
     stage = IngestStage(options, found)
     source_record = {
         "kind": found.kind,

@@ -102,7 +102,7 @@ def build_report(
             f"{dataset.root!r} has no images/ shards yet; run `capfilt fetch` or "
             "`capfilt ingest` first"
         )
-    dataset.ensure_writable()  # before the work, not after it
+    dataset.ensure_writable("reports")  # before the work, not after it
     threshold, origin = resolve_threshold(folders["curated"], threshold)
     con = connect(dataset, folders=folders)
     summary = collect_summary(dataset, threshold, origin, con, folders)

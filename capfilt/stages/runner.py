@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from capfilt.core import distributed, parquet, provenance
 from capfilt.core.ahead import ordered_map
-from capfilt.core.errors import CapfiltError, StageNotRunError
+from capfilt.core.errors import CapfiltError, StageNotRunError, write_failure
 from capfilt.core.layout import GENERATIONAL, Dataset, ShardFolder
 from capfilt.core.locks import folder_locks
 from capfilt.core.progress import image_progress
@@ -114,6 +114,11 @@ class Stage:
                 table, fingerprint = parquet.read_table_and_fingerprint(
                     folder.fs, folder.shard_path(shard)
                 )
+                path = folder.shard_path(shard)
+                parquet.check_columns(path, table.column_names, parquet.REQUIRED_COLUMNS[name])
+                parquet.check_kinds(path, table.schema, parquet.COLUMN_KINDS[name])
+                if name == "images":
+                    parquet.check_keys(path, table)
             except FileNotFoundError:
                 if name in self.inputs:
                     raise
@@ -181,6 +186,7 @@ def plan_stage(
     shards = stage.shards(dataset)
     options = stage.provenance_options()
     inputs = {s: stage.input_fingerprints(dataset, s) for s in shards}
+    _refuse_unreadable_inputs(stage, dataset, inputs)
     _refuse_stale_inputs(stage, dataset, shards)
 
     generational = target is None and stage.output in GENERATIONAL
@@ -258,6 +264,25 @@ def _flags(stage: Stage) -> dict:
     return {field.name: flag_of(field) for field, _, _ in declared(type(stage.options))}
 
 
+def _refuse_unreadable_inputs(stage: Stage, dataset: Dataset, inputs: dict) -> None:
+    """Before a model loads: no input shard is damaged, and the first of each input folder has
+    the columns the stage reads (every shard is checked again when it is read)."""
+    first: dict = {}
+    for shard, fingerprints in inputs.items():
+        for name in stage.inputs + stage.optional_inputs:
+            found = fingerprints.get(name)
+            folder = stage.folder(dataset, name)
+            if found is not None and found.startswith(parquet.UNREADABLE):
+                raise parquet.UnreadableShard(
+                    parquet.damaged(folder.shard_path(shard), found.partition("(")[2][:-1])
+                )
+            if found is not None:
+                first.setdefault(name, shard)
+    for name, shard in first.items():
+        folder = stage.folder(dataset, name)
+        parquet.check_schema(folder.fs, folder.shard_path(shard), name)
+
+
 def _refuse_stale_inputs(stage: Stage, dataset: Dataset, shards: list[int]) -> None:
     """Refuse to read input shards that are stale themselves, at any depth: made from input
     shards that have changed since (captions/ of images/ re-fetched since)."""
@@ -291,6 +316,7 @@ class StageRun:
     seconds: float
     processes: int
     record: dict  # the stage's run_record() (of a process that did work, if any)
+    work_seconds: float = 0.0  # the slowest process's time on its shards, model loading apart
 
     @property
     def shards_done(self) -> int:
@@ -327,7 +353,7 @@ def run_stage(
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     processes = distributed.current()
     if not locked:
-        ds.ensure_writable()
+        ds.ensure_writable(stage.output)
         with folder_locks(ds, (stage.output,), command or f"capfilt {stage.name}", processes):
             return run_stage(
                 stage, ds, overwrite, progress, command, True, target, record, before_work
@@ -337,6 +363,7 @@ def run_stage(
     plan, error = None, None
     if processes.is_main:
         try:
+            ds.read_manifest()  # a damaged manifest stops the run now, not once the work is done
             plan = plan_stage(stage, ds, overwrite, target)
         except CapfiltError as e:
             error = e
@@ -359,8 +386,10 @@ def run_stage(
 
     mine = processes.my_shards(plan.todo)
     counts: dict = {}
+    working = 0.0  # seconds of work, without loading the model
     if mine:
         stage.setup(ds, mine)
+        working = time.perf_counter()
         options = stage.settled(plan.options)
         total = stage.work(ds, mine)
         bar_total = len(mine) if total is None else total
@@ -375,6 +404,7 @@ def run_stage(
                 counts = distributed.sum_counts([counts, stage.count(result), {"shards": 1}])
                 if total is None:
                     bar.advance(1)
+        working = time.perf_counter() - working
     processes.wait_for_everyone()  # every shard exists before a generation switches in
 
     totals = distributed.sum_counts(processes.gather(counts))
@@ -387,6 +417,7 @@ def run_stage(
         time.perf_counter() - started,
         processes.world_size,
         loaded[0] if loaded else stage.run_record(),
+        max(processes.gather(working)),
     )
     if processes.is_main:
         if plan.generation is not None:
@@ -427,7 +458,13 @@ def _commit(stage, folder, shard, result, options, fingerprints, run_id) -> None
         )
         provenance.write(folder, shard, entry)
 
-    stage.write(folder, shard, result, record)
+    try:
+        stage.write(folder, shard, result, record)
+    except OSError as e:
+        failure = write_failure(e, folder.shard_path(shard))
+        if failure is None:
+            raise
+        raise failure from e
 
 
 def record_run(
@@ -482,7 +519,7 @@ def publish_generation(
     """Write a whole output (reports/) as a new generation and switch it in, under the write
     lock of `output`. `make(path)` writes the files into the new generation's folder; `record`
     (stage, options, inputs) goes into current.json. Returns (generation, folder path)."""
-    ds.ensure_writable()
+    ds.ensure_writable(output)
     with folder_locks(ds, (output,), command):
         ds.remove_temp_files(output)
         for unfinished in [g for g in ds.generations(output) if g > ds.current_generation(output)]:

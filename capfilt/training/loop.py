@@ -27,6 +27,7 @@ from pathlib import Path
 
 from capfilt.core.distributed import sum_counts
 from capfilt.core.errors import CapfiltError
+from capfilt.core.progress import step_progress
 from capfilt.models.shapes import DEFAULT_SHARING
 from capfilt.training.config import RESUME_KEYS, TEXT_TOKENS, TrainConfig
 from capfilt.training.init import init_model, load_tokenizer, trainable_parameters
@@ -337,7 +338,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     losses: dict[str, float] = dict(metadata["losses"]) if metadata else {}
     timed_images, timed_seconds = 0, 0.0
     tick = time.perf_counter()
-    progress = _progress(console, accelerator.is_main_process and config.progress)
+    progress = step_progress(console, accelerator.is_main_process and config.progress)
     task_id = progress.add_task(config.task, total=total_steps, completed=step, stats="")
     # Images found undecodable while training, by reason: this process's since the run (or
     # resume) began, plus, in the main process, the whole run's before the resume.
@@ -468,24 +469,3 @@ class _Trace:
             return
         with open(self.path, "a") as f:
             f.writelines(f"{self.rank} {epoch} {step} {key}\n" for key in keys)
-
-
-def _progress(console, enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[stats]}"),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
