@@ -57,6 +57,18 @@ SUITE = [
         ),
     ),
     (
+        # The input path alone for 0, 1, 2, 4, 8, 16 decoding workers: does it scale (≥ 0.8 N)?
+        "decode-scaling-base",
+        dict(
+            workload="caption",
+            arch="base",
+            level="data",
+            images=2048,
+            batch_size=256,
+            workers=16,
+        ),
+    ),
+    (
         "caption-base-e2e-gpu-decode",
         dict(
             workload="caption",

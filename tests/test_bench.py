@@ -106,10 +106,52 @@ def test_bench_rejects_bad_options():
     assert "--arch" in result.output and "'huge' is not one of" in result.output
     result = CliRunner().invoke(app, ["bench", "caption", "--images", "0"])
     assert result.exit_code == 2 and "--images must be at least 1" in result.output
-    with pytest.raises(CapfiltError, match="--arch must be one of tiny, base, large"):
+    with pytest.raises(CapfiltError, match="--arch must be one of tiny, small, base, large"):
         BenchConfig(workload="caption", arch="huge")
-    with pytest.raises(CapfiltError, match="use it with bench pretrain"):
-        BenchConfig(workload="filter", level="data")
+    with pytest.raises(CapfiltError, match="needs --images of 2 batches or more"):
+        BenchConfig(workload="filter", level="data", images=8, batch_size=8)
+
+
+def test_bench_small_arch_runs_both_sides_end_to_end():
+    """The second architecture of the CPU ratios: width 128, 4 + 4 layers, 96 px."""
+    report = run_bench_cli(
+        "filter", "--arch", "small", "--images", "4", "--captions-per-image", "3"
+    )
+    assert report["model"] == "random-weights BLIP small"
+    assert report["plain_hf"]["images_per_s"] > 0 and report["capfilt"]["images_per_s"] > 0
+
+
+def test_bench_caption_data_times_the_stage_input_per_worker_count():
+    report = run_bench_cli(
+        "caption", "--level", "data", "--images", "24", "--batch-size", "8", "--workers", "2"
+    )
+    assert report["level"].startswith("data: the stage's input path")
+    assert [row["workers"] for row in report["data"]] == [0, 1, 2]
+    for row in report["data"]:
+        assert row["images"] == 24 - 8 and row["images_per_s"] > 0
+    rates = {row["workers"]: row["images_per_s"] for row in report["data"]}
+    assert report["scaling_1_to_2"] == pytest.approx(rates[2] / rates[1])
+
+
+def test_the_cores_are_split_between_decoding_and_the_model_on_a_cpu(monkeypatch):
+    import os
+
+    import torch
+
+    from capfilt.images.batches import CpuShare, cpu_share, sharing_cores
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_share(cpu, None, None) == CpuShare(torch=1, decode=1)
+    assert cpu_share(cpu, 0, 3) == CpuShare(torch=3, decode=1)  # --threads decides
+    assert cpu_share(gpu, None, None) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cpu_share(cpu, None, None) == CpuShare(torch=14, decode=2)
+    assert cpu_share(cpu, 4, None) == CpuShare(torch=12, decode=2)  # 4 worker processes
+    before = torch.get_num_threads()
+    with sharing_cores(CpuShare(torch=1, decode=1)):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize(

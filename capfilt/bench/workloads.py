@@ -396,10 +396,11 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
 
 
 def _worker_counts(config: BenchConfig) -> list[int]:
-    """0 (decoding in the main process), then 1, 2, 4, ... up to --workers (default: CPUs)."""
+    """0 (decoding in the main process), then 1, 2, 4, ... up to --workers (default: CPUs,
+    and at least 2, so that the scaling from one worker to two is measured)."""
     import os
 
-    most = config.workers if config.workers is not None else min(os.cpu_count() or 1, 16)
+    most = config.workers if config.workers is not None else max(2, min(os.cpu_count() or 1, 16))
     counts, n = [0], 1
     while n <= most:
         counts.append(n)
@@ -409,11 +410,45 @@ def _worker_counts(config: BenchConfig) -> list[int]:
     return counts
 
 
+def _input_rates(config: BenchConfig, loader, size) -> list[dict]:
+    """For each worker count: images/s of iterating `loader(workers)` after its first batch
+    (the best of --repeats), the time to that first batch, and the rate per worker."""
+    import time
+
+    rows = []
+    for workers in _worker_counts(config):
+        best = None
+        for _ in range(config.repeats):
+            batches = loader(workers)
+            start = time.perf_counter()
+            first, images = None, 0
+            for batch in batches:
+                if first is None:
+                    first = time.perf_counter() - start
+                    after_first = time.perf_counter()
+                else:
+                    images += size(batch)
+            steady = time.perf_counter() - after_first
+            del batches  # its workers stop
+            if best is None or steady < best["seconds"]:
+                best = dict(
+                    workers=workers,
+                    seconds=steady,
+                    images=images,
+                    images_per_s=images / steady if steady else None,
+                    first_batch_s=first,
+                )
+        best["images_per_s_per_worker"] = (
+            best["images_per_s"] / workers if workers and best["images_per_s"] else None
+        )
+        rows.append(best)
+    return rows
+
+
 def _bench_pretrain_data(config: BenchConfig, scratch: Path, med_cfg, tokenizer, model_side):
     """Images/s of pretraining's input pipeline alone (the plan's stream of a dataset of
     256 px JPEGs, decoded, cropped, flipped and tokenized in DataLoader workers) for each
     worker count, against the training step of the model (`model_side`)."""
-    import time
 
     import torch
 
@@ -435,36 +470,13 @@ def _bench_pretrain_data(config: BenchConfig, scratch: Path, med_cfg, tokenizer,
     plan, sources = build_plan((str(root),), (1.0,), Picking("all", 30, seed=config.seed))
     batches = batches_per_epoch(plan, config.seed, 0, 1, config.batch_size)
     decoder = DecodeBatch(tokenizer, TEXT_TOKENS["pretrain"], med_cfg.image_size)
-    rows = []
-    for workers in _worker_counts(config):
-        best = None
-        for _ in range(config.repeats):
-            sampler = EpochBatches(plan, sources, config.seed, 0, 1, config.batch_size, 4096)
-            sampler.set_epoch(0, batches)
-            loader = training_loader(decoder, sampler, workers, config.seed)
-            start = time.perf_counter()
-            images = 0
-            first = None
-            for batch in loader:
-                if first is None:
-                    first = time.perf_counter() - start
-                    after_first = time.perf_counter()
-                else:
-                    images += int(batch["pixel_values"].shape[0])
-            steady = time.perf_counter() - after_first
-            del loader  # its workers stop
-            if best is None or steady < best["seconds"]:
-                best = dict(
-                    workers=workers,
-                    seconds=steady,
-                    images=images,
-                    images_per_s=images / steady if steady else None,
-                    first_batch_s=first,
-                )
-        best["images_per_s_per_worker"] = (
-            best["images_per_s"] / workers if workers and best["images_per_s"] else None
-        )
-        rows.append(best)
+
+    def loader(workers: int):
+        sampler = EpochBatches(plan, sources, config.seed, 0, 1, config.batch_size, 4096)
+        sampler.set_epoch(0, batches)
+        return training_loader(decoder, sampler, workers, config.seed)
+
+    rows = _input_rates(config, loader, lambda batch: int(batch["pixel_values"].shape[0]))
     fastest = max(r["images_per_s"] or 0 for r in rows)
     model_rate = model_side.images_per_s
     return dict(
@@ -484,11 +496,62 @@ def _bench_pretrain_data(config: BenchConfig, scratch: Path, med_cfg, tokenizer,
     )
 
 
+def bench_stage_input(config: BenchConfig, scratch: Path) -> dict:
+    """caption/filter `--level data`: the stage's input path alone (JPEG bytes of a shard to
+    batches of normalised pixels, `image_batches`) for each decoding worker count; 0 is the
+    stage's threads in the main process. No model runs, so the figures show how decoding
+    scales with workers before any model bounds it."""
+
+    import torch
+
+    from capfilt.images.batches import ShardImages, image_batches
+
+    _, processor, label, _, _ = load_models(config, kind_of(config.workload))
+    ds = write_bench_dataset(
+        scratch / "ds",
+        random_jpegs(config.images, config.seed),
+        random_texts(config.images, 8, config.seed),
+    )
+    table = ds.read_shard("images", 0)
+    rows_in = ShardImages(table["key"].to_pylist(), table["jpg"].to_pylist())
+
+    def loader(workers: int):
+        return image_batches(
+            rows_in,
+            processor.image_processor,
+            config.batch_size,
+            num_workers=workers,
+            fast_decode=config.fast_decode,
+        )
+
+    rows = _input_rates(config, loader, len)
+    rate = {r["workers"]: r["images_per_s"] for r in rows}
+    return dict(
+        workload=config.workload,
+        level="data: the stage's input path (JPEG bytes in a shard to batches of normalised "
+        "pixels), per decoding worker count, no model",
+        model=label,
+        device="cpu (data)",
+        dtype="-",
+        threads=torch.get_num_threads(),
+        images=config.images,
+        batch_size=config.batch_size,
+        data=rows,
+        scaling_1_to_2=rate[2] / rate[1] if rate.get(1) and rate.get(2) else None,
+    )
+
+
+def kind_of(workload: str) -> str:
+    return {"caption": "captioner", "filter": "filter"}[workload]
+
+
 def run_bench(config: BenchConfig) -> dict:
     """Run the benchmark of `config.workload`; returns the result as a JSON-ready dict."""
     import torch
 
     runner = {"caption": bench_caption, "filter": bench_filter, "pretrain": bench_pretrain}
+    if config.level == "data" and config.workload != "pretrain":
+        runner[config.workload] = bench_stage_input
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

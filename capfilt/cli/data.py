@@ -1,4 +1,4 @@
-"""The dataset commands: fetch, ingest, caption, filter, report, export-data, query."""
+"""The dataset commands: fetch, ingest, caption, filter, dedup, report, export-data, query."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from capfilt.cli.app import DatasetArg, command, console, literal, markup
 from capfilt.cli.options import with_options
 from capfilt.stages.caption import CaptionOptions
+from capfilt.stages.dedup import DedupOptions
 from capfilt.stages.export_data import ExportOptions
 from capfilt.stages.fetch import FetchOptions
 from capfilt.stages.filter import FilterOptions
@@ -285,6 +286,9 @@ def filter_(dataset: DatasetArg, options: FilterOptions):
         rows.append(("ITM token", f"{result.itm_token}"))
     else:
         rows.append(("model", "not loaded: curated/ re-derived from scores/"))
+    embedded = result.embedded
+    if embedded is not None and embedded.shards_done:
+        rows.append(("embeddings/", f"{embedded.shards_done} shards made (vision encoder only)"))
     curated = result.curated
     if curated.plan.generation is not None:
         rows.append(("curated/", f"generation {curated.plan.generation} switched in"))
@@ -301,6 +305,61 @@ def filter_(dataset: DatasetArg, options: FilterOptions):
         mean_itc = "-" if s.mean_itc is None else f"{s.mean_itc:.3f}"
         table.add_row(literal(source), f"{s.scored}", f"{s.kept}", mean_itm, mean_itc)
     console().print(table)
+
+
+# --- dedup (capfilt/stages/dedup.py) -------------------------------------------------------------
+@command()
+@with_options(DedupOptions)
+def dedup(dataset: DatasetArg, options: DedupOptions):
+    """Find duplicate images and copies of evaluation images; keep each image once.
+
+    Hashes every image into hashes/ (SHA-256 of the bytes and of the pixels, a perceptual
+    hash; per shard, resumable), then groups the whole dataset into dedup/: exact copies,
+    the same pixels, perceptual near-duplicates (pHash within --phash-distance bits),
+    semantic near-duplicates (the filter's image embeddings, cosine >= 1 - eps), placeholders,
+    and images that copy one of an --against evaluation set (contaminated). Of each group one
+    image is kept (the best filter score, then the most pixels, then the smallest key);
+    nothing is deleted: each image's group, representative and reason are in dedup/. curated/
+    is derived again without the images not kept, and export-data leaves them out. A re-run
+    with the same data and options does nothing; other options group again without hashing.
+
+    Example: capfilt dedup ds --against coco-karpathy-test
+    """
+    from capfilt.stages.dedup import dedup_dataset
+
+    result = dedup_dataset(dataset, options)
+    summary = result.summary
+    hashed = result.hashed
+    rows = [
+        ("shards hashed", f"{hashed.shards_done}"),
+        ("shards skipped (hashed before)", f"{hashed.shards_skipped}"),
+        ("images hashed now", f"{hashed.counts.get('images', 0)}"),
+        ("errors (undecodable images)", f"{hashed.counts.get('errors', 0)}"),
+    ]
+    if result.regrouped:
+        rows.append(("dedup/", f"generation {result.grouped.plan.generation} switched in"))
+    else:
+        rows.append(("dedup/", "up to date (same hashes, inputs and options)"))
+    rows += [
+        ("images judged", f"{summary.get('images', 0)}"),
+        ("kept", f"{summary.get('kept', 0)}"),
+        ("groups of more than one image", f"{summary.get('groups', 0)}"),
+        ("largest group", f"{summary.get('largest_group', 0)}"),
+    ]
+    for reason, n in summary.get("removed_by_reason", {}).items():
+        if n:
+            rows.append((f"removed: {reason}", f"{n}"))
+    for root, n in summary.get("contaminated_by", {}).items():
+        rows.append((f"contaminated by {root}", f"{n}"))
+    curated = result.curated
+    if curated is not None and curated.plan.generation is not None:
+        rows.append(("curated/", f"generation {curated.plan.generation} switched in"))
+    elif curated is not None:
+        rows.append(("curated/", "up to date"))
+    _print_stage_notes(hashed)
+    for note in result.notes:
+        console().print("[yellow]note:[/] ", literal(note), sep="", soft_wrap=True)
+    _print_summary("dedup", rows)
 
 
 def _print_stage_notes(run) -> None:
@@ -477,7 +536,11 @@ class OutputFormat(str, Enum):
 def query(
     dataset: DatasetArg,
     sql: Annotated[
-        str, typer.Argument(help="SQL over the views images, captions, scores, curated.")
+        str,
+        typer.Argument(
+            help="SQL over the views images, captions, scores, curated, embeddings, hashes, "
+            "dedup, dedup_groups."
+        ),
     ],
     format: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="Output as a table, CSV or JSON lines.")
@@ -497,7 +560,8 @@ def query(
     """Run DuckDB SQL over the dataset's Parquet shards.
 
     Views: `images` (without the image bytes unless --with-images), `captions`, `scores`,
-    `curated` — one for each stage that has run.
+    `curated`, `embeddings`, `hashes`, `dedup` — one for each stage that has run — and
+    `dedup_groups`, every duplicate group of more than one image.
 
     The SQL runs in a sandbox: it reads those views and nothing else. Reading other files,
     COPY/EXPORT, ATTACH, INSTALL/LOAD and SET are refused unless --allow-external-access.

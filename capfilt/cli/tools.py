@@ -189,14 +189,15 @@ def print_bench(result: dict) -> None:
 
 
 def print_bench_data(result: dict) -> None:
-    """`bench pretrain --level data`: the input pipeline per worker count, and the step."""
+    """`bench … --level data`: the input pipeline per worker count, and what bounds it."""
     from rich.table import Table
 
     out = console()
+    what = {"pretrain": "training input pipeline"}.get(result["workload"], "stage input path")
     out.print(
         markup(
-            f"[bold]pretrain input pipeline[/] · {result['images']} images of 256 px, batch "
-            f"{result['batch_size']} · {{model}}",
+            f"[bold]{result['workload']} {what}[/] · {result['images']} images of 256 px, "
+            f"batch {result['batch_size']} · {{model}}",
             model=result["model"],
         )
     )
@@ -210,15 +211,18 @@ def print_bench_data(result: dict) -> None:
             f"{row['first_batch_s']:.3f}",
         )
     out.print(table)
-    out.print(
-        f"training step: {result['model_images_per_s']:.1f} images/s "
-        f"({result['threads']} torch threads); "
-        + (
-            "[bold]the model bounds training[/], not the data"
-            if result["bound"] == "model"
-            else "[bold]the data bounds training[/]: add workers"
+    if result.get("scaling_1_to_2"):
+        out.print(f"[bold]2 workers / 1 worker: {result['scaling_1_to_2']:.2f}x[/]")
+    if result.get("model_images_per_s"):
+        out.print(
+            f"training step: {result['model_images_per_s']:.1f} images/s "
+            f"({result['threads']} torch threads); "
+            + (
+                "[bold]the model bounds training[/], not the data"
+                if result["bound"] == "model"
+                else "[bold]the data bounds training[/]: add workers"
+            )
         )
-    )
 
 
 # --- demo (capfilt/demo/) ----------------------------------------------------------------------

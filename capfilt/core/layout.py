@@ -8,12 +8,15 @@ A DATASET is a folder (local path or any fsspec URL):
     scores/00000.parquet            ITM/ITC score of every web and synthetic caption
     curated/current.json            which generation of curated/ readers see
     curated/gen-000002/00000.parquet   the kept pairs of that generation
+    embeddings/00000.parquet        the ITC image embedding of every scored image (filter)
+    hashes/00000.parquet            SHA-256 of bytes and pixels, pHash, ... of every image (dedup)
+    dedup/current.json, dedup/gen-000001/00000.parquet   duplicate group and verdict per image
     reports/current.json, reports/gen-000001/report.html, summary.json
 
 Every shard has its provenance beside it (.provenance/00000.json, see core/provenance.py).
 Shards are aligned by number across folders; a shard file appears only when complete.
 
-Outputs that a run replaces as a whole (curated/, reports/) are generations: a new one is
+Outputs that a run replaces as a whole (curated/, dedup/, reports/) are generations: a new one is
 written beside the current one and switched in by rewriting current.json, one atomic write,
 so a reader that resolved the folder once (`Dataset.folder`) sees one whole generation.
 """
@@ -33,8 +36,11 @@ from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError, StageNotRunError
 
 STAGES = ("images", "captions", "scores", "curated")
+# Every folder of shards, CapFilt's stages and those of dedup: what `capfilt query` has views
+# of and a report reads.
+STAGE_FOLDERS = (*STAGES, "embeddings", "hashes", "dedup")
 # Folders replaced as a whole, in generations (see the module docstring).
-GENERATIONAL = frozenset({"curated", "reports"})
+GENERATIONAL = frozenset({"curated", "dedup", "reports"})
 MANIFEST = "capfilt.json"
 CURRENT = "current.json"
 # Beside the shards, in hidden folders: readers of a whole folder (pyarrow, pandas, datasets,

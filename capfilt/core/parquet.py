@@ -42,7 +42,37 @@ _SCHEMAS = {
         ("text", "string"),
         ("itm_score", "float32"),
     ],
+    # One row per images/ row: what dedup knows of the image (capfilt/dedup/hashing.py).
+    "HASHES_SCHEMA": [
+        ("key", "string"),
+        ("url", "string"),
+        ("domain", "string"),
+        ("status", "string"),
+        ("error_message", "string"),
+        ("sha256", "string"),
+        ("pixel_sha256", "string"),
+        ("phash", "int64"),
+        ("width", "int32"),
+        ("height", "int32"),
+        ("pixel_std", "float32"),
+        ("mean_color", "int32"),
+    ],
+    # One row per images/ row: its duplicate group and the verdict (capfilt/dedup/groups.py).
+    "DEDUP_SCHEMA": [
+        ("key", "string"),
+        ("group_id", "int64"),
+        ("group_size", "int32"),
+        ("representative", "string"),
+        ("kept", "bool_"),
+        ("reason", "string"),
+        ("detail", "string"),
+        ("against", "string"),
+        ("against_key", "string"),
+    ],
 }
+# embeddings/: key, embedding (fixed_size_list<halffloat>[D], D the model's ITC size), written
+# by the filter beside scores/; its width is the model's, so it has no fixed schema here.
+EMBEDDING_COLUMN = "embedding"
 
 
 def __getattr__(name: str):
@@ -115,6 +145,7 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
 # of the URL list; the folders capfilt writes have their fixed schemas above.
 REQUIRED_COLUMNS = {
     "images": ("key", "jpg"),
+    "embeddings": ("key", EMBEDDING_COLUMN),
     **{
         name.split("_")[0].lower(): tuple(column for column, _ in columns)
         for name, columns in _SCHEMAS.items()
@@ -124,10 +155,12 @@ REQUIRED_COLUMNS = {
 # binary or large_binary, a number.
 COLUMN_KINDS = {
     "images": {"key": "string", "jpg": "binary", "status": "string", "caption": "string"},
+    "embeddings": {"key": "string"},
     **{
         name.split("_")[0].lower(): {
             column: "number" if kind.startswith(("int", "float")) else kind
             for column, kind in columns
+            if kind.startswith(("int", "float")) or kind in ("string", "binary")
         }
         for name, columns in _SCHEMAS.items()
     },
@@ -289,6 +322,38 @@ def _footer_fingerprint(f) -> str:
     f.seek(size - 8 - length)
     footer = f.read(length)
     return "sha256:" + hashlib.sha256(footer + size.to_bytes(8, "little")).hexdigest()
+
+
+def embeddings_table(keys: list[str], vectors):
+    """An embeddings/ table: `key`, and `embedding` as fixed_size_list<halffloat>[D] of the
+    rows of `vectors` (N, D), stored in float16 (half the bytes; cosine similarities move by
+    about 1e-3)."""
+    import numpy as np
+    import pyarrow as pa
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    dim = vectors.shape[1] if vectors.ndim == 2 and vectors.shape[1] else 1
+    values = pa.array(vectors.reshape(-1), type=pa.float16())
+    column = pa.FixedSizeListArray.from_arrays(values, dim)
+    return pa.table({"key": pa.array(keys, pa.string()), EMBEDDING_COLUMN: column})
+
+
+def embeddings_matrix(table):
+    """The float16 (N, D) matrix of an embeddings/ table's `embedding` column."""
+    import numpy as np
+    import pyarrow as pa
+
+    column = table.column(EMBEDDING_COLUMN).combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        raise UnreadableShard(
+            f"embeddings/: column {EMBEDDING_COLUMN} holds {column.type}, not a fixed-size "
+            "list of floats; re-run `capfilt filter` with --overwrite to write it again"
+        )
+    dim = column.type.list_size
+    if column.null_count:
+        raise UnreadableShard(f"embeddings/: {column.null_count} rows have no embedding")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(values, dtype=np.float16).reshape(len(column), dim)
 
 
 def rows_to_table(rows: list[dict], schema):

@@ -1,4 +1,5 @@
-"""DuckDB views over a dataset folder: one view per stage folder that has shards.
+"""DuckDB views over a dataset folder: one view per stage folder that has shards, and
+`dedup_groups` (every duplicate group, one row each) where dedup/ has run.
 
 A connection is a sandbox unless its caller opts out: DuckDB may open only the shard files
 its views read (`allowed_paths`), nothing else (`enable_external_access=false`: no other
@@ -15,14 +16,33 @@ import re
 
 from capfilt.core import parquet
 from capfilt.core.errors import CapfiltError
-from capfilt.core.layout import STAGES, Dataset
+from capfilt.core.layout import STAGE_FOLDERS, Dataset
 
 STAGE_HINTS = {
     "images": "run `capfilt fetch` or `capfilt ingest` first",
     "captions": "run `capfilt caption DATASET` first",
     "scores": "run `capfilt filter DATASET --threshold T` first",
     "curated": "run `capfilt filter DATASET --threshold T` first",
+    "embeddings": "run `capfilt filter DATASET --threshold T` first (it writes them)",
+    "hashes": "run `capfilt dedup DATASET` first",
+    "dedup": "run `capfilt dedup DATASET` first",
+    "dedup_groups": "run `capfilt dedup DATASET` first",
 }
+# Views made of other views: name -> (the view it reads, its SQL).
+DERIVED_VIEWS = {
+    # Every duplicate group of more than one image, one row each: its images and why each
+    # other image goes (the representative first).
+    "dedup_groups": (
+        "dedup",
+        "SELECT group_id, count(*) AS images, any_value(representative) AS representative, "
+        "count(*) FILTER (WHERE kept) AS kept, "
+        "list(key ORDER BY kept DESC, key) AS keys, "
+        "list(coalesce(reason, 'kept') ORDER BY kept DESC, key) AS reasons, "
+        "list(DISTINCT reason ORDER BY reason) FILTER (WHERE reason IS NOT NULL) AS kinds "
+        "FROM dedup WHERE group_size > 1 GROUP BY group_id",
+    ),
+}
+VIEWS = (*STAGE_FOLDERS, *DERIVED_VIEWS)
 SANDBOX_FLAG = "--allow-external-access"
 
 # Set in this order, once the views exist; `lock_configuration` last. A setting this DuckDB
@@ -57,7 +77,8 @@ def connect(
     if not dataset.is_local:
         con.register_filesystem(dataset.fs)
     allowed: list[str] = []
-    for stage in STAGES:
+    made = []
+    for stage in STAGE_FOLDERS:
         folder = (folders or {}).get(stage) or dataset.folder(stage)  # one generation
         shards = folder.shards()
         if not shards:
@@ -84,6 +105,10 @@ def connect(
                 f"{str(e).splitlines()[0]}. Delete the damaged shard and re-run the stage "
                 "that wrote it"
             ) from e
+        made.append(stage)
+    for view, (source, select) in DERIVED_VIEWS.items():
+        if source in made:
+            con.execute(f"CREATE VIEW {view} AS {select}")
     if sandbox:
         _lock_down(con, dataset, allowed)
     return con
@@ -174,7 +199,7 @@ _WHAT = {
 def sandbox_refusal(what: str) -> CapfiltError:
     """The one line a sandboxed query that tries `what` fails with."""
     return CapfiltError(
-        f"the query is sandboxed to the dataset's views ({', '.join(STAGES)}) and cannot "
+        f"the query is sandboxed to the dataset's views ({', '.join(VIEWS)}) and cannot "
         f"{what}; pass {SANDBOX_FLAG} to lift the sandbox"
     )
 
@@ -265,4 +290,7 @@ def sandbox_error(e: Exception) -> CapfiltError | None:
 def missing_stages(sql: str, dataset: Dataset) -> list[str]:
     """Stage views the query names that this dataset does not have yet."""
     words = set(re.findall(r"[A-Za-z_]+", sql.lower()))
-    return [s for s in STAGES if s in words and not dataset.has_stage(s)]
+    sources = {view: source for view, (source, _) in DERIVED_VIEWS.items()}
+    return [
+        view for view in VIEWS if view in words and not dataset.has_stage(sources.get(view, view))
+    ]

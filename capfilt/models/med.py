@@ -27,6 +27,8 @@ from capfilt.models.shapes import (
     MED_SHARING,
     PRETRAIN_VIT_B16,
     PRETRAIN_VIT_L16,
+    SMALL_TEXT,
+    SMALL_VISION,
     TINY_TEXT,
     TINY_VISION,
 )
@@ -52,6 +54,12 @@ PRESETS = {
         vision=dict(TINY_VISION, patch_size=8, initializer_range=TINY_INIT),
         text=dict(TINY_TEXT, initializer_range=TINY_INIT),
         queue_size=64,
+    ),
+    # Twice the tiny width, 4 + 4 layers, 96 px in 16 px patches (`bench --arch small`).
+    "small": dict(
+        vision=dict(SMALL_VISION, initializer_range=TINY_INIT),
+        text=dict(SMALL_TEXT, initializer_range=TINY_INIT),
+        queue_size=256,
     ),
     "base": dict(
         vision=dict(PRETRAIN_VIT_B16, layer_norm_eps=1e-6), text=BLIP_TEXT, queue_size=57600

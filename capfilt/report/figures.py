@@ -163,6 +163,7 @@ def collect_summary(
         "sweep": [],
         "histograms": {},
         "truth": None,
+        "dedup": None,
     }
     for stage, shards in stages.items():
         if shards:
@@ -181,6 +182,8 @@ def collect_summary(
         summary["histograms"] = _histograms(con)
         if stages["images"] and {"caption_is_wrong"} <= view_columns(con, "images"):
             summary["truth"] = _truth_figures(con, threshold, summary["sweep"])
+    if folders.get("dedup") is not None and folders["dedup"].shards():
+        summary["dedup"] = dedup_figures(con, folders["dedup"], threshold, bool(stages["scores"]))
     if stages["curated"]:
         by_source = _rows(
             con,
@@ -195,6 +198,97 @@ def collect_summary(
             },
         }
     return summary
+
+
+# Why dedup leaves an image out, in the report's words.
+DEDUP_REASONS = {
+    "exact": "the same bytes as the image kept",
+    "pixels": "the same pixels as the image kept (another file of the same picture)",
+    "perceptual": "a perceptual near-duplicate (pHash) of the image kept: re-encoded, resized",
+    "semantic": "a semantic near-duplicate (embedding) of the image kept: cropped, edited",
+    "placeholder": "a placeholder: blank, listed, or one image behind many sites",
+    "contaminated": "a copy or near-copy of an evaluation image",
+}
+LARGEST_GROUPS, GROUP_MEMBERS = 5, 8
+
+
+def dedup_figures(con, folder: StageFolder, threshold: float, has_scores: bool) -> dict:
+    """What dedup/ keeps and leaves out, and why: totals, images per reason, groups, the
+    largest groups with their images, contamination per evaluation set, and the pairs at the
+    threshold that curated/ leaves out because their image goes."""
+    judged, kept, removed = con.execute(
+        "SELECT count(kept), count(*) FILTER (WHERE kept), count(*) FILTER (WHERE NOT kept) "
+        "FROM dedup"
+    ).fetchone()
+    by_reason = {
+        r["reason"]: r["n"]
+        for r in _rows(
+            con,
+            "SELECT reason, count(*) AS n FROM dedup WHERE reason IS NOT NULL "
+            "GROUP BY reason ORDER BY n DESC, reason",
+        )
+    }
+    groups, in_groups = con.execute(
+        "SELECT count(DISTINCT group_id), count(*) FROM dedup WHERE group_size > 1"
+    ).fetchone()
+    largest = _rows(
+        con,
+        "SELECT group_id, count(*) AS images, count(*) FILTER (WHERE kept) AS kept "
+        "FROM dedup WHERE group_size > 1 GROUP BY group_id "
+        "ORDER BY images DESC, group_id LIMIT $1",
+        [LARGEST_GROUPS],
+    )
+    for group in largest:
+        group["members"] = _rows(
+            con,
+            "SELECT key, kept, reason, detail FROM dedup WHERE group_id = $1 "
+            "ORDER BY kept DESC, key LIMIT $2",
+            [group["group_id"], GROUP_MEMBERS],
+        )
+    against = {
+        r["against"]: r["n"]
+        for r in _rows(
+            con,
+            "SELECT against, count(*) AS n FROM dedup WHERE against IS NOT NULL "
+            "GROUP BY against ORDER BY n DESC, against",
+        )
+    }
+    figures = {
+        "generation": folder.generation,
+        "options": folder.record.get("options") or {},
+        "images": judged,
+        "kept": kept,
+        "removed": removed,
+        "removed_rate": rate(removed, judged),
+        "by_reason": by_reason,
+        "groups": groups,
+        "images_in_groups": in_groups,
+        "largest_groups": largest,
+        "contaminated_by": against,
+        "pairs_left_out": None,
+    }
+    if has_scores:
+        figures["pairs_left_out"] = con.execute(
+            "SELECT count(*) FROM scores s JOIN dedup d USING (key) "
+            "WHERE NOT d.kept AND s.itm_score >= $1",
+            [threshold],
+        ).fetchone()[0]
+    return figures
+
+
+def dedup_examples(con, per_reason: int) -> dict[str, list[dict]]:
+    """Some images dedup leaves out, per reason, with what they duplicate."""
+    examples = {}
+    for reason in DEDUP_REASONS:
+        rows = _rows(
+            con,
+            "SELECT key, representative, detail, against, against_key FROM dedup "
+            "WHERE reason = $1 ORDER BY key LIMIT $2",
+            [reason, per_reason],
+        )
+        if rows:
+            examples[reason] = rows
+    return examples
 
 
 def _fetch_figures(con) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 
 from capfilt.core.text import printable
-from capfilt.report.figures import EXAMPLE_GROUPS, SOURCES, rate
+from capfilt.report.figures import DEDUP_REASONS, EXAMPLE_GROUPS, SOURCES, rate
 
 
 def _e(value) -> str:
@@ -78,6 +78,7 @@ svg.histogram line.grid{stroke:#e6e9ee}
 .badge.kept{background:#dff3e4;color:#1b6b2d}
 .badge.dropped{background:#fbe3e3;color:#a3201d}
 .badge.wrong{background:#fff0c7;color:#7a5800}
+.group{border-top:1px solid #eceff3;padding-top:6px;margin-top:10px}
 .empty{color:#8a92a0;font-style:italic}
 """
 
@@ -440,6 +441,104 @@ def _models_html(summary: dict) -> str:
     return "".join(out)
 
 
+def _dedup_html(summary: dict, duplicates: dict, thumbs: dict) -> str:
+    """What dedup keeps and leaves out, the largest groups and examples of each reason."""
+    dedup = summary.get("dedup")
+    if not dedup:
+        return ""
+    options = dedup["options"]
+    against = options.get("against") or []
+    out = [
+        '<section id="dedup"><h2>Duplicates and contamination</h2>',
+        f'<p class="note">dedup/ generation {_e(dedup["generation"])}: exact copies, the same '
+        f"pixels, pHash within {_e(options.get('phash_distance'))} bits, "
+        + (
+            "no semantic pass"
+            if options.get("semantic") == "off"
+            else f"embeddings with cosine ≥ {1 - float(options.get('semantic_eps') or 0):.2f}"
+        )
+        + (f", against {_e(', '.join(against))}" if against else "")
+        + ". Of each group the image with the best filter score is kept (then the most "
+        "pixels, then the smallest key); placeholders and copies of evaluation images are not "
+        "kept at all. Nothing is deleted: the query view <code>dedup_groups</code> lists every "
+        "group.</p>",
+        '<div class="cards">',
+        _card("images judged", _int(dedup["images"]), f"{dedup['groups']:,} groups of 2 or more"),
+        _card("kept", _int(dedup["kept"]), f"{dedup['images_in_groups']:,} images in groups"),
+        _card("left out", _int(dedup["removed"]), percent(dedup["removed_rate"])),
+    ]
+    if dedup.get("pairs_left_out") is not None:
+        out.append(
+            _card(
+                "pairs left out of curated/",
+                _int(dedup["pairs_left_out"]),
+                f"at or above threshold {summary['threshold']:.2f}",
+            )
+        )
+    out.append("</div>")
+    if dedup["by_reason"]:
+        out.append("<h3>Left out, by reason</h3><table>")
+        out.append(
+            '<tr><th>reason</th><th>images</th><th style="text-align:left">what it means</th></tr>'
+        )
+        out += [
+            f"<tr><td>{_e(reason)}</td><td>{n:,}</td>"
+            f'<td style="text-align:left">{_e(DEDUP_REASONS.get(reason, ""))}</td></tr>'
+            for reason, n in dedup["by_reason"].items()
+        ]
+        out.append("</table>")
+    if dedup["contaminated_by"]:
+        out.append("<h3>Contamination by evaluation set</h3><table>")
+        out.append("<tr><th>evaluation set</th><th>training images left out</th></tr>")
+        out += [
+            f"<tr><td>{_e(root)}</td><td>{n:,}</td></tr>"
+            for root, n in dedup["contaminated_by"].items()
+        ]
+        out.append("</table>")
+    if dedup["largest_groups"]:
+        out.append("<h3>The largest groups</h3>")
+        for group in dedup["largest_groups"]:
+            shown = len(group["members"])
+            more = f", {shown} shown" if shown < group["images"] else ""
+            out.append(
+                f'<div class="group"><p class="note">group {_e(group["group_id"])}: '
+                f"{group['images']:,} images, {group['kept']:,} kept{more}</p>"
+                f'<div class="grid" data-group="{_e(group["group_id"])}">'
+            )
+            out += [_member_html(member, thumbs) for member in group["members"]]
+            out.append("</div></div>")
+    if duplicates:
+        out.append("<h3>Examples of what is left out</h3>")
+        for reason, rows in duplicates.items():
+            out.append(f'<h4>{_e(reason)}</h4><div class="grid" data-reason="{_e(reason)}">')
+            for row in rows:
+                member = dict(row, kept=False, reason=reason)
+                out.append(_member_html(member, thumbs))
+            out.append("</div>")
+    out.append("</section>")
+    return "".join(out)
+
+
+def _member_html(row: dict, thumbs: dict) -> str:
+    """One image of a duplicate group: kept, or left out with the reason and the detail."""
+    if row.get("kept"):
+        badge = '<span class="badge kept">kept</span>'
+    elif row.get("kept") is None:
+        badge = ""
+    else:
+        badge = f'<span class="badge dropped">{_e(row.get("reason") or "left out")}</span>'
+    lines = [
+        '<div class="ex">',
+        _image_html(thumbs.get(row["key"]), f"image {row['key']}"),
+        f'<div class="badges">{badge}</div>',
+        f'<div class="meta">key {_e(row["key"])}</div>',
+    ]
+    if row.get("detail"):
+        lines.append(f'<div class="meta">{_e(row["detail"])}</div>')
+    lines.append("</div>")
+    return "".join(lines)
+
+
 def _image_html(thumb: str | None, alt: str) -> str:
     if thumb is None:
         return '<div class="noimg">no image: missing or not decodable</div>'
@@ -510,8 +609,15 @@ def _samples_html(samples: list[dict], thumbs: dict) -> str:
     return "".join(out)
 
 
-def render_html(summary: dict, examples: dict, samples: list[dict], thumbs: dict) -> str:
-    """The whole report as one self-contained HTML page."""
+def render_html(
+    summary: dict,
+    examples: dict,
+    samples: list[dict],
+    thumbs: dict,
+    duplicates: dict | None = None,
+) -> str:
+    """The whole report as one self-contained HTML page (`duplicates`: dedup's examples of
+    what it leaves out, per reason)."""
     title = f"capfilt report: {summary['dataset']}"
     body = [
         _stages_html(summary),
@@ -521,6 +627,7 @@ def render_html(summary: dict, examples: dict, samples: list[dict], thumbs: dict
         _sweep_html(summary),
         _truth_html(summary),
         _models_html(summary),
+        _dedup_html(summary, duplicates or {}, thumbs),
         _examples_html(examples, thumbs),
         _samples_html(samples, thumbs),
     ]

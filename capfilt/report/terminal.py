@@ -93,6 +93,21 @@ def print_summary(summary: dict, console) -> None:
         )
         console.print(t)
 
+    dedup = summary.get("dedup")
+    if dedup:
+        t = table(
+            f"Duplicates: {dedup['kept']:,} of {dedup['images']:,} images kept",
+            "left out because",
+            "images",
+        )
+        for reason, n in dedup["by_reason"].items():
+            t.add_row(Text(printable(reason)), f"{n:,}")
+        if not dedup["by_reason"]:
+            t.add_row(Text("nothing left out", style="dim"), "")
+        for root, n in dedup["contaminated_by"].items():
+            t.add_row(Text(printable(f"contaminated by {root}")), f"{n:,}")
+        console.print(t)
+
     compared = summary.get("models")
     if compared:
         console.print(models_table(compared, "Models trained on this data"))

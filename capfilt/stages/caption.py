@@ -15,7 +15,13 @@ from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.core.options import Options, option
-from capfilt.images.batches import ShardImages, stage_batches, successful_images
+from capfilt.images.batches import (
+    ShardImages,
+    cpu_share,
+    sharing_cores,
+    stage_batches,
+    successful_images,
+)
 from capfilt.models.blip import DEFAULT_CAPTIONER
 from capfilt.models.sampling import caption_seed
 from capfilt.stages import inference
@@ -58,6 +64,7 @@ class CaptionOptions(Options):
         0, "Sampling seed; each caption's seed derives from it and the key.", output=True
     )
     num_workers: int | None = inference.workers_option()
+    threads: int | None = inference.threads_option()
     engine: str = inference.engine_option(output=True)
     cuda_graphs: bool = option(
         False, "GPU, fast engine: replay each decoding step as a CUDA graph (fewer launches)."
@@ -175,30 +182,36 @@ def caption_shard(captioner, images_table, config: CaptionOptions, on_images=Non
     rows = ShardImages(keys, table["jpg"].to_pylist())
     model = captioner.model_id
     out = []
-    for batch in stage_batches(rows, captioner, config):
-        captions = []
-        if batch.pixel_values is not None:
-            seeds = [
-                caption_seed(config.seed, key, j)
-                for key in batch.ok_keys
-                for j in range(config.num_captions)
-            ]
-            captions = captioner.generate_captions(
-                batch.pixel_values,
-                prompt=config.prompt,
-                num_captions=config.num_captions,
-                row_seeds=seeds,
-                **config.decoding_options(),
-            )
-        for key, index, error in zip(batch.keys, batch.pixel_index, batch.errors, strict=True):
-            if index is None:
-                out.append(_caption_row(key, 0, None, model, error=error))
-                continue
-            for caption_id, text in enumerate(captions[index]):
-                out.append(_caption_row(key, caption_id, text, model))
-        if on_images is not None:
-            on_images(len(batch))
+    share = cpu_share(captioner.device, config.num_workers, config.threads)
+    with sharing_cores(share):
+        for batch in stage_batches(rows, captioner, config):
+            _caption_batch(captioner, batch, config, model, out)
+            if on_images is not None:
+                on_images(len(batch))
     return io.rows_to_table(out, io.CAPTIONS_SCHEMA)
+
+
+def _caption_batch(captioner, batch, config: CaptionOptions, model: str, out: list) -> None:
+    captions = []
+    if batch.pixel_values is not None:
+        seeds = [
+            caption_seed(config.seed, key, j)
+            for key in batch.ok_keys
+            for j in range(config.num_captions)
+        ]
+        captions = captioner.generate_captions(
+            batch.pixel_values,
+            prompt=config.prompt,
+            num_captions=config.num_captions,
+            row_seeds=seeds,
+            **config.decoding_options(),
+        )
+    for key, index, error in zip(batch.keys, batch.pixel_index, batch.errors, strict=True):
+        if index is None:
+            out.append(_caption_row(key, 0, None, model, error=error))
+            continue
+        for caption_id, text in enumerate(captions[index]):
+            out.append(_caption_row(key, caption_id, text, model))
 
 
 def _caption_row(key: str, caption_id: int, text, model: str, error: str | None = None) -> dict:

@@ -6,6 +6,11 @@ keep the best: BLIP-2 kept 2, LAION-COCO 1 of 40). The web caption is judged by 
 alone. A run writes a new generation of curated/ and switches it in whole (see
 core/layout.py), so a reader sees one rule's pairs, never a mix.
 
+Images that `capfilt dedup` does not keep (a duplicate of another image kept, a placeholder,
+a copy of an evaluation image: dedup/ `kept` false) are left out of curated/, whatever their
+scores: dedup/ shard N is read beside scores/ shard N, and a new dedup/ generation makes
+curated/ stale (the dedup command re-derives it at once).
+
 Keep-best ranks an image's captions within one scores/ shard, and that shard holds all of
 them: scores/ shard N is made from images/ shard N and captions/ shard N alone
 (stages/filter.py), and an image's key is in one images/ shard only (img2dataset's key, and
@@ -34,6 +39,24 @@ def curate(scores_table, threshold: float, keep_best: int | None = None):
     if keep_best is not None:
         kept = kept.filter(best_synthetic(kept, keep_best))
     return kept.select(io.CURATED_SCHEMA.names).cast(io.CURATED_SCHEMA)
+
+
+def dropped_keys(dedup_table):
+    """The keys of a dedup/ table whose image dedup does not keep."""
+    import pyarrow.compute as pc
+
+    dropped = pc.fill_null(pc.invert(dedup_table["kept"]), False)
+    return dedup_table["key"].filter(dropped)
+
+
+def without_dropped(table, dedup_table):
+    """The rows of `table` (scores/ or curated/) whose image dedup keeps: all of them when
+    dedup has not run (`dedup_table` None). Whole images go, so keep-best is unaffected."""
+    import pyarrow.compute as pc
+
+    if dedup_table is None:
+        return table
+    return table.filter(pc.invert(pc.is_in(table["key"], dropped_keys(dedup_table))))
 
 
 def best_synthetic(pairs, keep_best: int):
@@ -84,6 +107,7 @@ class CurateStage(Stage):
     name = "curate"
     output = "curated"
     inputs = ("scores",)
+    optional_inputs = ("dedup",)
     hint = "run `capfilt filter DATASET --threshold T` first"
     unit = "shards"
 
@@ -92,7 +116,8 @@ class CurateStage(Stage):
 
     def process(self, shard: int, inputs: dict, advance):
         # Shard-local keep-best is per image: a scores/ shard holds every caption of its images.
-        return curate(inputs["scores"], self.options.threshold, self.options.keep_best)
+        scores = without_dropped(inputs["scores"], inputs.get("dedup"))
+        return curate(scores, self.options.threshold, self.options.keep_best)
 
     def count(self, curated) -> dict:
         return {"pairs": curated.num_rows}

@@ -14,6 +14,8 @@ Three formats, each readable by its own library alone:
   `Image` feature; `datasets.load_from_disk(OUT)` opens it.
 
 Output shards follow the dataset's shard numbers: curated/00003.parquet → OUT/00003.*.
+Images that `capfilt dedup` does not keep (dedup/ `kept` false: a duplicate, a placeholder, a
+copy of an evaluation image) are left out, also when curated/ was derived before dedup ran.
 
 An export is written whole or not at all: its shards go to a staging folder beside OUT
 (.OUT.capfilt-export/, resumed after a kill, each shard with its provenance), and the finished
@@ -143,7 +145,7 @@ class ExportStage(Stage):
     name = "export-data"
     output = "export"
     inputs = ("curated",)
-    optional_inputs = ("images",)
+    optional_inputs = ("images", "dedup")
     hint = "run `capfilt filter DATASET --threshold T` first"
     unit = "shards"
 
@@ -158,7 +160,10 @@ class ExportStage(Stage):
 
     def process(self, shard: int, inputs: dict, advance):
         """(the shard's table, keys of curated pairs without image bytes)"""
-        table, missing = join_images(inputs["curated"], inputs["images"])
+        from capfilt.stages.curate import without_dropped
+
+        curated = without_dropped(inputs["curated"], inputs.get("dedup"))
+        table, missing = join_images(curated, inputs["images"])
         self.missing_images += missing
         if self.options.format == "hf":
             names = export_schema().names

@@ -41,6 +41,15 @@ def workers_option():
     )
 
 
+def threads_option():
+    return option(
+        None,
+        "CPU only: torch threads for the model. Default: the cores less the one decoding "
+        "thread (two from 8 cores), so that decoding and the model do not fight for cores.",
+        ge=1,
+    )
+
+
 def engine_option(output: bool):
     """`output`: captions sample differently on the two engines; ITM scores agree (1e-4)."""
     return option(

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError
-from capfilt.core.layout import STAGES, Dataset
+from capfilt.core.layout import STAGE_FOLDERS, Dataset
 from capfilt.core.options import Options, option
 from capfilt.report.figures import (
     collect_summary,
     compare_models,
+    dedup_examples,
     pick_examples,
     read_evaluations,
     resolve_threshold,
@@ -96,7 +97,8 @@ def build_report(
     models = compare_models(read_evaluations(evaluations))  # a bad file fails first
     if not dataset.exists():
         raise CapfiltError(f"dataset folder {dataset.root!r} does not exist; check the path")
-    folders = {stage: dataset.folder(stage) for stage in STAGES}  # one generation of curated/
+    # One generation of curated/ and dedup/.
+    folders = {stage: dataset.folder(stage) for stage in STAGE_FOLDERS}
     if not any(folder.shards() for folder in folders.values()):
         raise CapfiltError(
             f"{dataset.root!r} has no images/ shards yet; run `capfilt fetch` or "
@@ -119,12 +121,16 @@ def build_report(
     elif has_images:
         samples = sample_images(con, examples_per_group * 2)
 
+    duplicates = dedup_examples(con, examples_per_group) if summary["dedup"] else {}
     keys = {r["key"] for groups in examples.values() for rows in groups.values() for r in rows}
     keys |= {r["key"] for r in samples}
+    keys |= {r[k] for rows in duplicates.values() for r in rows for k in ("key", "representative")}
+    for group in (summary["dedup"] or {}).get("largest_groups", []):
+        keys |= {member["key"] for member in group["members"]}
     thumbs: dict = {}
     if keys and has_images:
         thumbs = thumbnails(connect(dataset, with_images=True, folders=folders), keys)
-    page = render_html(summary, examples, samples, thumbs)
+    page = render_html(summary, examples, samples, thumbs, duplicates)
     summary_json = json.dumps(summary, indent=2, ensure_ascii=False, default=str)
 
     def write(path: str) -> None:

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 
 from capfilt.core import provenance
 from capfilt.core.errors import CapfiltError
-from capfilt.core.layout import Dataset
+from capfilt.core.layout import STAGE_FOLDERS, Dataset
 from capfilt.core.provenance import DONE, PENDING, STALE, UNKNOWN
 
-FOLDERS = ("images", "captions", "scores", "curated", "reports")
+FOLDERS = ("images", "captions", "scores", "embeddings", "hashes", "dedup", "curated", "reports")
+# Folders of optional steps: not run is not pending (a dataset needs no dedup to be whole).
+OPTIONAL = ("embeddings", "hashes")
 
 
 @dataclass
@@ -62,17 +64,19 @@ def dataset_status(dataset: Dataset | str) -> DatasetStatus:
 
 
 def downstream_stale(dataset: Dataset) -> dict[str, int]:
-    """Shards of captions/, scores/ and curated/ not done now (after images/ changed)."""
+    """Shards of the folders made from images/ not done now (after images/ changed)."""
     folders = _shard_folders(dataset)
     return {name: len(f.stale) for name, f in folders.items() if f.stale and name != "images"}
 
 
 def _shard_folders(ds: Dataset) -> dict[str, FolderStatus]:
-    """images/, captions/, scores/, curated/ in the order they are made, each checked knowing
-    what is stale before it."""
+    """The stage folders in the order they are made, each checked knowing what is stale
+    before it."""
     folders = {"images": _images(ds)}
-    for name in ("captions", "scores", "curated"):
+    for name in ("captions", "scores", "embeddings", "hashes"):
         folders[name] = _derived(ds, name, folders)
+    folders["dedup"] = _dedup(ds, folders)
+    folders["curated"] = _derived(ds, "curated", folders)
     return folders
 
 
@@ -124,8 +128,8 @@ def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
         shards = stage.shards(ds)
     except CapfiltError:  # its input folder has no shards
         shards = []
-    if not present and not shards:
-        return status  # neither it nor its input has run
+    if not present and (not shards or name in OPTIONAL):
+        return status  # neither it nor its input has run, or an optional step never ran
     status.shards = len(shards)
     records = {s: provenance.read(folder, s) for s in present}
     newest = max((r for r in records.values() if r), key=lambda r: r.written, default=None)
@@ -148,6 +152,54 @@ def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
     return status
 
 
+def _dedup(ds: Dataset, upstream: dict) -> FolderStatus:
+    """dedup/ is made from the whole dataset at once: its shards are stale together when any
+    hashes/, embeddings/ or scores/ shard, or an evaluation set, changed since."""
+    from capfilt.stages.dedup import describe_grouping, grouping_inputs
+
+    status = FolderStatus("dedup")
+    folder = ds.folder("dedup")
+    if not folder.generation:
+        return status
+    options = folder.record.get("options") or {}
+    status.options = options
+    status.note = f"generation {folder.generation}, {describe_grouping(options)}"
+    shards = ds.folder("hashes").shards()
+    status.shards = len(shards)
+    against = [root for root in options.get("against") or [] if isinstance(root, str)]
+    try:
+        now = grouping_inputs(ds, against, options.get("semantic") != "off")
+    except CapfiltError as e:  # an evaluation set is gone
+        now = {"against": str(e)}
+    records = {s: provenance.read(folder, s) for s in folder.shards()}
+    for shard in shards:
+        check = provenance.check(folder, shard, None, now, provenance=records.get(shard))
+        if check.state == PENDING:
+            check.why = "not grouped yet: run `capfilt dedup`"
+        elif check.cause == provenance.INPUTS:
+            changed = provenance.input_changes(check.provenance.inputs, now)
+            check.why = "; ".join(_whole(reason) for reason in changed)
+        stale_hashes = upstream["hashes"].stale
+        if check.state == DONE and stale_hashes:
+            why = (
+                f"hashes/ {provenance.shard_list(stale_hashes)} stale (dedup groups every "
+                "shard at once): run `capfilt dedup`"
+            )
+            check = provenance.ShardCheck(shard, STALE, provenance.INPUTS, why)
+        _add(status, check)
+    status.orphans = sorted(set(records) - set(shards))
+    if status.orphans:
+        status.reasons.setdefault("orphan: its input shard is gone", []).extend(status.orphans)
+    return status
+
+
+def _whole(reason: str) -> str:
+    """'hashes/*/ changed since' → 'hashes/ changed since (dedup reads every shard)'."""
+    if "/*/" in reason:
+        return reason.replace("/*/", "/") + " (dedup groups every shard at once)"
+    return reason.replace("against ", "evaluation set ").replace("/ changed", " changed")
+
+
 def _reports(ds: Dataset) -> FolderStatus:
     from capfilt.stages.report import report_inputs
 
@@ -157,7 +209,7 @@ def _reports(ds: Dataset) -> FolderStatus:
         return status
     status.shards = 1
     status.note = f"generation {record.get('generation')}"
-    folders = {stage: ds.folder(stage) for stage in ("images", "captions", "scores", "curated")}
+    folders = {stage: ds.folder(stage) for stage in STAGE_FOLDERS}
     changed = provenance.input_changes(record.get("inputs") or {}, report_inputs(folders))
     if changed:
         status.stale = [0]
@@ -176,13 +228,27 @@ def _add(status: FolderStatus, check) -> None:
 def _stage_of(name: str):
     from capfilt.stages.caption import CaptionStage
     from capfilt.stages.curate import CurateStage
-    from capfilt.stages.filter import ScoreStage
+    from capfilt.stages.dedup import HashStage
+    from capfilt.stages.filter import EmbedStage, ScoreStage
 
-    return {"captions": CaptionStage, "scores": ScoreStage, "curated": CurateStage}[name](None)
+    stages = {
+        "captions": CaptionStage,
+        "scores": ScoreStage,
+        "embeddings": EmbedStage,
+        "hashes": HashStage,
+        "curated": CurateStage,
+    }
+    return stages[name](None)
 
 
 def _verb(name: str) -> str:
-    return {"captions": "captioned", "scores": "scored", "curated": "curated"}[name]
+    return {
+        "captions": "captioned",
+        "scores": "scored",
+        "embeddings": "embedded",
+        "hashes": "hashed",
+        "curated": "curated",
+    }[name]
 
 
 __all__ = ["DONE", "PENDING", "STALE", "DatasetStatus", "FolderStatus", "dataset_status"]

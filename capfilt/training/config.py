@@ -228,7 +228,7 @@ class TrainConfig(Options):
     def lr_schedule(self) -> str:
         if self.schedule:
             return self.schedule
-        return "blip" if self.task == "pretrain" and self.preset != "tiny" else "cosine"
+        return "blip" if self.task == "pretrain" and self.preset in ("base", "large") else "cosine"
 
     @property
     def alpha_ramp_epochs(self) -> int:
