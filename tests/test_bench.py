@@ -138,20 +138,47 @@ def test_the_cores_are_split_between_decoding_and_the_model_on_a_cpu(monkeypatch
 
     import torch
 
-    from capfilt.images.batches import CpuShare, cpu_share, sharing_cores
+    from capfilt.images.batches import CpuShare, cpu_share, decode_ahead, sharing_cores
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert cpu_share(cpu, None, None) == CpuShare(torch=1, decode=1)
+    assert cpu_share(cpu, None, None) == CpuShare(torch=2, decode=None)  # measured
     assert cpu_share(cpu, 0, 3) == CpuShare(torch=3, decode=1)  # --threads decides
+    assert cpu_share(cpu, 1, None) == CpuShare(torch=1, decode=0)  # a worker process decodes
     assert cpu_share(gpu, None, None) is None
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert cpu_share(cpu, None, None) == CpuShare(torch=14, decode=2)
-    assert cpu_share(cpu, 4, None) == CpuShare(torch=12, decode=2)  # 4 worker processes
     before = torch.get_num_threads()
-    with sharing_cores(CpuShare(torch=1, decode=1)):
-        assert torch.get_num_threads() == 1
+    with sharing_cores(CpuShare(torch=2, decode=None)):
+        # Cheap decoding beside the model: inline, the model keeps both cores.
+        assert decode_ahead(0.01, 0.1) == 0 and torch.get_num_threads() == 2
+        # Decoding as slow as the model: a thread decodes ahead, torch takes the other core.
+        assert decode_ahead(0.1, 0.1) == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert cpu_share(cpu, 4, None) == CpuShare(torch=12, decode=0)
+
+
+def test_the_first_batch_decides_how_the_rest_is_decoded(monkeypatch):
+    """`image_batches` decodes the first batch inline, times it and the caller's use of it,
+    and hands the two times to `decode_ahead`."""
+    import time
+
+    from conftest import draw_scene, jpeg_bytes
+
+    import capfilt.images.batches as batches
+    from capfilt.models.tiny import image_processor
+
+    seen = []
+    monkeypatch.setattr(batches, "decode_ahead", lambda d, m: seen.append((d, m)) or 0)
+    rows = batches.ShardImages(
+        [str(i) for i in range(6)], [jpeg_bytes(draw_scene("red", "circle"))] * 6
+    )
+    got = []
+    for batch in batches.image_batches(rows, image_processor(32), 2, decode_threads=None):
+        got += batch.keys
+        time.sleep(0.05)  # the model's turn
+    assert got == [str(i) for i in range(6)]
+    ((decoding, model),) = seen
+    assert 0 < decoding < 0.05 <= model
 
 
 @pytest.mark.parametrize(

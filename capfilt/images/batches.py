@@ -7,6 +7,7 @@ DataLoader runs decoding and preprocessing, in worker processes when asked."""
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 from capfilt.core.ahead import ordered_map
@@ -192,7 +193,7 @@ def image_batches(
     max_pixels: int = MAX_IMAGE_PIXELS,
     device=None,
     fast_decode: bool = False,
-    decode_threads: int = DECODE_THREADS,
+    decode_threads: int | None = DECODE_THREADS,
     device_decode: bool = False,
 ):
     """Iterate over `ImageBatch`es of `rows` in order, decoded ahead of the caller.
@@ -203,8 +204,10 @@ def image_batches(
     there starts as it arrives). 0: `decode_threads` threads of this process decode the next
     batches while the caller runs the model (PIL decodes and resizes without the GIL; no process
     start-up or pickling per shard). For a CUDA `device` each batch or chunk is page-locked so
-    its copy to the GPU is async. `device_decode` (--gpu-decode): plain JPEGs are decoded and
-    resized on `device` (capfilt/device_decode.py).
+    its copy to the GPU is async. `decode_threads` None: the first batch is decoded inline and
+    the threads of the rest chosen by `decode_ahead` (the caller must use each batch before it
+    asks for the next, as the time between is the model's). `device_decode` (--gpu-decode):
+    plain JPEGs are decoded and resized on `device` (capfilt/device_decode.py).
     """
     import torch
 
@@ -224,6 +227,15 @@ def image_batches(
             batch = collate(indices)
             return batch.pin_memory() if pin_memory else batch
 
+        if decode_threads is None:  # measured on the first batch (`CpuShare`, on a CPU)
+            first = next(index_batches, None)
+            if first is None:
+                return
+            started = time.perf_counter()
+            batch = prepare(first)
+            decoding = time.perf_counter() - started
+            yield batch
+            decode_threads = decode_ahead(decoding, time.perf_counter() - started - decoding)
         yield from ordered_map(prepare, index_batches, decode_threads)
         return
 
@@ -314,30 +326,63 @@ def resolve_workers(num_workers: int | None, device) -> int:
 @dataclass(frozen=True)
 class CpuShare:
     """How a caption or filter stage splits this process's cores on a CPU: `decode` threads
-    decode JPEGs ahead of the model while torch computes with `torch` threads."""
+    decode JPEGs ahead of the model while torch computes with `torch` threads; `decode` None:
+    decided by measuring the first batch (`decode_ahead`)."""
 
     torch: int
-    decode: int
+    decode: int | None
+
+
+def _cores() -> int:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
 
 
 def cpu_share(device, num_workers: int | None, threads: int | None) -> CpuShare | None:
     """On a CPU, the cores the model gets and the threads that decode (None on a GPU).
 
-    torch's default takes every core for the model, and the decoding threads then fight it
-    for them: a small BLIP captioned at 0.68x the plain recipe end to end on two cores with
-    torch's threads, and at 1.6x with one (README, speed). So one thread decodes ahead (two from
-    eight cores up) and torch gets the other cores; with worker processes, torch keeps the
-    cores the workers leave. `threads` (--threads) sets torch's share.
+    Decoding threads and torch's threads fight for the cores when both want all of them (a
+    small BLIP captioned at 0.72x the plain recipe end to end on two cores so). By default the
+    first batch is decoded inline and timed, then `decode_ahead` decides. With worker processes
+    torch keeps the cores they leave; `threads` (--threads) sets torch's share, with one
+    decoding thread beside it.
     """
-    import os
-
     if device.type != "cpu":
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    decode = 1 if cores < 8 else 2
-    busy = decode if not num_workers else num_workers
-    return CpuShare(torch=threads or max(1, cores - busy), decode=decode)
+    cores = _cores()
+    if num_workers:
+        return CpuShare(torch=threads or max(1, cores - num_workers), decode=0)
+    if threads:
+        return CpuShare(torch=threads, decode=_decoding_threads(cores))
+    return CpuShare(torch=cores, decode=None)
+
+
+def _decoding_threads(cores: int) -> int:
+    return 1 if cores < 8 else 2
+
+
+# Decoding inline is the faster plan while it costs less than this fraction of the model's time
+# (the model then has every core): measured on two cores (README, speed), a caption batch took
+# decoding 0.27 of the model's time and ran 1.2-1.5x faster inline, a filter batch of the tiny
+# model 2 and ran 1.4x faster with a decoding thread beside one torch thread.
+INLINE_DECODING = 0.5
+
+
+def decode_ahead(decoding: float, model: float) -> int:
+    """The decoding threads for the rest of a shard, from the first batch's seconds of
+    decoding and of the model (which had every core): 0 (inline, torch keeps every core) when
+    decoding is cheap beside the model, else threads that decode ahead, torch getting the
+    other cores."""
+    import torch
+
+    if decoding < INLINE_DECODING * model:
+        return 0
+    cores = _cores()
+    threads = _decoding_threads(cores)
+    torch.set_num_threads(max(1, cores - threads))
+    return threads
 
 
 @contextlib.contextmanager
@@ -367,6 +412,6 @@ def stage_batches(rows: ShardImages, model, config):
         resolve_workers(config.num_workers, model.device),
         device=model.device,
         fast_decode=config.fast_decode,
-        decode_threads=share.decode if share else DECODE_THREADS,
+        decode_threads=share.decode if share else DECODE_THREADS,  # None: measured
         device_decode=config.gpu_decode,
     )

@@ -342,9 +342,13 @@ def score_shard(
 
     batches = stage_batches(rows, scorer, config)
     out = []
-    with sharing_cores(cpu_share(scorer.device, config.num_workers, config.threads)):
+    share = cpu_share(scorer.device, config.num_workers, config.threads)
+    # Tokenizing runs ahead in a thread, but inline where the first batch is timed on a CPU
+    # (`image_batches` times the model as the wait for the next batch).
+    tokenizing = 0 if share is not None and share.decode is None else 1
+    with sharing_cores(share):
         _score_pairs(
-            scorer, ordered_map(pairs_of, batches, threads=1), out, on_images, features_out
+            scorer, ordered_map(pairs_of, batches, tokenizing), out, on_images, features_out
         )
     return io.rows_to_table(out, io.SCORES_SCHEMA)
 

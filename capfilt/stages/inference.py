@@ -44,8 +44,9 @@ def workers_option():
 def threads_option():
     return option(
         None,
-        "CPU only: torch threads for the model. Default: the cores less the one decoding "
-        "thread (two from 8 cores), so that decoding and the model do not fight for cores.",
+        "CPU only: torch threads for the model, one thread decoding beside it. Default: "
+        "measured on each shard's first batch: every core with decoding inline when it is "
+        "cheap beside the model, else the cores less a decoding thread.",
         ge=1,
     )
 
