@@ -209,6 +209,22 @@ def _show(value) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
+def folder_fingerprint(folder) -> str | None:
+    """One fingerprint of every shard of a folder (None when it has none): the input of an
+    output made from a whole folder at once (dedup/ of hashes/, the report)."""
+    shards = folder.shards()
+    if not shards:
+        return None
+    parts = [
+        f"{shard}:{parquet.file_fingerprint(folder.fs, folder.shard_path(shard))}"
+        for shard in shards
+    ]
+    return parquet.bytes_fingerprint("\n".join(parts).encode())
+
+
+WHOLE = "/*"  # an input named "hashes/*": every shard of hashes/ (`folder_fingerprint`)
+
+
 def stale_shards(dataset, name: str, shards, folder=None, memo: dict | None = None) -> list:
     """(shard, why) of each of `shards` of folder `name` that is stale (`stale_ancestor`)."""
     memo = {} if memo is None else memo
@@ -225,7 +241,7 @@ def stale_ancestor(dataset, name: str, shard: int, folder=None, memo: dict | Non
     shard its provenance names (images/ re-fetched under captions/ under scores/ under
     curated/ makes all three stale). `folder`: the folder of `name` already resolved (one
     generation of curated/). Shards without provenance (another tool's) are not checked."""
-    from capfilt.core.layout import STAGES
+    from capfilt.core.layout import STAGE_FOLDERS
 
     memo = {} if memo is None else memo
     if (name, shard) in memo:
@@ -234,9 +250,16 @@ def stale_ancestor(dataset, name: str, shard: int, folder=None, memo: dict | Non
     record = read(folder, shard)
     why = None
     for upstream, fingerprint in (record.inputs if record else {}).items():
-        if upstream not in STAGES:
+        whole = upstream.endswith(WHOLE)
+        base = upstream.removesuffix(WHOLE)
+        if base not in STAGE_FOLDERS:
             continue  # an outside source (a URL list, local files): fetch's and ingest's
-        if dataset.folder(upstream).fingerprint(shard) != fingerprint:
+        if whole:  # made from every shard of `base` at once (dedup/)
+            if (base, WHOLE) not in memo:
+                memo[(base, WHOLE)] = folder_fingerprint(dataset.folder(base))
+            if memo[(base, WHOLE)] != fingerprint:
+                why = f"{base}/ changed since it was made"
+        elif dataset.folder(upstream).fingerprint(shard) != fingerprint:
             why = f"{upstream}/ changed since it was made"
         else:
             deeper = stale_ancestor(dataset, upstream, shard, memo=memo)

@@ -29,11 +29,11 @@ from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import Dataset
 from capfilt.core.locks import folder_locks
 from capfilt.core.options import Options, option
+from capfilt.core.provenance import folder_fingerprint
 from capfilt.dedup.hashing import HASH_VERSION, HashPool, url_domain
 from capfilt.stages.runner import (
     Stage,
     StageRun,
-    folder_fingerprint,
     plan_stage,
     record_run,
     run_stage,

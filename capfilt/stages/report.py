@@ -14,6 +14,7 @@ from capfilt.core import parquet as io
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import STAGE_FOLDERS, Dataset
 from capfilt.core.options import Options, option
+from capfilt.core.provenance import folder_fingerprint
 from capfilt.report.figures import (
     collect_summary,
     compare_models,
@@ -26,7 +27,7 @@ from capfilt.report.figures import (
     view_columns,
 )
 from capfilt.report.html import render_html
-from capfilt.stages.runner import folder_fingerprint, publish_generation
+from capfilt.stages.runner import publish_generation
 
 REPORT_FILE, SUMMARY_FILE = "report.html", "summary.json"
 

@@ -501,18 +501,6 @@ def record_run(
 
 
 # --- whole outputs -------------------------------------------------------------------------------
-def folder_fingerprint(folder) -> str | None:
-    """One fingerprint of every shard of a folder (None when it has none)."""
-    shards = folder.shards()
-    if not shards:
-        return None
-    parts = [
-        f"{shard}:{parquet.file_fingerprint(folder.fs, folder.shard_path(shard))}"
-        for shard in shards
-    ]
-    return parquet.bytes_fingerprint("\n".join(parts).encode())
-
-
 def publish_generation(
     ds: Dataset, output: str, make: Callable, record: dict, command: str
 ) -> tuple[int, str]:
