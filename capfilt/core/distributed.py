@@ -53,6 +53,12 @@ class Processes:
         return values
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
 def current() -> Processes:
     """The processes of this run, joining their group when launched with several."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

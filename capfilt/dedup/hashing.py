@@ -20,9 +20,9 @@ Decoding is most of the cost; `HashPool` spreads it over worker processes
 from __future__ import annotations
 
 import hashlib
-import os
 from urllib.parse import urlsplit
 
+from capfilt.core.distributed import available_cores
 from capfilt.images.decode import decode_image
 
 # What the hashes are; a change here makes every hashes/ shard stale (its provenance option).
@@ -131,18 +131,11 @@ def url_domain(url: str | None) -> str | None:
     return ".".join(labels[-keep:])
 
 
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 class HashPool:
     """Hashes images in worker processes (0 workers: in this process), in order."""
 
     def __init__(self, workers: int | None = None):
-        self.workers = default_workers() if workers is None else workers
+        self.workers = available_cores() if workers is None else workers
         self._executor = None
 
     def __enter__(self) -> HashPool:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from capfilt.core.ahead import ordered_map
+from capfilt.core.distributed import available_cores
 from capfilt.images.decode import MAX_IMAGE_PIXELS, decode_image
 from capfilt.images.device import jpeg_for_device
 from capfilt.images.pixels import (
@@ -318,9 +319,8 @@ def resolve_workers(num_workers: int | None, device) -> int:
         return 0
     import os
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # set by accelerate/torchrun
-    return max(2, min(16, (cores or 1) // max(1, processes) - 2))
+    return max(2, min(16, available_cores() // max(1, processes) - 2))
 
 
 @dataclass(frozen=True)
@@ -331,13 +331,6 @@ class CpuShare:
 
     torch: int
     decode: int | None
-
-
-def _cores() -> int:
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
 
 
 def cpu_share(device, num_workers: int | None, threads: int | None) -> CpuShare | None:
@@ -351,7 +344,7 @@ def cpu_share(device, num_workers: int | None, threads: int | None) -> CpuShare 
     """
     if device.type != "cpu":
         return None
-    cores = _cores()
+    cores = available_cores()
     if num_workers:
         return CpuShare(torch=threads or max(1, cores - num_workers), decode=0)
     if threads:
@@ -379,7 +372,7 @@ def decode_ahead(decoding: float, model: float) -> int:
 
     if decoding < INLINE_DECODING * model:
         return 0
-    cores = _cores()
+    cores = available_cores()
     threads = _decoding_threads(cores)
     torch.set_num_threads(max(1, cores - threads))
     return threads
@@ -401,10 +394,11 @@ def sharing_cores(share: CpuShare | None):
         torch.set_num_threads(before)
 
 
-def stage_batches(rows: ShardImages, model, config):
+def stage_batches(rows: ShardImages, model, config, share: CpuShare | None = None):
     """`image_batches` for a caption or filter stage: the model's image processor and device,
     the config's batch size, decoding workers and decoding options."""
-    share = cpu_share(model.device, config.num_workers, config.threads)
+    if share is None:
+        share = cpu_share(model.device, config.num_workers, config.threads)
     return image_batches(
         rows,
         model.image_processor,

@@ -184,7 +184,7 @@ def caption_shard(captioner, images_table, config: CaptionOptions, on_images=Non
     out = []
     share = cpu_share(captioner.device, config.num_workers, config.threads)
     with sharing_cores(share):
-        for batch in stage_batches(rows, captioner, config):
+        for batch in stage_batches(rows, captioner, config, share):
             _caption_batch(captioner, batch, config, model, out)
             if on_images is not None:
                 on_images(len(batch))

@@ -340,9 +340,9 @@ def score_shard(
             pairs.tokens = scorer.tokenize_cpu(pairs.texts)
         return pairs
 
-    batches = stage_batches(rows, scorer, config)
-    out = []
     share = cpu_share(scorer.device, config.num_workers, config.threads)
+    batches = stage_batches(rows, scorer, config, share)
+    out = []
     # Tokenizing runs ahead in a thread, but inline where the first batch is timed on a CPU
     # (`image_batches` times the model as the wait for the next batch).
     tokenizing = 0 if share is not None and share.decode is None else 1
