@@ -263,12 +263,12 @@ def test_gpu_suite_dry_run_records_each_step(tmp_path, monkeypatch):
     """The GPU suite's plumbing, on the tiny model and the CPU: parity and a bench step."""
     import sys
 
-    import gpu_suite
+    from capfilt import bench_suite
 
     out = tmp_path / "out"
-    argv = ["gpu_suite", "--out", str(out), "--dry-run", "--only", "parity", "filter-large-model"]
+    argv = ["bench_suite", "--out", str(out), "--dry-run", "--only", "parity", "filter-large-model"]
     monkeypatch.setattr(sys, "argv", argv)
-    assert gpu_suite.main() == 0
+    assert bench_suite.main() == 0
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps[0] == "environment"

@@ -394,3 +394,47 @@ def test_compiled_layers_train_like_eager_ones(tiny_tokenizer):
     for name in ("itc", "itm", "lm"):
         assert torch.allclose(eager[name], compiled[name], atol=1e-5), name
     assert torch.allclose(eager_grad, compiled_grad, atol=1e-5)
+
+
+def test_a_training_step_builds_its_masks_without_asking_the_device(tiny_tokenizer, monkeypatch):
+    """transformers' mask helpers first ask whether every token is visible (`mask.all()`, a
+    host sync on a GPU), four times a step; MED hands them finished additive masks, equal to
+    theirs, so that question is never asked."""
+    import transformers.masking_utils as masking
+
+    model = tiny_med(tiny_tokenizer, queue_size=16)
+    pixels, _, _ = toy_batch(tiny_tokenizer, n=4)
+    texts = ["a red circle", "a blue square on a green circle", "a circle", "a red square"]
+    tokens = tiny_tokenizer(texts, padding="longest", return_tensors="pt")
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    assert not mask.all()  # padding in the batch: the masks matter
+    expected = {
+        "padding": masking.create_bidirectional_mask(
+            config=model.text_encoder.config,
+            inputs_embeds=torch.zeros(4, ids.shape[1], 8),
+            attention_mask=mask,
+        ),
+        "causal": masking.create_causal_mask(
+            config=model.text_encoder.config,
+            inputs_embeds=torch.zeros(4, ids.shape[1], 8),
+            attention_mask=mask,
+            cache=None,
+        ),
+    }
+    for name, causal in (("padding", False), ("causal", True)):
+        theirs = expected[name]  # (B, 1, T, T)
+        if theirs.dtype == torch.bool:  # sdpa's boolean form: True where visible
+            theirs = torch.zeros(theirs.shape).masked_fill(~theirs, torch.finfo(torch.float32).min)
+        ours = model.additive_mask(mask, causal=causal).expand_as(theirs)  # broadcasts so
+        assert torch.equal(ours, theirs), name
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("transformers built a mask (and synchronised with the host)")
+
+    monkeypatch.setattr(masking, "sdpa_mask", no_building)
+    monkeypatch.setattr(masking, "eager_mask", no_building)
+    monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa", no_building)
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", no_building)
+    terms = model(pixels, ids, mask)
+    assert set(terms) == {"itc", "itm", "lm"}
+    sum(terms.values()).backward()

@@ -545,20 +545,32 @@ class MED(nn.Module):
 
     def text_embeds(self, input_ids, attention_mask, encoder=None) -> torch.Tensor:
         encoder = encoder or self.text_encoder
-        return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = self.additive_mask(attention_mask)
+        return encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+    def additive_mask(self, attention_mask, causal: bool = False) -> torch.Tensor:
+        """The (B, 1, 1, T) or, `causal`, (B, 1, T, T) additive mask that transformers would
+        build from the (B, T) padding mask (0 where visible, the dtype's minimum elsewhere),
+        built here without a host sync: transformers first asks whether every token is visible
+        (`mask.all()`, a sync), four times a training step."""
+        dtype = self.text_encoder.embeddings.word_embeddings.weight.dtype
+        visible = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        if causal:
+            length = attention_mask.shape[1]
+            past = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device)
+            visible = visible & past.tril()  # (B, 1, T, T)
+        additive = torch.zeros(visible.shape, dtype=dtype, device=attention_mask.device)
+        return additive.masked_fill_(~visible, torch.finfo(dtype).min)
 
     def grounded_cls(self, input_ids, attention_mask, image_embeds) -> torch.Tensor:
         """Image-grounded text encoding ([ENC] first, cross-attention on); first token's state."""
         ids = input_ids.clone()
         ids[:, 0] = self.config.enc_token_id
-        image_atts = torch.ones(
-            image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device
-        )  # (B, P)
         out = self.text_encoder(
             input_ids=ids,
-            attention_mask=attention_mask,
+            attention_mask=self.additive_mask(attention_mask),
             encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
+            encoder_attention_mask=None,  # every image token is visible
         )
         return out.last_hidden_state[:, 0, :]  # (B, D)
 
@@ -654,7 +666,7 @@ class MED(nn.Module):
             targets[:, :prompt_length] = -100
         logits = self.text_decoder(
             input_ids=decoder_ids,
-            attention_mask=attention_mask,
+            attention_mask=self.additive_mask(attention_mask, causal=True),
             encoder_hidden_states=image_embeds,
             return_logits=True,
         )  # (B, T-1, vocab): predicts tokens 1..T-1

@@ -346,6 +346,31 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         dict(metadata.get("undecodable", {})) if metadata and accelerator.is_main_process else {}
     )
     trace = _Trace(accelerator.process_index)
+    pending = None  # the last optimizer step's _StepLog, its losses not yet read
+
+    def log_step(entry: _StepLog) -> dict[str, float]:
+        """Read one step's mean losses (waiting for that step on the device), log and show them."""
+        step_losses = {name: float(total) / entry.micro for name, total in entry.sums.items()}
+        if accelerator.is_main_process:
+            append_log(
+                log_file,
+                dict(
+                    step=entry.step,
+                    epoch=entry.epoch,
+                    lr=entry.lr,
+                    alpha=entry.alpha,
+                    images_per_s=round(entry.rate, 2),
+                    **{f"loss_{k}": v for k, v in step_losses.items()},
+                ),
+            )
+            stats = "  ".join(f"{k} {v:.3f}" for k, v in step_losses.items())
+            progress.update(
+                task_id,
+                completed=entry.step,
+                stats=f"{stats}  lr {entry.lr:.2e}  {entry.rate:.1f} img/s",
+            )
+        return step_losses
+
     with progress:
         while step < total_steps:
             batches = batches_of(epoch)
@@ -379,31 +404,20 @@ def train(config: TrainConfig, console=None) -> TrainResult:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                losses = {name: float(total) / micro for name, total in sums.items()}
-                sums, micro = {}, 0
                 now = time.perf_counter()
                 if step > 1 or metadata:  # the first step pays for warm-up, not throughput
                     timed_images += images_per_step
                     timed_seconds += now - tick
                 tick = now
                 rate = timed_images / timed_seconds if timed_seconds else 0.0
-                if accelerator.is_main_process:
-                    append_log(
-                        log_file,
-                        dict(
-                            step=step,
-                            epoch=epoch,
-                            lr=lr,
-                            alpha=alpha,
-                            images_per_s=round(rate, 2),
-                            **{f"loss_{k}": v for k, v in losses.items()},
-                        ),
-                    )
-                    stats = "  ".join(f"{k} {v:.3f}" for k, v in losses.items())
-                    progress.update(
-                        task_id, completed=step, stats=f"{stats}  lr {lr:.2e}  {rate:.1f} img/s"
-                    )
+                # This step's losses are read (a host sync) only after the next step is queued,
+                # so the device never waits for the logging.
+                if pending is not None:
+                    losses = log_step(pending)
+                pending = _StepLog(step, epoch, lr, alpha, rate, sums, micro)
+                sums, micro = {}, 0
                 if step % config.save_every == 0 or step == total_steps:
+                    losses, pending = log_step(pending), None
                     meta = dict(
                         resolved,
                         undecodable=sum_counts(gather_object([undecodable])),
@@ -434,6 +448,20 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         metadata["step"] if metadata else None,
         accelerator.is_main_process,
     )
+
+
+@dataclass
+class _StepLog:
+    """One optimizer step's figures for the log; `sums` (loss name → sum over its micro-batches)
+    are still tensors on the device."""
+
+    step: int
+    epoch: int
+    lr: float
+    alpha: float
+    rate: float
+    sums: dict
+    micro: int
 
 
 def _lr(config: TrainConfig, step: int, epoch: int, warmup_steps: int, total_steps: int):

@@ -1,9 +1,8 @@
-"""capfilt's GPU benchmark suite (a development tool, kept outside the installed package):
-every figure of the Speed issue in one process, one lease.
+"""capfilt's GPU benchmark suite: every figure of the speed issues in one process, one run.
 
-    python tests/gpu_suite.py --out bench-out               # on a machine with a GPU
-    python tests/gpu_suite.py --out /tmp/b --dry-run        # the same plumbing, tiny, CPU
-    python tests/gpu_suite.py --only caption-base-e2e filter-large-e2e
+    python -m capfilt.bench_suite --out bench-out               # on a machine with a GPU
+    python -m capfilt.bench_suite --out /tmp/b --dry-run        # the same plumbing, tiny, CPU
+    python -m capfilt.bench_suite --only caption-base-e2e filter-large-e2e
 
 Each step is a `capfilt bench` configuration (random weights of the released BLIP shapes, so
 no hub access is needed) or a check; results are appended to OUT/bench.jsonl as they come, so
@@ -123,6 +122,7 @@ SUITE = [
             captions_per_image=1,
         ),
     ),
+    ("pretrain-syncs", None),  # host syncs inside a MED training step (should be 0)
     (
         "pretrain-base-b256",
         dict(workload="pretrain", arch="base", images=2048, batch_size=256, text_tokens=30),
@@ -360,6 +360,58 @@ def profile_caption(out: Path, arch: str, device_name: str, batch: int) -> None:
     (out / "profile-caption.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
 
 
+def pretrain_syncs(out: Path, arch: str, device_name: str, batch: int) -> None:
+    """Host synchronisations inside MED training steps (forward, backward, AdamW), counted by
+    CUDA's sync debug mode; the training loop itself reads the losses a step late."""
+    import warnings
+
+    import torch
+
+    from capfilt.bench.fixtures import synthetic_bert_tokenizer
+    from capfilt.models.med import MED, med_config
+
+    device = torch.device(device_name)
+    if device.type != "cuda":
+        log(out, dict(step="pretrain-syncs", syncs=None, why="counted on CUDA only"))
+        return
+    tokenizer = synthetic_bert_tokenizer()
+    config = med_config(arch, tokenizer, queue_size=batch * 4)
+    med = MED(config).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], fused=True)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch, 3, config.image_size, config.image_size, generator=generator)
+    ids = torch.randint(1000, 30000, (batch, 30), generator=generator)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+    mask[::2, 20:] = 0  # padding, so the masks are not all ones
+    pixels, ids, mask = pixels.to(device), ids.to(device), mask.to(device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sum(med(pixels, ids, mask).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocations and autotuning may sync once
+    torch.cuda.synchronize()
+    steps = 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchron" in str(w.message)]
+    log(
+        out,
+        dict(step="pretrain-syncs", steps=steps, syncs=len(syncs), first=sorted(set(syncs))[:5]),
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -384,6 +436,7 @@ def main() -> int:
         "profile-caption": lambda: profile_caption(
             args.out, arch, device, 4 if args.dry_run else 512
         ),
+        "pretrain-syncs": lambda: pretrain_syncs(args.out, arch, device, 4 if args.dry_run else 64),
         "decode-only": lambda: decode_throughput(
             args.out, 2 if args.dry_run else 14, 16 if args.dry_run else 2048
         ),
