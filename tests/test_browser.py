@@ -62,6 +62,7 @@ window.addEventListener('load', function () {
       var bins = Array.prototype.slice.call(svg.querySelectorAll('rect.bin'));
       return {
         source: svg.getAttribute('data-source'),
+        column: svg.getAttribute('data-column'),
         bins: bins.length,
         tallest: Math.max.apply(null, bins.map(function (r) { return r.getBBox().height; })),
         width: svg.getBoundingClientRect().width,
@@ -135,9 +136,13 @@ def test_report_renders_in_chromium(browser, tmp_path):
     assert console_errors == []
     assert probe["images"] == thumbnails
     assert all(0 < width <= 128 for width in probe["widths"]), probe["widths"]
-    assert [h["source"] for h in probe["histograms"]] == ["web", "synthetic"]
-    for histogram in probe["histograms"]:
+    itm = [h for h in probe["histograms"] if h["column"] == "itm_score"]
+    assert [h["source"] for h in itm] == ["web", "synthetic"]
+    for histogram in itm:
         assert histogram["bins"] == 20 and histogram["thresholds"] == 1
+    # Every score column with values has its histograms (ITC here), without a threshold.
+    assert {h["column"] for h in probe["histograms"]} == {"itm_score", "itc_score"}
+    for histogram in probe["histograms"]:
         assert histogram["tallest"] > 50 and histogram["width"] > 300
 
     ARTIFACTS.mkdir(exist_ok=True)

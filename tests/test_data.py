@@ -38,9 +38,11 @@ def test_images_without_orientation_are_decoded_unchanged():
     assert decoded.ok and decoded.image.size == scene.size and decoded.image.mode == "RGB"
 
 
+@pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("batch_size, workers", [(10, 2), (40, 2), (3, 2)])
-def test_batches_decoded_in_chunks_by_workers_equal_one_process(batch_size, workers):
-    """Each batch is split over the workers and put together again, in order, errors kept."""
+def test_batches_decoded_in_chunks_by_workers_equal_one_process(batch_size, workers, split):
+    """Each batch is split over the workers and put together again (as for a GPU), or made
+    whole by one worker (for the CPU): in order, errors kept, the same pixels."""
     from capfilt.images.batches import ShardImages, image_batches
     from capfilt.models.tiny import image_processor
 
@@ -56,7 +58,11 @@ def test_batches_decoded_in_chunks_by_workers_equal_one_process(batch_size, work
     rows = ShardImages(keys, blobs, extra={"caption": [f"c{i}" for i in range(37)]})
     processor = image_processor(32)
     one = list(image_batches(rows, processor, batch_size, num_workers=0))
-    split = list(image_batches(rows, processor, batch_size, workers, device=torch.device("cpu")))
+    split = list(
+        image_batches(
+            rows, processor, batch_size, workers, device=torch.device("cpu"), split_batches=split
+        )
+    )
     assert [len(b) for b in split] == [len(b) for b in one]
     assert sum(len(b) for b in split) == 37
     for a, b in zip(one, split, strict=True):

@@ -473,8 +473,9 @@ def test_another_keep_best_rederives_curated_without_a_model(
 
 
 def test_default_curate_is_the_threshold_alone(scored):
-    """Without --keep-best, curated/ and its provenance are what they were before the option,
-    so a curated/ derived by an older capfilt stays done."""
+    """Without --keep-best, curated/'s pairs and provenance are what they were before the
+    option, so a curated/ derived by an older capfilt stays done; curated/ carries the other
+    score columns of scores/ after CURATED_SCHEMA's."""
     import pyarrow.compute as pc
 
     from capfilt.core import parquet as io
@@ -490,8 +491,13 @@ def test_default_curate_is_the_threshold_alone(scored):
         scores = ds.read_shard("scores", shard)
         at_threshold = pc.fill_null(pc.greater_equal(scores["itm_score"], threshold), False)
         before = scores.filter(at_threshold).select(io.CURATED_SCHEMA.names)
-        assert curate(scores, threshold).equals(before.cast(io.CURATED_SCHEMA))
-        assert folder.read_shard(shard).equals(before.cast(io.CURATED_SCHEMA))
+        base = io.CURATED_SCHEMA.names
+        curated = curate(scores, threshold)
+        assert curated.select(base).equals(before.cast(io.CURATED_SCHEMA))
+        assert folder.read_shard(shard).select(base).equals(before.cast(io.CURATED_SCHEMA))
+        extra = [name for name in scores.column_names if name not in (*base, "model")]
+        assert "itc_score" in extra and curated.column_names == [*base, *extra]
+        assert curated.select(extra).equals(scores.filter(at_threshold).select(extra))
         assert read(folder, shard).options == {"threshold": threshold}
 
 

@@ -120,8 +120,10 @@ def test_html_is_self_contained_and_escapes_hostile_text(report):
     # every src/href is inline data; the only URL is the SVG namespace
     for attr in re.findall(r'(?:src|href)="([^"]*)"', page):
         assert attr.startswith("data:image/jpeg;base64,"), attr[:60]
-    assert page.count('<svg class="histogram"') == 2
-    assert page.count('class="threshold"') == 4  # a line and its label per histogram
+    # ITM per source with the threshold; every other score column (ITC here) without one.
+    assert page.count('<svg class="histogram"') == 4
+    assert page.count('data-column="itm_score"') == page.count('data-column="itc_score"') == 2
+    assert page.count('class="threshold"') == 4  # a line and its label per ITM histogram
     assert page.count("<img ") == len(re.findall(r'src="data:image/jpeg;base64,', page)) > 10
     assert "55.6 %" in page and "83.3 %" in page  # precision and recall
     assert '<tr class="current"><td>0.5</td>' in page

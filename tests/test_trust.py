@@ -170,11 +170,11 @@ def test_a_threshold_change_that_fails_half_way_leaves_the_old_curated_whole(
     derived = []
     real = curate.curate
 
-    def disk_full_on_the_second_shard(scores, threshold, keep_best):
-        derived.append(threshold)
+    def disk_full_on_the_second_shard(scores, rule, keep_best=None):
+        derived.append(rule.threshold)
         if len(derived) == 2:
             raise OSError(28, "No space left on device")
-        return real(scores, threshold, keep_best)
+        return real(scores, rule, keep_best)
 
     monkeypatch.setattr(curate, "curate", disk_full_on_the_second_shard)
     result = invoke("filter", captioned, "--threshold", "0.1", "--model", tiny_filter)

@@ -16,11 +16,13 @@ from capfilt.models.shapes import (
     VIT_B16,
     VIT_L16,
 )
+from capfilt.models.tiny_vlm import TINY_VLMS
 
 WORKLOADS = ("caption", "filter", "pretrain")
 
 
-ARCHS = ("tiny", "small", "base", "large")
+# BLIP's, then tiny random captioners of other families (models/tiny_vlm.py) for `caption`.
+ARCHS = ("tiny", "small", "base", "large", *TINY_VLMS)
 
 
 LEVELS = ("e2e", "model", "data")
@@ -56,12 +58,16 @@ class BenchConfig(Options):
 
     workload: str = option(help="What to measure.", choices=WORKLOADS, positional=True)
     model: str | None = option(
-        None, "BLIP checkpoint (local dir or hub id); default random --arch weights."
+        None,
+        "Checkpoint (local dir or hub id): BLIP, or for caption BLIP-2 or an image-text-to-text "
+        "model; default random --arch weights.",
     )
     arch: str = option(
         "tiny",
-        "Random-weight architecture: tiny (width 64, 2 + 2 layers, 64 px), small (width 128, "
-        "4 + 4 layers, 96 px), base (ViT-B/16) or large (ViT-L/16).",
+        "Random-weight architecture: BLIP tiny (width 64, 2 + 2 layers, 64 px), small (width "
+        "128, 4 + 4 layers, 96 px), base (ViT-B/16) or large (ViT-L/16); caption only: "
+        "blip2-tiny, llava-tiny, idefics3-tiny or paligemma-tiny (width 64, transformers' "
+        "classes).",
         choices=ARCHS,
     )
     level: str = option(
@@ -90,6 +96,12 @@ class BenchConfig(Options):
     )
     fast_decode: bool = option(False, "e2e caption/filter: capfilt decodes JPEGs at reduced scale.")
     gpu_decode: bool = option(False, "e2e caption/filter: capfilt decodes plain JPEGs on the GPU.")
+    engine: str | None = option(
+        None,
+        "caption of BLIP-2 or an image-text-to-text model: capfilt's engine, hf (default) or "
+        "vllm (a GPU).",
+        choices=("hf", "vllm"),
+    )
     repeats: int = option(1, "Timed runs per side; the best counts.", ge=1)
     peak_tflops: float | None = option(
         None, "FLOP bound in TFLOP/s (default: a measured matmul).", gt=0

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from capfilt.bench.config import BenchConfig
+from capfilt.bench.config import ARCH_SHAPES, BenchConfig
 from capfilt.bench.fixtures import (
     load_models,
     random_jpegs,
@@ -549,9 +549,18 @@ def run_bench(config: BenchConfig) -> dict:
     """Run the benchmark of `config.workload`; returns the result as a JSON-ready dict."""
     import torch
 
+    from capfilt.bench.vlm import bench_vlm_caption, is_vlm_bench
+
     runner = {"caption": bench_caption, "filter": bench_filter, "pretrain": bench_pretrain}
     if config.level == "data" and config.workload != "pretrain":
         runner[config.workload] = bench_stage_input
+    if is_vlm_bench(config):
+        runner["caption"] = bench_vlm_caption
+    elif config.engine or config.arch not in ARCH_SHAPES:
+        raise CapfiltError(
+            "--engine and --arch blip2-tiny/llava-tiny/idefics3-tiny/paligemma-tiny are for "
+            "`bench caption` of BLIP-2 or an image-text-to-text model"
+        )
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -229,11 +229,15 @@ def ingest(
 def caption(dataset: DatasetArg, options: CaptionOptions):
     """Write synthetic captions of every downloaded image to captions/ (BLIP, nucleus sampling).
 
-    Works shard by shard and skips the shards already captioned with these options; shards
-    captioned with other options are refused unless --overwrite. Under `accelerate launch -m
-    capfilt caption ...` each process takes its own shards.
+    --model also takes BLIP-2 and image-text-to-text models of transformers (LLaVA, SmolVLM,
+    PaliGemma, ...), prompted through their chat template. Works shard by shard and skips the
+    shards already captioned with these options; shards captioned with other options are
+    refused unless --overwrite. Under `accelerate launch -m capfilt caption ...` each process
+    takes its own shards.
 
     Example: capfilt caption ds --num-captions 3 --batch-size 64
+
+    Example: capfilt caption ds --model HuggingFaceTB/SmolVLM-256M-Instruct --max-length 60
     """
     from capfilt.stages.caption import caption_dataset
 
@@ -258,14 +262,18 @@ def caption(dataset: DatasetArg, options: CaptionOptions):
 @command(name="filter")
 @with_options(FilterOptions)
 def filter_(dataset: DatasetArg, options: FilterOptions):
-    """Score web and synthetic captions with BLIP ITM/ITC into scores/, keep the good ones.
+    """Score web and synthetic captions with BLIP ITM/ITC (and CLIP, SigLIP) into scores/,
+    keep the good ones.
 
-    Pairs with ITM probability ≥ threshold go to curated/, switched in whole; --keep-best K
-    keeps at most the K best synthetic captions of each image among them. Running it again
-    with another threshold or --keep-best re-derives curated/ from scores/ without loading
-    the model.
+    The pairs the rule keeps go to curated/, switched in whole. The rule: ITM probability ≥
+    --threshold, the --top-fraction of the dataset by a score column (--by), an SQL --where
+    condition over the score columns; given together, a pair meets them all. --keep-best K
+    then keeps at most the K best synthetic captions of each image. Running it again with
+    another rule re-derives curated/ from scores/ without loading the model.
 
     Example: capfilt filter ds --threshold 0.5
+
+    Example (DataComp): capfilt filter ds --clip-model M --top-fraction 0.3 --by clip_score
     """
     from capfilt.stages.filter import filter_dataset
 
@@ -299,11 +307,19 @@ def filter_(dataset: DatasetArg, options: FilterOptions):
 
     from rich.table import Table
 
-    table = Table("source", "pairs scored", "kept", "mean ITM", "mean ITC")
+    from capfilt.stages.curate import score_label
+
+    # Every score column with a value (clip_score only where --clip-model scored it).
+    columns = [
+        c
+        for c in dict.fromkeys(c for s in result.sources.values() for c in s.means)
+        if any(s.means.get(c) is not None for s in result.sources.values())
+    ] or ["itm_score", "itc_score"]
+    table = Table("source", "pairs scored", "kept", *(f"mean {score_label(c)}" for c in columns))
     for source, s in result.sources.items():
-        mean_itm = "-" if s.mean_itm is None else f"{s.mean_itm:.3f}"
-        mean_itc = "-" if s.mean_itc is None else f"{s.mean_itc:.3f}"
-        table.add_row(literal(source), f"{s.scored}", f"{s.kept}", mean_itm, mean_itc)
+        means = [s.means.get(c) for c in columns]
+        cells = ["-" if mean is None else f"{mean:.3f}" for mean in means]
+        table.add_row(literal(source), f"{s.scored}", f"{s.kept}", *cells)
     console().print(table)
 
 
@@ -391,7 +407,7 @@ def _is_main_process() -> bool:
 def _print_summary(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.table import Table
 
-    table = Table(title=title, show_header=False)
+    table = Table(title=literal(title), show_header=False)  # a --where is the user's text
     table.add_column(style="bold")
     table.add_column()
     for name, value in rows:

@@ -400,4 +400,6 @@ class StageFolder(ShardFolder):
         import pyarrow as pa
 
         tables = [self.read_shard(s, columns) for s in self.shards()]
-        return pa.concat_tables(tables) if tables else None
+        # Shards written before a folder gained a column (parquet.OPTIONAL_COLUMNS) have it
+        # as nulls.
+        return pa.concat_tables(tables, promote_options="default") if tables else None

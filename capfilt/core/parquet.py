@@ -34,6 +34,12 @@ _SCHEMAS = {
         ("itm_score", "float32"),
         ("itc_score", "float32"),
         ("model", "string"),
+        # Added by issue 16, so absent from shards written before (OPTIONAL_COLUMNS): CLIP
+        # and SigLIP similarity (null when not asked for), and whether the text was cut to a
+        # model's window.
+        ("clip_score", "float32"),
+        ("siglip_score", "float32"),
+        ("truncated", "bool_"),
     ],
     "CURATED_SCHEMA": [
         ("key", "string"),
@@ -141,14 +147,19 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     write_atomic(fs, path, lambda f: f.write(data))
 
 
+# Columns a folder gained after shards of it were written: readers take them when there and
+# treat them as null when not (DuckDB views read with union_by_name).
+OPTIONAL_COLUMNS = {"scores": ("clip_score", "siglip_score", "truncated")}
 # What a reader needs of each folder. images/ is img2dataset's schema with any extra columns
 # of the URL list; the folders capfilt writes have their fixed schemas above.
 REQUIRED_COLUMNS = {
     "images": ("key", "jpg"),
     "embeddings": ("key", EMBEDDING_COLUMN),
     **{
-        name.split("_")[0].lower(): tuple(column for column, _ in columns)
-        for name, columns in _SCHEMAS.items()
+        folder: tuple(
+            column for column, _ in columns if column not in OPTIONAL_COLUMNS.get(folder, ())
+        )
+        for folder, columns in ((n.split("_")[0].lower(), c) for n, c in _SCHEMAS.items())
     },
 }
 # The kinds of the columns readers use, where a folder has them: string or large_string,

@@ -8,6 +8,11 @@ it. DuckDB's allowed paths may be written as well as read, so `check_statements`
 before anything runs, each statement that writes or opens files (COPY, EXPORT, ATTACH,
 INSTALL/LOAD, SET, file PRAGMAs, CREATE SECRET); what is left reads the views and makes
 in-memory tables at most.
+
+`capfilt filter --where` evaluates one condition over each scores/ shard's Arrow table in a
+connection of its own that reaches no file at all (`sandboxed_connection`); `check_condition`
+refuses, before a model loads, what is not one true/false condition over known columns: ';',
+subqueries, table functions (read_csv …), unknown columns.
 """
 
 from __future__ import annotations
@@ -294,3 +299,127 @@ def missing_stages(sql: str, dataset: Dataset) -> list[str]:
     return [
         view for view in VIEWS if view in words and not dataset.has_stage(sources.get(view, view))
     ]
+
+
+# --- one condition over a table's rows (`capfilt filter --where`) -------------------------------
+WHERE_FLAG = "--where"
+WHERE_VIEW = "scores"  # the name the condition's table has: `scores.itm_score` works too
+_ROW = "capfilt_row__"  # the row number of each row, to read back which rows the WHERE kept
+# Words that open a query inside the condition: a subquery could read what is not the row.
+_QUERY_OPENERS = frozenset(
+    "select from with table values pivot unpivot summarize describe show".split()
+)
+
+
+def sandboxed_connection():
+    """An in-memory DuckDB connection that reaches nothing outside itself, for good: no file,
+    no network, no extension, settings locked. Tables come in by `register` (Arrow)."""
+    import duckdb
+
+    con = duckdb.connect()
+    known = {row[0] for row in con.execute("SELECT name FROM duckdb_settings()").fetchall()}
+    missing = [name for name in _REQUIRED if name not in known and name != "allowed_paths"]
+    if missing:
+        raise CapfiltError(
+            f"this DuckDB ({duckdb.__version__}) cannot sandbox SQL (it has no "
+            f"{', '.join(missing)} setting): upgrade duckdb to 1.2 or later"
+        )
+    for name, value in _SANDBOX_SETTINGS:
+        if name in known:
+            con.execute(f"SET {name} = {str(value).lower()}")
+    return con
+
+
+def where_error(problem: str) -> CapfiltError:
+    """The one line a refused --where condition fails with."""
+    return CapfiltError(
+        f"{WHERE_FLAG} {problem}; give one condition over the score columns, e.g. "
+        "\"itm_score >= 0.5 AND source = 'synthetic'\""
+    )
+
+
+def check_condition(condition: str, schema) -> None:
+    """Refuse, in one line naming the problem, a --where that is not one true/false condition
+    over the columns of `schema` (a pyarrow schema): several statements, a subquery or a call
+    that reads files or tables, an unknown column, a value that is not true or false. Nothing
+    runs: DuckDB parses and binds it against an empty table."""
+    import duckdb
+
+    text = condition.strip()
+    if not text:
+        raise where_error("is empty")
+    check_condition_words(text)
+    con = sandboxed_connection()
+    con.register(WHERE_VIEW, schema.empty_table())
+    sql = _where_sql(text, select=f"(\n{text}\n) AS keep")
+    try:
+        statements = con.extract_statements(sql)
+        if len(statements) != 1:
+            raise where_error("holds more than one statement")
+        described = con.execute(f"DESCRIBE {sql}").fetchall()
+    except duckdb.Error as e:
+        raise _condition_error(e, schema) from e
+    kind = described[0][1]
+    if kind not in ("BOOLEAN", '"NULL"', "NULL"):
+        raise where_error(f"is a {kind} value, not a condition (true or false)")
+
+
+def where_rows(table, condition: str):
+    """The row numbers (in order, int64 numpy) of the rows of `table` that DuckDB's WHERE
+    `condition` keeps, in a sandboxed connection: a row where it is NULL is not kept."""
+    import duckdb
+    import numpy as np
+    import pyarrow as pa
+
+    numbered = table.append_column(_ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    con = sandboxed_connection()
+    con.register(WHERE_VIEW, numbered)
+    try:
+        found = con.execute(_where_sql(condition.strip(), select=_ROW) + " ORDER BY 1")
+        rows = found.fetchnumpy()[_ROW]
+    except duckdb.Error as e:
+        raise _condition_error(e, table.schema) from e
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _where_sql(condition: str, select: str) -> str:
+    # The condition on lines of its own: a -- comment in it ends with its line.
+    return f"SELECT {select} FROM {WHERE_VIEW} WHERE (\n{condition}\n)"
+
+
+def check_condition_words(text: str) -> None:
+    """Refuse a --where that holds ';', a subquery or a table function (they could read
+    files or run statements), by DuckDB's tokenizer: nothing is parsed or run."""
+    import duckdb
+
+    tokens = [word for _, word in _tokens(text)]
+    for word in tokens:
+        if ";" in word and not word.startswith(("'", '"')):
+            raise where_error("holds ';': one condition, not statements")
+        if word in _QUERY_OPENERS:
+            raise where_error(f"holds {word.upper()}: no subqueries (they could read files)")
+    con = duckdb.connect()
+    table_functions = {
+        row[0]
+        for row in con.execute(
+            "SELECT DISTINCT function_name FROM duckdb_functions() WHERE function_type = 'table'"
+        ).fetchall()
+    }
+    for word, after in zip(tokens, tokens[1:], strict=False):
+        name = word.strip('"')
+        if after.startswith("(") and name in table_functions:
+            raise where_error(f"calls {name}(), which reads files or tables, not the row")
+
+
+def _condition_error(e: Exception, schema) -> CapfiltError:
+    """A DuckDB error about a --where condition as one line."""
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    m = re.search(r'Referenced column "([^"]*)" not found', message)
+    if m:
+        columns = ", ".join(name for name in schema.names if name != _ROW)
+        return where_error(f"names the column {m.group(1)}, which scores/ has not ({columns})")
+    refused = sandbox_error(e)
+    if refused is not None:
+        return where_error(f"cannot {str(refused).split(' and cannot ', 1)[-1].split(';')[0]}")
+    message = re.sub(r"^[A-Za-z ]*Error: ", "", message)
+    return where_error(f"is not a condition DuckDB can run: {message}")

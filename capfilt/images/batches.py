@@ -64,6 +64,9 @@ class ImageBatch:
     # `pixel_values` holds (device_decode.finish_on_device puts them together).
     deferred: list[tuple[int, bytes]] = field(default_factory=list)
     cpu_rows: list[int] = field(default_factory=list)
+    # The same decoded images through each extra image processor (a CLIP or SigLIP scorer's):
+    # name → float32 (N_ok, 3, H', W'), rows as `pixel_values`'.
+    more_pixels: dict[str, object] = field(default_factory=dict)
 
     @property
     def ok_keys(self) -> list[str]:
@@ -81,6 +84,7 @@ class ImageBatch:
             return parts[0]
         keys, pixel_index, errors, pixels = [], [], [], []
         extra: dict[str, list] = {name: [] for name in parts[0].extra}
+        more: dict[str, list] = {name: [] for name in parts[0].more_pixels}
         decoded = 0
         for part in parts:
             keys += part.keys
@@ -88,22 +92,34 @@ class ImageBatch:
             pixel_index += [None if i is None else decoded + i for i in part.pixel_index]
             for name, values in part.extra.items():
                 extra[name] += values
-            if part.pixel_values is not None:
+            if isinstance(part.pixel_values, list):  # decoded images (a VLM's processor)
+                pixels.append(part.pixel_values)
+                decoded += len(part.pixel_values)
+            elif part.pixel_values is not None:
                 values = part.pixel_values
                 if device is not None:
                     values = values.to(device, non_blocking=True)
                 pixels.append(values)
                 decoded += values.shape[0]
+            for name, values in part.more_pixels.items():
+                more[name].append(
+                    values if device is None else values.to(device, non_blocking=True)
+                )
         pixel_values = None
-        if pixels:
+        if pixels and isinstance(pixels[0], list):
+            pixel_values = [image for images in pixels for image in images]
+        elif pixels:
             pixel_values = pixels[0] if len(pixels) == 1 else torch.cat(pixels)
         normalized = all(part.normalized for part in parts)
-        return ImageBatch(keys, pixel_values, pixel_index, errors, extra, normalized)
+        batch = ImageBatch(keys, pixel_values, pixel_index, errors, extra, normalized)
+        batch.more_pixels = {name: torch.cat(values) for name, values in more.items() if values}
+        return batch
 
     def pin_memory(self) -> ImageBatch:
         """Called by the DataLoader (pin_memory=True) so the copy to the GPU can overlap."""
-        if self.pixel_values is not None:
+        if self.pixel_values is not None and not isinstance(self.pixel_values, list):
             self.pixel_values = self.pixel_values.pin_memory()
+        self.more_pixels = {name: v.pin_memory() for name, v in self.more_pixels.items()}
         return self
 
 
@@ -130,7 +146,9 @@ class BatchPreprocessor:
     """Collate function: decode a list of row indices and run the image processor on the batch.
 
     `fast_decode`: JPEGs are decoded straight at a reduced scale no smaller than the model's
-    input (`decode_image`'s `draft_size`); approximate, off by default.
+    input (`decode_image`'s `draft_size`); approximate, off by default. `more_processors`
+    (name → image processor): each decoded image also goes through these, into the batch's
+    `more_pixels` (decoded once for every model; such batches are decoded on the CPU).
     """
 
     def __init__(
@@ -141,16 +159,21 @@ class BatchPreprocessor:
         fast_decode: bool = False,
         resize_only: bool = False,
         device_decode: bool = False,
+        more_processors: dict | None = None,
     ):
         self.rows = rows
         self.image_processor = image_processor
         self.max_pixels = max_pixels
-        self.draft_size = processor_size(image_processor) if fast_decode else None
+        self.more_processors = more_processors or {}
+        # A reduced-scale decode must still be large enough for every model's input.
+        sizes = [processor_size(p) for p in [image_processor, *self.more_processors.values()]]
+        self.draft_size = _largest(sizes) if fast_decode else None
         # Resized 8-bit pixels (a quarter of the bytes of float32 to pass between processes
         # and copy to the GPU), normalised later by `normalize_pixels` (ImageBatch.normalized).
         self.resize_only = resize_only and can_defer_normalization(image_processor)
-        # Plain JPEGs are only checked here and decoded on the model's device (--gpu-decode).
-        self.device_decode = device_decode and self.resize_only
+        # Plain JPEGs are only checked here and decoded on the model's device (--gpu-decode);
+        # not when other processors need the decoded image too.
+        self.device_decode = device_decode and self.resize_only and not self.more_processors
 
     def __call__(self, indices: list[int]) -> ImageBatch:
         keys, pixel_index, errors, ok_images = [], [], [], []
@@ -183,7 +206,19 @@ class BatchPreprocessor:
         batch = ImageBatch(keys, pixel_values, pixel_index, errors, extra)
         batch.normalized = not self.resize_only
         batch.deferred, batch.cpu_rows = deferred, cpu_rows
+        if ok_images:
+            batch.more_pixels = {
+                name: preprocess(processor, ok_images)
+                for name, processor in self.more_processors.items()
+            }
         return batch
+
+
+def _largest(sizes: list[tuple[int, int] | None]) -> tuple[int, int] | None:
+    """The (width, height) no smaller than any of `sizes`; None when one has no fixed size."""
+    if not sizes or any(size is None for size in sizes):
+        return None
+    return max(w for w, _ in sizes), max(h for _, h in sizes)
 
 
 def image_batches(
@@ -196,29 +231,42 @@ def image_batches(
     fast_decode: bool = False,
     decode_threads: int | None = DECODE_THREADS,
     device_decode: bool = False,
+    more_processors: dict | None = None,
+    split_batches: bool | None = None,
 ):
     """Iterate over `ImageBatch`es of `rows` in order, decoded ahead of the caller.
 
-    `num_workers` > 0: a DataLoader decodes in that many processes, each batch as
-    `num_workers` chunks in parallel (a whole batch per worker would leave the model waiting for
-    one process to decode it), put together again on `device` when given (each chunk's copy
-    there starts as it arrives). 0: `decode_threads` threads of this process decode the next
-    batches while the caller runs the model (PIL decodes and resizes without the GIL; no process
-    start-up or pickling per shard). For a CUDA `device` each batch or chunk is page-locked so
-    its copy to the GPU is async. `decode_threads` None: the first batch is decoded inline and
-    the threads of the rest chosen by `decode_ahead` (the caller must use each batch before it
-    asks for the next, as the time between is the model's). `device_decode` (--gpu-decode):
+    `num_workers` > 0: a DataLoader decodes in that many processes. For a GPU (or
+    `split_batches`) each batch as `num_workers` chunks in parallel (a whole batch per worker
+    would leave the model waiting for one process to decode it), as 8-bit pixels normalised on
+    `device`, put together again there (each chunk's copy starts as it arrives); for the CPU
+    each worker makes whole, normalised batches (no copy in this process). 0: `decode_threads`
+    threads of this process decode the next batches while the caller runs the model (PIL
+    decodes and resizes without the GIL; no process start-up or pickling per shard). For a CUDA
+    `device` each batch or chunk is page-locked so its copy to the GPU is async.
+    `decode_threads` None: the first batch is decoded inline and the threads of the rest chosen
+    by `decode_ahead` (the caller must use each batch before it asks for the next, as the time
+    between is the model's). `device_decode` (--gpu-decode):
     plain JPEGs are decoded and resized on `device` (capfilt/device_decode.py).
+    `more_processors` (name → image processor): each batch also carries the same decoded
+    images through these (`ImageBatch.more_pixels`), for other models' vision encoders.
     """
     import torch
 
     pin_memory = device is not None and torch.device(device).type == "cuda"
+    device_decode = device_decode and not more_processors  # they need the PIL image
     if device_decode:
         from capfilt.images.device import check_device_decode
 
         check_device_decode(image_processor)
     if num_workers == 0 and not device_decode:
-        collate = BatchPreprocessor(rows, image_processor, max_pixels, fast_decode=fast_decode)
+        collate = BatchPreprocessor(
+            rows,
+            image_processor,
+            max_pixels,
+            fast_decode=fast_decode,
+            more_processors=more_processors,
+        )
         index_batches = (
             list(range(start, min(len(rows), start + batch_size)))
             for start in range(0, len(rows), batch_size)
@@ -245,7 +293,10 @@ def image_batches(
     batches = [
         list(range(s, min(len(rows), s + batch_size))) for s in range(0, len(rows), batch_size)
     ]
-    parts = max(1, min(num_workers, batch_size // MIN_CHUNK))
+    # For a GPU each batch is split among the workers, so the model waits for no one process;
+    # for the CPU a worker makes whole batches (putting float32 chunks together is a copy).
+    split = pin_memory if split_batches is None else split_batches
+    parts = max(1, min(num_workers, batch_size // MIN_CHUNK)) if split else 1
     chunks, chunks_per_batch = [], []
     for indices in batches:
         size = -(-len(indices) // parts)  # ceil
@@ -263,8 +314,11 @@ def image_batches(
             image_processor,
             max_pixels,
             fast_decode=fast_decode,
-            resize_only=True,
+            # 8-bit pixels where they go on to a GPU (normalised there); for the CPU the
+            # workers normalise, which in the main process cost 1.2 ms an image at 384 px.
+            resize_only=pin_memory or device_decode,
             device_decode=device_decode,
+            more_processors=more_processors,
         ),
         # Workers prefetch a couple of chunks each so the model does not wait for decoding.
         prefetch_factor=2 if num_workers > 0 else None,
@@ -394,9 +448,16 @@ def sharing_cores(share: CpuShare | None):
         torch.set_num_threads(before)
 
 
-def stage_batches(rows: ShardImages, model, config, share: CpuShare | None = None):
+def stage_batches(
+    rows: ShardImages,
+    model,
+    config,
+    share: CpuShare | None = None,
+    more_processors: dict | None = None,
+):
     """`image_batches` for a caption or filter stage: the model's image processor and device,
-    the config's batch size, decoding workers and decoding options."""
+    the config's batch size, decoding workers and decoding options; `more_processors`: the
+    image processors of other models fed from the same decoded images (filter's CLIP/SigLIP)."""
     if share is None:
         share = cpu_share(model.device, config.num_workers, config.threads)
     return image_batches(
@@ -408,4 +469,5 @@ def stage_batches(rows: ShardImages, model, config, share: CpuShare | None = Non
         fast_decode=config.fast_decode,
         decode_threads=share.decode if share else DECODE_THREADS,  # None: measured
         device_decode=config.gpu_decode,
+        more_processors=more_processors,
     )

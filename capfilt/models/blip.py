@@ -46,9 +46,9 @@ _ARCHITECTURES = {
     "filter": "BlipForImageTextRetrieval",
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Files a BLIP checkpoint needs; anything else in a hub repository (pickles, TF/Flax weights)
-# is never downloaded.
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# Files a checkpoint needs (a VLM's chat template included); anything else in a hub
+# repository (pickles, TF/Flax weights, remote code) is never downloaded.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,12 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
 def check_checkpoint(source: ModelSource, kind: str) -> None:
     """Refuse folders without safetensors weights, or with the wrong BLIP head for `kind`."""
+    check_weights(source, kind)
+    _check_blip(source, kind, checkpoint_config(source, "a BLIP checkpoint"))
+
+
+def check_weights(source: ModelSource, kind: str) -> None:
+    """Refuse a folder without safetensors weights (pickles only, a training run, nothing)."""
     files = [p.name for p in source.path.iterdir() if p.is_file()]
     has_safetensors = any(
         f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files
@@ -191,10 +197,18 @@ def check_checkpoint(source: ModelSource, kind: str) -> None:
             f"{source.model_id!r} has no model weights (no *.safetensors in {source.path}); "
             "pass a Hugging Face BLIP checkpoint directory"
         )
+
+
+def checkpoint_config(source: ModelSource, expected: str) -> dict:
+    """The checkpoint's config.json as a dict (nothing loaded); `expected` names what to pass
+    instead when there is none."""
     config_file = source.path / "config.json"
     if not config_file.exists():
-        raise CapfiltError(f"{source.model_id!r} has no config.json; pass a BLIP checkpoint")
-    config = json.loads(config_file.read_text())
+        raise CapfiltError(f"{source.model_id!r} has no config.json; pass {expected}")
+    return json.loads(config_file.read_text())
+
+
+def _check_blip(source: ModelSource, kind: str, config: dict) -> None:
     if config.get("model_type") != "blip":
         raise CapfiltError(
             f"{source.model_id!r} is a {config.get('model_type')!r} model, not BLIP; "
@@ -610,6 +624,15 @@ class ItmScorer:
 
     def tokenize_cpu(self, texts: list[str]):
         """The CPU tensors of `tokenize`; safe to call from another thread (to run ahead)."""
+        input_ids, attention_mask, _ = self.tokenize_marking_truncation(texts)
+        return input_ids, attention_mask
+
+    def tokenize_marking_truncation(self, texts: list[str]):
+        """`tokenize_cpu`'s (input_ids, attention_mask), and a bool (P,) tensor: True where a
+        text was cut to --max-text-tokens. One tokenizer pass (the Rust encodings say what
+        overflowed); a tokenizer without a Rust backend is called twice."""
+        import torch
+
         if self._backend is None:
             self._backend = _padding_backend(self.tokenizer, self.max_text_tokens) or False
         if self._backend is False:
@@ -620,14 +643,16 @@ class ItmScorer:
                 max_length=self.max_text_tokens,
                 return_tensors="pt",
             )
-            return encoded.input_ids, encoded.attention_mask
+            lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+            truncated = torch.tensor([n > self.max_text_tokens for n in lengths], dtype=torch.bool)
+            return encoded.input_ids, encoded.attention_mask, truncated
         import numpy as np
-        import torch
 
         encodings = self._backend.encode_batch_fast(texts)
         input_ids = np.array([e.ids for e in encodings], dtype=np.int64)  # (P, T)
         attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+        truncated = torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
+        return torch.from_numpy(input_ids), torch.from_numpy(attention_mask), truncated
 
     def score(self, images: ImageFeatures, image_index, texts: list[str], tokens=None):
         """ITM probability and ITC similarity of pairs (images[image_index[i]], texts[i]).

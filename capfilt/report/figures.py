@@ -9,6 +9,7 @@ image, so opening a report never touches the network."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as _dt
 import io as _io
 import json
@@ -16,7 +17,8 @@ import re
 
 from capfilt.core.errors import CapfiltError
 from capfilt.core.layout import STAGES, Dataset, StageFolder
-from capfilt.stages.curate import describe_selection
+from capfilt.core.sql import check_condition_words
+from capfilt.stages.curate import Selection, score_label
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -41,48 +43,107 @@ EXAMPLE_GROUPS = (
 )
 
 
-def resolve_threshold(curated: StageFolder, threshold: float | None) -> tuple[float, str]:
-    """The threshold to report at, and where it came from ('option', 'curated/', 'default')."""
+def resolve_rule(curated: StageFolder, threshold: float | None) -> tuple[Selection, str]:
+    """The rule the report judges pairs by, and where it came from ('option': --threshold
+    replaces the rule's threshold; 'curated/': the rule curated/ records; 'default': no
+    curated/, ITM ≥ 0.5)."""
+    rule = curated_rule(curated)
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
             raise CapfiltError(
                 f"--threshold must be an ITM probability between 0 and 1, got {threshold}"
             )
-        return float(threshold), "option"
-    kept_at = curated_threshold(curated)
-    if kept_at is not None:
-        return kept_at, "curated/"
-    return DEFAULT_THRESHOLD, "default"
+        return dataclasses.replace(rule or Selection(), threshold=float(threshold)), "option"
+    if rule is not None:
+        return rule, "curated/"
+    return Selection(threshold=DEFAULT_THRESHOLD), "default"
+
+
+def curated_rule(curated: StageFolder) -> Selection | None:
+    """The rule a generation of curated/ was made by, if it records one. A --where from the
+    record is checked again before it goes into the report's SQL (the file may be edited)."""
+    rule = Selection.from_record(curated.record.get("options"))
+    if rule is not None and rule.where is not None:
+        check_condition_words(rule.where)
+    return rule
 
 
 def curated_threshold(curated: StageFolder) -> float | None:
     """The threshold a generation of curated/ was made at, if it records one."""
-    value = (curated.record.get("options") or {}).get("threshold")
-    try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+    rule = Selection.from_record(curated.record.get("options"))
+    return rule.threshold if rule is not None else None
 
 
 def curated_keep_best(curated: StageFolder) -> int | None:
     """The --keep-best a generation of curated/ was made with, None when it kept every caption
     at the threshold."""
-    value = (curated.record.get("options") or {}).get("keep_best")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    rule = Selection.from_record(curated.record.get("options"))
+    return rule.keep_best if rule is not None else None
 
 
-def judged_scores(keep_best: int | None) -> str:
-    """scores/ as a subquery with `best`: whether a pair is among the `keep_best` synthetic
-    pairs of highest ITM of its image, ranked as `capfilt filter --keep-best` ranks them
-    (always true for web pairs, and for every pair without keep-best). A pair is kept at a
-    threshold T when `itm_score >= T AND best`: the ranking needs no T, as the pairs at or
-    above any T come first in it."""
-    if keep_best is None:
-        return "(SELECT *, true AS best FROM scores)"
+def passes_sql(rule: Selection) -> str:
+    """The rule's conditions other than the ITM threshold, as SQL over scores/ (true when it
+    has none): the top fraction's `by >= cut-off`, the --where condition; with --best-by,
+    the threshold too (keep-best ranks by another column among the pairs at it)."""
+    parts = []
+    if rule.best_by is not None and rule.threshold is not None:
+        parts.append(f"itm_score >= {float(rule.threshold)!r}")
+    if rule.top_fraction is not None and rule.cutoff is not None:
+        parts.append(f'"{rule.by}" >= {float(rule.cutoff)!r}')
+    if rule.where is not None:
+        parts.append(f"(\n{rule.where}\n)")
+    return f"coalesce({' AND '.join(parts)}, false)" if parts else "true"
+
+
+def judged_scores(rule: Selection, missing: tuple[tuple[str, str], ...] = ()) -> str:
+    """scores/ as a subquery with `passes` (the rule's conditions other than the ITM
+    threshold: `passes_sql`) and `best`: whether a pair is among the `keep_best` synthetic
+    pairs of highest ITM (or --best-by) of its image among those that pass, ranked as
+    `capfilt filter --keep-best` ranks them (always true for web pairs, and for every pair
+    without keep-best). A pair is kept at the rule's threshold T when `itm_score >= T AND
+    passes AND best`. Ranked by ITM, the ranking needs no T, as the pairs at or above any T
+    come first in it; ranked by another column (--best-by) it is made at T (`at_threshold`).
+    `missing`: (name, Arrow type) of score columns no shard has, as nulls (a rule may name
+    them)."""
+    padded = "".join(f", NULL::{_SQL_TYPES.get(kind, 'VARCHAR')} AS {c}" for c, kind in missing)
+    source = f"(SELECT *{padded} FROM scores)" if missing else "scores"
+    passes = passes_sql(rule)
+    if rule.keep_best is None:
+        return f"(SELECT *, {passes} AS passes, true AS best FROM {source})"
+    rank = f'"{rule.rank_column}"'
     return (
-        "(SELECT *, source <> 'synthetic' OR row_number() OVER (PARTITION BY key, source "
-        f"ORDER BY itm_score DESC NULLS LAST, text_id) <= {int(keep_best)} AS best FROM scores)"
+        f"(SELECT *, {passes} AS passes, source <> 'synthetic' OR row_number() OVER "
+        f"(PARTITION BY key, source, {passes} ORDER BY {rank} DESC NULLS LAST, text_id) "
+        f"<= {int(rule.keep_best)} AS best FROM {source})"
     )
+
+
+def at_threshold(rule: Selection, threshold: float, missing: tuple = ()) -> str:
+    """`judged_scores` of `rule` with its ITM threshold set to `threshold` (the sweep)."""
+    return judged_scores(dataclasses.replace(rule, threshold=threshold), missing)
+
+
+def kept_sql(threshold: float | None, alias: str = "s") -> str:
+    """Whether a row of `judged_scores` is kept at `threshold` (None: no ITM threshold)."""
+    # A pair without an ITM score (its image undecodable) is never kept, as in curated/.
+    at = (
+        f"{alias}.itm_score IS NOT NULL"
+        if threshold is None
+        else f"{alias}.itm_score >= {float(threshold)!r}"
+    )
+    return f"({at} AND {alias}.passes AND {alias}.best)"
+
+
+_SQL_TYPES = {"float": "FLOAT", "double": "DOUBLE", "bool": "BOOLEAN", "int32": "INTEGER"}
+
+
+def missing_score_columns(con) -> tuple[tuple[str, str], ...]:
+    """(name, Arrow type) of the columns of SCORES_SCHEMA that no scores/ shard has (an old
+    dataset's clip_score)."""
+    from capfilt.core import parquet as io
+
+    present = view_columns(con, "scores")
+    return tuple((f.name, str(f.type)) for f in io.SCORES_SCHEMA if f.name not in present)
 
 
 # img2dataset stores the exception text; group messages that differ only in URL or numbers.
@@ -134,23 +195,30 @@ def rate(part: int, whole: int) -> float | None:
 
 
 def collect_summary(
-    dataset: Dataset, threshold: float, threshold_origin: str, con, folders: dict
+    dataset: Dataset, rule: Selection | float, threshold_origin: str, con, folders: dict
 ) -> dict:
     """Every figure of the report, as a JSON-ready dict (this is reports/summary.json).
 
-    `folders`: the stage folders `con`'s views read (one generation of curated/).
+    `rule`: the rule pairs are judged by (`resolve_rule`; a number: that ITM threshold with
+    curated/'s --keep-best). `folders`: the stage folders `con`'s views read (one generation
+    of curated/).
     """
     stages = {stage: folders[stage].shards() for stage in STAGES}
-    keep_best = curated_keep_best(folders["curated"])
+    if not isinstance(rule, Selection):
+        rule = Selection(threshold=rule, keep_best=curated_keep_best(folders["curated"]))
+    threshold = rule.threshold
     summary: dict = {
         "dataset": dataset.root,
         "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "threshold": threshold,
         "threshold_origin": threshold_origin,
         "filter_threshold": curated_threshold(folders["curated"]),
-        # The report applies curated/'s --keep-best at its own threshold too.
-        "keep_best": keep_best,
-        "selection": describe_selection(threshold, keep_best, ".2f"),
+        # The report applies curated/'s --keep-best, top fraction and --where at its own
+        # threshold too.
+        "keep_best": rule.keep_best,
+        "best_by": rule.rank_column,
+        "rule": rule.record(),
+        "selection": rule.describe(".2f"),
         "curated_generation": folders["curated"].generation,
         "stages": {
             stage: {"shards": len(shards), "rows": 0, "images": 0}
@@ -162,6 +230,8 @@ def collect_summary(
         "curated": None,
         "sweep": [],
         "histograms": {},
+        "score_columns": {},
+        "truncated": None,
         "truth": None,
         "dedup": None,
     }
@@ -177,13 +247,19 @@ def collect_summary(
     if stages["captions"]:
         summary["captions"] = _caption_figures(con)
     if stages["scores"]:
-        summary["scores"] = _score_figures(con, threshold, keep_best)
-        summary["sweep"] = _sweep(con, keep_best)
+        missing = missing_score_columns(con)
+        judged = judged_scores(rule, missing)
+        summary["scores"] = _score_figures(con, threshold, judged)
+        summary["sweep"] = _sweep(con, rule, missing)
         summary["histograms"] = _histograms(con)
+        summary["score_columns"] = score_column_figures(con)
+        summary["truncated"] = _truncated(con)
         if stages["images"] and {"caption_is_wrong"} <= view_columns(con, "images"):
-            summary["truth"] = _truth_figures(con, threshold, summary["sweep"])
+            summary["truth"] = _truth_figures(con, rule, summary["sweep"], missing)
     if folders.get("dedup") is not None and folders["dedup"].shards():
-        summary["dedup"] = dedup_figures(con, folders["dedup"], threshold, bool(stages["scores"]))
+        has_scores = bool(stages["scores"])
+        judged = judged_scores(rule, missing_score_columns(con)) if has_scores else None
+        summary["dedup"] = dedup_figures(con, folders["dedup"], threshold, judged)
     if stages["curated"]:
         by_source = _rows(
             con,
@@ -212,10 +288,13 @@ DEDUP_REASONS = {
 LARGEST_GROUPS, GROUP_MEMBERS = 5, 8
 
 
-def dedup_figures(con, folder: StageFolder, threshold: float, has_scores: bool) -> dict:
+def dedup_figures(
+    con, folder: StageFolder, threshold: float | None, scores_sql: str | None
+) -> dict:
     """What dedup/ keeps and leaves out, and why: totals, images per reason, groups, the
-    largest groups with their images, contamination per evaluation set, and the pairs at the
-    threshold that curated/ leaves out because their image goes."""
+    largest groups with their images, contamination per evaluation set, and the pairs the rule
+    keeps (`scores_sql`: `judged_scores`; None without scores/) that curated/ leaves out because
+    their image goes."""
     judged, kept, removed = con.execute(
         "SELECT count(kept), count(*) FILTER (WHERE kept), count(*) FILTER (WHERE NOT kept) "
         "FROM dedup"
@@ -267,11 +346,10 @@ def dedup_figures(con, folder: StageFolder, threshold: float, has_scores: bool) 
         "contaminated_by": against,
         "pairs_left_out": None,
     }
-    if has_scores:
+    if scores_sql is not None:
         figures["pairs_left_out"] = con.execute(
-            "SELECT count(*) FROM scores s JOIN dedup d USING (key) "
-            "WHERE NOT d.kept AND s.itm_score >= $1",
-            [threshold],
+            f"SELECT count(*) FROM {scores_sql} s JOIN dedup d USING (key) "
+            f"WHERE NOT d.kept AND {kept_sql(threshold)}"
         ).fetchone()[0]
     return figures
 
@@ -344,28 +422,34 @@ def _caption_figures(con) -> dict:
     }
 
 
-def _score_figures(con, threshold: float, keep_best: int | None) -> dict:
-    scores = judged_scores(keep_best)
+def _score_figures(con, threshold: float | None, judged: str) -> dict:
+    """Pairs, means of every score column and pairs kept per source (`judged`:
+    `judged_scores`)."""
+    columns = [c for c in score_columns_of(con) if c not in ("itm_score", "itc_score")]
+    extra = "".join(f', avg("{c}") AS "mean_{c}"' for c in columns)
+    kept = kept_sql(threshold)
     rows = _rows(
         con,
         "SELECT source, count(*) AS pairs, count(itm_score) AS scored, "
-        "avg(itm_score) AS mean_itm, avg(itc_score) AS mean_itc, "
-        "count(*) FILTER (WHERE itm_score >= $1 AND best) AS kept, "
-        f"count(DISTINCT key) AS images FROM {scores} "
+        f"avg(itm_score) AS mean_itm, avg(itc_score) AS mean_itc{extra}, "
+        f"count(*) FILTER (WHERE {kept}) AS kept, "
+        f"count(DISTINCT key) AS images FROM {judged} s "
         "GROUP BY source ORDER BY source <> 'web', source",
-        [threshold],
     )
     kept_images = con.execute(
-        f"SELECT count(DISTINCT key) FROM {scores} WHERE itm_score >= $1 AND best", [threshold]
+        f"SELECT count(DISTINCT key) FROM {judged} s WHERE {kept}"
     ).fetchone()[0]
     by_source = {}
     for r in rows:
+        means = {"itm_score": r["mean_itm"], "itc_score": r["mean_itc"]}
+        means.update({c: r[f"mean_{c}"] for c in columns})
         by_source[r["source"]] = {
             "pairs": r["pairs"],
             "scored": r["scored"],
             "images": r["images"],
-            "mean_itm": None if r["mean_itm"] is None else round(r["mean_itm"], 4),
-            "mean_itc": None if r["mean_itc"] is None else round(r["mean_itc"], 4),
+            "mean_itm": _rounded(r["mean_itm"]),
+            "mean_itc": _rounded(r["mean_itc"]),
+            "means": {c: _rounded(v) for c, v in means.items()},
             "kept": r["kept"],
             "kept_rate": rate(r["kept"], r["pairs"]),
         }
@@ -380,16 +464,41 @@ def _score_figures(con, threshold: float, keep_best: int | None) -> dict:
     }
 
 
-def _sweep(con, keep_best: int | None) -> list[dict]:
-    """How many pairs each threshold of SWEEP_THRESHOLDS would keep, per source."""
-    rows = _rows(
-        con,
-        "SELECT t.threshold, s.source, count(*) AS pairs, "
-        "count(*) FILTER (WHERE s.itm_score >= t.threshold AND s.best) AS kept "
-        f"FROM {judged_scores(keep_best)} s, (SELECT unnest($1::DOUBLE[]) AS threshold) t "
-        "GROUP BY ALL ORDER BY ALL",
-        [list(SWEEP_THRESHOLDS)],
-    )
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def score_columns_of(con) -> list[str]:
+    """The score columns of the scores view (its floating-point columns, with values or
+    not), itm_score first."""
+    found = con.execute("DESCRIBE scores").fetchall()
+    floats = [name for name, kind, *_ in found if kind in ("FLOAT", "DOUBLE")]
+    return sorted(floats, key=lambda c: (c != "itm_score", c != "itc_score"))
+
+
+def _sweep(con, rule: Selection, missing: tuple = ()) -> list[dict]:
+    """How many pairs each threshold of SWEEP_THRESHOLDS would keep with the rest of the rule,
+    per source. Ranked by ITM one query answers every threshold; by another column, one query
+    a threshold (`judged_scores`)."""
+    if rule.best_by is None:
+        rows = _rows(
+            con,
+            "SELECT t.threshold, s.source, count(*) AS pairs, "
+            "count(*) FILTER (WHERE s.itm_score >= t.threshold AND s.passes AND s.best) AS kept "
+            f"FROM {judged_scores(rule, missing)} s, "
+            "(SELECT unnest($1::DOUBLE[]) AS threshold) t GROUP BY ALL ORDER BY ALL",
+            [list(SWEEP_THRESHOLDS)],
+        )
+    else:
+        rows = [
+            dict(r, threshold=t)
+            for t in SWEEP_THRESHOLDS
+            for r in _rows(
+                con,
+                f"SELECT s.source, count(*) AS pairs, count(*) FILTER (WHERE {kept_sql(t)}) "
+                f"AS kept FROM {at_threshold(rule, t, missing)} s GROUP BY ALL ORDER BY ALL",
+            )
+        ]
     sweep: dict[float, dict] = {}
     for r in rows:
         t = round(r["threshold"], 4)
@@ -421,13 +530,68 @@ def _histograms(con) -> dict:
     return {source: histograms[source] for source in sorted(histograms)}
 
 
-def _truth_counts(con, threshold: float) -> dict:
+def score_column_figures(con) -> dict:
+    """Every score column of scores/ that has values (itm_score, itc_score, clip_score,
+    siglip_score, …): its range, and per source the pairs with a value, their mean and a
+    histogram in HISTOGRAM_BINS equal bins over the range ([0, 1] for ITM)."""
+    figures = {}
+    for column in score_columns_of(con):
+        c = f'"{column}"'
+        valid = f"{c} IS NOT NULL AND NOT isnan({c})"
+        low, high = con.execute(f"SELECT min({c}), max({c}) FROM scores WHERE {valid}").fetchone()
+        if low is None:
+            continue  # the column is there, with no value (not asked for)
+        if column == "itm_score":
+            low, high = 0.0, 1.0
+        width = (high - low) or 1.0
+        by_source = {
+            r["source"]: {"pairs": r["n"], "mean": _rounded(r["mean"]), "histogram": []}
+            for r in _rows(
+                con,
+                f"SELECT source, count(*) AS n, avg({c}) AS mean FROM scores WHERE {valid} "
+                "GROUP BY source ORDER BY source <> 'web', source",
+            )
+        }
+        for source in by_source.values():
+            source["histogram"] = [0] * HISTOGRAM_BINS
+        bins = _rows(
+            con,
+            f"SELECT source, least(greatest(floor(({c} - $1) / $2 * $3), 0), $3 - 1)::INTEGER "
+            f"AS bin, count(*) AS n FROM scores WHERE {valid} GROUP BY ALL",
+            [low, width, HISTOGRAM_BINS],
+        )
+        for r in bins:
+            by_source[r["source"]]["histogram"][r["bin"]] += r["n"]
+        figures[column] = {
+            "label": score_label(column),
+            "range": [float(low), float(low + width)],
+            "by_source": by_source,
+        }
+    return figures
+
+
+def _truncated(con) -> dict | None:
+    """Pairs whose text a scorer cut to its window, per source; None without the column."""
+    if "truncated" not in view_columns(con, "scores"):
+        return None
+    rows = _rows(
+        con,
+        "SELECT source, count(*) FILTER (WHERE truncated) AS truncated, count(truncated) AS "
+        "known FROM scores GROUP BY source ORDER BY source <> 'web', source",
+    )
+    return {r["source"]: {"truncated": r["truncated"], "pairs": r["known"]} for r in rows}
+
+
+def _truth_counts(con, threshold: float | None, judged: str | None = None) -> dict:
+    """Of the web captions: the wrong ones, those the rule drops at `threshold` (`judged`:
+    `judged_scores`; None: the threshold alone), and the wrong ones among those."""
+    judged = judged or judged_scores(Selection())
+    dropped = f"NOT {kept_sql(threshold)} AND s.itm_score IS NOT NULL"
     wrong, dropped, caught = con.execute(
         "SELECT count(*) FILTER (WHERE i.caption_is_wrong), "
-        "count(*) FILTER (WHERE s.itm_score < $1), "
-        "count(*) FILTER (WHERE i.caption_is_wrong AND s.itm_score < $1) "
-        "FROM scores s JOIN images i USING (key) WHERE s.source = 'web'",
-        [threshold],
+        f"count(*) FILTER (WHERE {dropped}), "
+        f"count(*) FILTER (WHERE i.caption_is_wrong AND {dropped}) "
+        f"FROM {judged} s JOIN images i USING (key) WHERE s.source = 'web'"
     ).fetchone()
     return {
         "wrong": wrong,
@@ -457,21 +621,26 @@ def _ranking_auc(con) -> float | None:
     return float((rank_sum - right * (right + 1) / 2) / (right * wrong))
 
 
-def _truth_figures(con, threshold: float, sweep: list[dict]) -> dict:
+def _truth_figures(con, rule: Selection, sweep: list[dict], missing: tuple = ()) -> dict:
     """How well the filter catches the wrong web captions of a toy web (truth columns)."""
+    threshold, judged = rule.threshold, judged_scores(rule, missing)
     web_pairs = con.execute("SELECT count(*) FROM scores WHERE source = 'web'").fetchone()[0]
-    figures = {"web_pairs": web_pairs, "auc": _ranking_auc(con), **_truth_counts(con, threshold)}
+    figures = {
+        "web_pairs": web_pairs,
+        "auc": _ranking_auc(con),
+        **_truth_counts(con, threshold, judged),
+    }
     for entry in sweep:
-        counts = _truth_counts(con, entry["threshold"])
+        t = entry["threshold"]
+        counts = _truth_counts(con, t, at_threshold(rule, t, missing))
         entry["precision"], entry["recall"] = counts["precision"], counts["recall"]
     if "wrong_kind" in view_columns(con, "images"):
         kinds = _rows(
             con,
             "SELECT i.wrong_kind AS kind, count(*) AS wrong, "
-            "count(*) FILTER (WHERE s.itm_score < $1) AS caught "
-            "FROM scores s JOIN images i USING (key) "
+            f"count(*) FILTER (WHERE NOT {kept_sql(threshold)} AND s.itm_score IS NOT NULL) "
+            f"AS caught FROM {judged} s JOIN images i USING (key) "
             "WHERE s.source = 'web' AND i.caption_is_wrong GROUP BY ALL ORDER BY wrong DESC, kind",
-            [threshold],
         )
         figures["by_kind"] = {
             str(k["kind"]): {
@@ -486,10 +655,11 @@ def _truth_figures(con, threshold: float, sweep: list[dict]) -> dict:
 
 def pick_examples(
     con,
-    threshold: float,
+    threshold: float | None,
     per_group: int,
     image_columns: set[str] | None,
     keep_best: int | None = None,
+    rule: Selection | None = None,
 ) -> dict:
     """Kept and dropped pairs per source: the clearest ones and the ones nearest the threshold.
 
@@ -497,12 +667,15 @@ def pick_examples(
     ITM score from high to low; `kept` says on which side a row is. When one side has fewer
     than 2 × per_group pairs, its borderline and clearest groups split them, so no pair shows
     twice. With `keep_best`, a synthetic pair at or above the threshold but not among the best
-    of its image is dropped.
+    of its image is dropped; `rule`: the whole rule (its threshold is `threshold`).
     """
-    kept = "(s.itm_score >= $2 AND s.best)"
+    rule = rule if rule is not None else Selection(keep_best=keep_best)
+    kept = kept_sql(threshold)
     sides = {"kept": kept, "dropped": f"(s.itm_score IS NOT NULL AND NOT {kept})"}
-    scores = judged_scores(keep_best)
+    scores = judged_scores(rule, missing_score_columns(con))
     columns = f"s.key, s.text_id, s.source, s.text, s.itm_score, s.itc_score, {kept} AS kept"
+    others = [c for c in score_columns_of(con) if c not in ("itm_score", "itc_score")]
+    columns += "".join(f', s."{c}"' for c in others)
     join = ""
     if image_columns is not None:
         join = "LEFT JOIN images i USING (key)"
@@ -522,8 +695,7 @@ def pick_examples(
         sizes = {}
         for side, where in sides.items():
             total = con.execute(
-                f"SELECT count(*) FROM {scores} s WHERE s.source = $1 AND {where}",
-                [source, threshold],
+                f"SELECT count(*) FROM {scores} s WHERE s.source = $1 AND {where}", [source]
             ).fetchone()[0]
             near = min(per_group, (total + 1) // 2)
             sizes[side] = {"near": near, "far": min(per_group, total - near)}
@@ -533,9 +705,11 @@ def pick_examples(
                 con,
                 f"SELECT {columns} FROM {scores} s {join} "
                 f"WHERE s.source = $1 AND {sides[side]} "
-                f"ORDER BY s.itm_score {order}, s.key {order}, s.text_id {order} LIMIT $3",
-                [source, threshold, sizes[side][end]],
+                f"ORDER BY s.itm_score {order}, s.key {order}, s.text_id {order} LIMIT $2",
+                [source, sizes[side][end]],
             )
+            for row in rows:
+                row["scores"] = {c: row.pop(c) for c in others if row.get(c) is not None}
             groups[group] = sorted(rows, key=lambda r: -r["itm_score"])
         if any(groups.values()):
             examples[source] = groups

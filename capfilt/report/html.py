@@ -59,6 +59,7 @@ svg.histogram text{font:11px system-ui,sans-serif;fill:#4a5262}
 svg.histogram text.title{font-size:13px;font-weight:600;fill:#1d2330}
 svg.histogram rect.bin.kept{fill:#2e9d4f}
 svg.histogram rect.bin.dropped{fill:#b5bcc8}
+svg.histogram rect.bin.all{fill:#5b7fc7}
 svg.histogram line.threshold{stroke:#d32f2f;stroke-width:2;stroke-dasharray:5 3}
 svg.histogram text.threshold{fill:#d32f2f;font-weight:600}
 svg.histogram line.axis{stroke:#8a92a0}
@@ -88,8 +89,19 @@ svg.histogram line.grid{stroke:#e6e9ee}
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def histogram_svg(source: str, counts: list[int], threshold: float) -> str:
-    """An inline SVG histogram of ITM scores with the threshold drawn as a dashed line."""
+def histogram_svg(
+    source: str,
+    counts: list[int],
+    threshold: float | None,
+    low: float = 0.0,
+    high: float = 1.0,
+    column: str = "itm_score",
+    axis: str = "ITM score (probability that text matches image)",
+    line: str = "threshold",
+) -> str:
+    """An inline SVG histogram of one score column over [low, high], with the threshold (or
+    a top fraction's cut-off) drawn as a dashed line: bins above it kept, below it dropped.
+    `threshold` None: no line, every bin alike."""
     width, height = 520, 250
     left, right, top, bottom = 46, 14, 34, 40
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -97,10 +109,12 @@ def histogram_svg(source: str, counts: list[int], threshold: float) -> str:
     peak = max(counts) if counts and max(counts) > 0 else 1
     bar_w = plot_w / bins
     total = sum(counts)
+    span = (high - low) or 1.0
     parts = [
-        f'<svg class="histogram" data-source="{_e(source)}" xmlns="http://www.w3.org/2000/svg" '
+        f'<svg class="histogram" data-source="{_e(source)}" data-column="{_e(column)}" '
+        f'xmlns="http://www.w3.org/2000/svg" '
         f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="ITM score histogram of {_e(source)} captions">',
+        f'aria-label="{_e(axis)} histogram of {_e(source)} captions">',
         f'<text class="title" x="{left}" y="18">{_e(source)} captions (n = {total:,})</text>',
     ]
     for fraction in (0.5, 1.0):
@@ -113,12 +127,12 @@ def histogram_svg(source: str, counts: list[int], threshold: float) -> str:
     for i, count in enumerate(counts):
         bar_h = plot_h * count / peak
         x, y = left + i * bar_w, top + plot_h - bar_h
-        lo, hi = i / bins, (i + 1) / bins
-        kind = "kept" if (lo + hi) / 2 >= threshold else "dropped"
+        lo, hi = low + span * i / bins, low + span * (i + 1) / bins
+        kind = "all" if threshold is None else "kept" if (lo + hi) / 2 >= threshold else "dropped"
         parts.append(
             f'<rect class="bin {kind}" x="{x + 0.5:.1f}" y="{y:.1f}" '
             f'width="{max(bar_w - 1, 1):.1f}" height="{bar_h:.1f}">'
-            f"<title>ITM {lo:.2f}–{hi:.2f}: {count:,} pairs</title></rect>"
+            f"<title>{_e(column)} {lo:.3g}–{hi:.3g}: {count:,} pairs</title></rect>"
         )
     base = top + plot_h
     parts.append(f'<line class="axis" x1="{left}" x2="{left + plot_w}" y1="{base}" y2="{base}"/>')
@@ -126,20 +140,22 @@ def histogram_svg(source: str, counts: list[int], threshold: float) -> str:
         x = left + plot_w * tick
         parts.append(
             f'<line class="axis" x1="{x:.1f}" x2="{x:.1f}" y1="{base}" y2="{base + 4}"/>'
-            f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle">{tick:g}</text>'
+            f'<text x="{x:.1f}" y="{base + 16}" text-anchor="middle">'
+            f"{low + span * tick:.3g}</text>"
         )
     parts.append(
-        f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">'
-        "ITM score (probability that text matches image)</text>"
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">{_e(axis)}</text>'
     )
-    tx = left + plot_w * threshold
-    anchor = "end" if threshold > 0.7 else "start"
-    label_x = tx - 4 if anchor == "end" else tx + 4
-    parts.append(
-        f'<line class="threshold" x1="{tx:.1f}" x2="{tx:.1f}" y1="{top - 6}" y2="{base}"/>'
-        f'<text class="threshold" x="{label_x:.1f}" y="{top - 8}" text-anchor="{anchor}">'
-        f"threshold {threshold:.2f}</text>"
-    )
+    if threshold is not None:
+        where = min(max((threshold - low) / span, 0.0), 1.0)
+        tx = left + plot_w * where
+        anchor = "end" if where > 0.7 else "start"
+        label_x = tx - 4 if anchor == "end" else tx + 4
+        parts.append(
+            f'<line class="threshold" x1="{tx:.1f}" x2="{tx:.1f}" y1="{top - 6}" y2="{base}"/>'
+            f'<text class="threshold" x="{label_x:.1f}" y="{top - 8}" text-anchor="{anchor}">'
+            f"{_e(line)} {threshold:.3g}</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -266,54 +282,129 @@ def _scores_html(summary: dict) -> str:
     if not scores:
         return ""
     threshold = summary["threshold"]
-    out = ['<section id="scores"><h2>ITM scores</h2>']
+    rule = summary.get("rule") or {}
+    out = ['<section id="scores"><h2>Scores</h2>']
     out.append(
-        f'<p class="note">Threshold {threshold:.2f} ({_e(summary["threshold_origin"])}). '
-        "A pair is kept when its ITM score is at least the threshold"
-        + _keep_best_note(summary.get("keep_best"))
+        f'<p class="note">Rule: {_e(summary["selection"])} ({_e(summary["threshold_origin"])}). '
+        + _rule_sentence(threshold, rule)
+        + _keep_best_note(summary.get("keep_best"), summary.get("best_by") or "itm_score")
         + ".</p>"
     )
     filter_threshold = summary.get("filter_threshold")
-    if filter_threshold is not None and abs(filter_threshold - threshold) > 1e-9:
+    if (
+        filter_threshold is not None
+        and threshold is not None
+        and abs(filter_threshold - threshold) > 1e-9
+    ):
         out.append(
             f'<p class="note">curated/ was written by a filter run at threshold '
             f"{filter_threshold:.2f}; the figures below are at {threshold:.2f}.</p>"
         )
-    out.append('<div class="hists">')
+    out.append('<h3>ITM</h3><div class="hists">')
     for source in SOURCES:
         counts = summary["histograms"].get(source)
         if counts:
             out.append(histogram_svg(source, counts, threshold))
     out.append("</div>")
+    columns = [c for c in summary.get("score_columns") or {} if c != "itm_score"]
+    labels = {c: summary["score_columns"][c]["label"] for c in columns}
+    head = "".join(f"<th>mean {_e(labels[c])}</th>" for c in columns if c != "itc_score")
     out.append(
         "<table><tr><th>source</th><th>pairs</th><th>images</th><th>mean ITM</th>"
-        "<th>mean ITC</th><th>kept</th><th>kept rate</th></tr>"
+        f"<th>mean ITC</th>{head}<th>kept</th><th>kept rate</th></tr>"
     )
     for source, s in scores["by_source"].items():
+        means = s.get("means") or {}
+        cells = "".join(f"<td>{score_text(means.get(c))}</td>" for c in columns if c != "itc_score")
         out.append(
             f"<tr><td>{_e(source)}</td><td>{s['pairs']:,}</td><td>{s['images']:,}</td>"
-            f"<td>{score_text(s['mean_itm'])}</td><td>{score_text(s['mean_itc'])}</td>"
+            f"<td>{score_text(s['mean_itm'])}</td><td>{score_text(s['mean_itc'])}</td>{cells}"
             f"<td>{s['kept']:,}</td><td>{percent(s['kept_rate'])}</td></tr>"
         )
+    blanks = "<td></td>" * (2 + len([c for c in columns if c != "itc_score"]))
     out.append(
-        f"<tr><td>all</td><td>{scores['pairs']:,}</td><td></td><td></td><td></td>"
+        f"<tr><td>all</td><td>{scores['pairs']:,}</td><td></td>{blanks}"
         f"<td>{scores['kept']:,}</td><td>{percent(scores['kept_rate'])}</td></tr></table>"
     )
     out.append(
-        f'<p class="note">{scores["images_with_a_kept_pair"]:,} images keep at least one '
-        "pair.</p></section>"
+        f'<p class="note">{scores["images_with_a_kept_pair"]:,} images keep at least one pair.</p>'
     )
+    for column in columns:
+        out.append(_column_html(column, summary["score_columns"][column], rule))
+    out.append(_truncated_html(summary.get("truncated")))
+    out.append("</section>")
     return "".join(out)
 
 
-def _keep_best_note(keep_best: int | None) -> str:
-    """How --keep-best narrows the threshold's pairs, as the end of a sentence."""
+def _rule_sentence(threshold: float | None, rule: dict) -> str:
+    """What keeps a pair, as a sentence without its full stop."""
+    parts = []
+    if threshold is not None:
+        parts.append(f"its ITM score is at least {threshold:.2f}")
+    if rule.get("top_fraction") is not None:
+        cutoff = rule.get("cutoff")
+        at = f" (at least {cutoff:.4g})" if isinstance(cutoff, int | float) else ""
+        parts.append(
+            f"its {_e(rule.get('by'))} is in the top {100 * rule['top_fraction']:.4g} % of the "
+            f"scored pairs{at}"
+        )
+    if rule.get("where") is not None:
+        parts.append(f"the condition <code>{_e(rule['where'])}</code> holds")
+    if not parts:
+        parts.append("it is scored")
+    return "A pair is kept when " + " and ".join(parts)
+
+
+def _column_html(column: str, figures: dict, rule: dict) -> str:
+    """One score column other than ITM: its histograms, with the top fraction's cut-off
+    when the rule ranks by it."""
+    low, high = figures["range"]
+    cutoff = rule.get("cutoff") if rule.get("by") == column else None
+    label = figures["label"]
+    out = [f'<h3>{_e(label)} <span class="note">({_e(column)})</span></h3><div class="hists">']
+    for source, s in figures["by_source"].items():
+        out.append(
+            histogram_svg(
+                source,
+                s["histogram"],
+                cutoff if isinstance(cutoff, int | float) else None,
+                low,
+                high,
+                column,
+                f"{column} (mean {score_text(s['mean'])})",
+                "cut-off",
+            )
+        )
+    out.append("</div>")
+    return "".join(out)
+
+
+def _truncated_html(truncated: dict | None) -> str:
+    """How many pairs had their text cut to a scorer's window, per source."""
+    if not truncated:
+        return ""
+    out = [
+        "<h3>Texts cut to the scorer's window</h3>",
+        "<table><tr><th>source</th><th>truncated</th><th>of pairs</th><th>share</th></tr>",
+    ]
+    out += [
+        f"<tr><td>{_e(source)}</td><td>{t['truncated']:,}</td><td>{t['pairs']:,}</td>"
+        f"<td>{percent(rate(t['truncated'], t['pairs']))}</td></tr>"
+        for source, t in truncated.items()
+    ]
+    out.append("</table>")
+    return "".join(out)
+
+
+def _keep_best_note(keep_best: int | None, by: str = "itm_score") -> str:
+    """How --keep-best narrows the rule's pairs, as the end of a sentence."""
     if keep_best is None:
         return ""
     best = "the best" if keep_best == 1 else f"among the {keep_best} best"
+    ranked = "ITM" if by == "itm_score" else _e(by)
     return (
-        f" and, for a synthetic caption, it is {best} of its image's synthetic captions by ITM "
-        f"(curated/ was made with --keep-best {keep_best})"
+        f" and, for a synthetic caption, it is {best} of its image's synthetic captions by "
+        f"{ranked} (curated/ was made with --keep-best {keep_best})"
     )
 
 
@@ -334,8 +425,9 @@ def _sweep_html(summary: dict) -> str:
             "image, as curated/.</p>"
         )
     out.append(f"<table><tr><th>threshold</th>{head}</tr>")
+    threshold = summary["threshold"]
     for entry in sweep:
-        current = abs(entry["threshold"] - summary["threshold"]) < 1e-9
+        current = threshold is not None and abs(entry["threshold"] - threshold) < 1e-9
         cells = "".join(
             f"<td>{entry['by_source'].get(s, {}).get('kept', 0):,}</td>"
             f"<td>{percent(entry['by_source'].get(s, {}).get('kept_rate'))}</td>"
@@ -362,11 +454,11 @@ def _truth_html(summary: dict) -> str:
     truth = summary["truth"]
     if not truth:
         return ""
-    t = summary["threshold"]
     out = [
         '<section id="truth"><h2>Filter against the truth</h2>',
         '<p class="note">This dataset marks which web captions are wrong. A wrong web caption '
-        f"is caught when its ITM score is below {t:.2f}. Precision = caught / all dropped web "
+        f"is caught when the rule ({_e(summary['selection'])}) drops it. Precision = caught / "
+        "all dropped web "
         "captions; recall = caught / all wrong web captions. Ranking AUC = the chance that a "
         "right web caption scores above a wrong one, whatever the threshold.</p>",
         '<div class="cards">',
@@ -472,7 +564,7 @@ def _dedup_html(summary: dict, duplicates: dict, thumbs: dict) -> str:
             _card(
                 "pairs left out of curated/",
                 _int(dedup["pairs_left_out"]),
-                f"at or above threshold {summary['threshold']:.2f}",
+                "that the rule keeps",
             )
         )
     out.append("</div>")
@@ -559,7 +651,9 @@ def _example_html(row: dict, thumbs: dict) -> str:
         f'<div class="text">{_e(row["text"])}</div>',
         f'<div class="badges">{badge}</div>',
         f'<div class="meta"><b>ITM {score_text(row["itm_score"])}</b> · '
-        f"ITC {score_text(row['itc_score'])}</div>",
+        f"ITC {score_text(row['itc_score'])}"
+        + "".join(f" · {_e(c)} {score_text(v)}" for c, v in (row.get("scores") or {}).items())
+        + "</div>",
     ]
     if row["source"] == "synthetic" and row.get("web_caption") is not None:
         lines.append(f'<div class="meta">web: {_e(row["web_caption"])}</div>')

@@ -50,26 +50,41 @@ def print_summary(summary: dict, console) -> None:
 
     scores = summary["scores"]
     if scores:
+        # Every score column with values: ITM, ITC, and CLIP, SigLIP where scores/ has them.
+        columns = summary.get("score_columns") or {"itm_score": {"label": "ITM"}}
         t = table(
             f"Scores at {summary['selection']} ({summary['threshold_origin']})",
             "source",
             "pairs",
-            "mean ITM",
+            *(f"mean {figures['label']}" for figures in columns.values()),
             "kept",
             "kept rate",
         )
+        t.title = Text(printable(t.title), style="bold")  # a --where is the user's text
         for source, s in scores["by_source"].items():
+            means = s.get("means") or {"itm_score": s["mean_itm"]}
             t.add_row(
                 Text(printable(source)),
                 f"{s['pairs']:,}",
-                score_text(s["mean_itm"]),
+                *(score_text(means.get(column)) for column in columns),
                 f"{s['kept']:,}",
                 percent(s["kept_rate"]),
             )
+        blanks = [""] * len(columns)
         t.add_row(
-            "all", f"{scores['pairs']:,}", "", f"{scores['kept']:,}", percent(scores["kept_rate"])
+            "all",
+            f"{scores['pairs']:,}",
+            *blanks,
+            f"{scores['kept']:,}",
+            percent(scores["kept_rate"]),
         )
         console.print(t)
+        truncated = summary.get("truncated")
+        if truncated and any(v["truncated"] for v in truncated.values()):
+            cut = table("Texts cut to the scorer's window", "source", "truncated", "of pairs")
+            for source, v in truncated.items():
+                cut.add_row(Text(printable(source)), f"{v['truncated']:,}", f"{v['pairs']:,}")
+            console.print(cut)
 
     truth = summary["truth"]
     if truth:

@@ -709,7 +709,7 @@ def dedup_dataset(
     """Hash the shards not hashed yet, group the whole dataset again when its hashes,
     embeddings, scores, evaluation sets or the options changed (a new dedup/ generation), and
     derive curated/ again without the images dedup does not keep; record the run."""
-    from capfilt.stages.curate import CurateStage
+    from capfilt.stages.curate import CurateStage, Selection
 
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     if not ds.exists():
@@ -747,15 +747,11 @@ def dedup_dataset(
             ds.fs.rm(stage.grouping_path)  # switched in whole: no run needs it any more
         notes = list(stage.notes)
         curated = None
-        rule = (ds.generation_record("curated") or {}).get("options") or {}
-        threshold = rule.get("threshold")
-        if ds.folder("scores").shards() and isinstance(threshold, int | float):
-            from capfilt.stages.filter import FilterOptions
-
-            keep_best = rule.get("keep_best")
+        rule = Selection.from_record((ds.generation_record("curated") or {}).get("options"))
+        if ds.folder("scores").shards() and rule is not None:
             try:
                 curated = run_stage(
-                    CurateStage(FilterOptions(threshold=threshold, keep_best=keep_best)),
+                    CurateStage(rule),
                     ds,
                     False,
                     False,

@@ -3,10 +3,11 @@
 For each images/ shard, every downloaded image is paired with its web caption (text_id 0) and
 each synthetic caption from captions/ (text_id caption_id + 1). The vision encoder runs once
 per image; all pairs are scored into scores/ (`ScoreStage`). Then curated/ is derived from
-scores/ alone (stages/curate.py): the pairs with ITM probability ≥ threshold (and with
---keep-best K, at most K synthetic pairs per image, the best), as a new generation switched
-in whole. A new threshold or --keep-best on a scored dataset only re-derives curated/, without
-loading a model.
+scores/ alone (stages/curate.py) by the selection rule: ITM probability ≥ --threshold, the
+--top-fraction of the dataset by a score column, an SQL --where condition, together with AND
+(and with --keep-best K, at most K synthetic pairs per image, the best), as a new generation
+switched in whole. A new rule on a scored dataset only re-derives curated/, without loading a
+model; a rule naming a column scores/ cannot have fails before one loads.
 
 The same pass keeps each image's ITC embedding (the unit-norm projection of the vision
 encoder's first token, which ITC already computes) in embeddings/ (key, embedding as float16),
@@ -39,8 +40,9 @@ from capfilt.models.blip import DEFAULT_FILTER, ITM_TOKENS
 from capfilt.stages import inference
 from capfilt.stages.curate import (
     CurateStage,
+    Selection,
     SourceSummary,
-    describe_selection,
+    check_selection,
     source_summaries,
 )
 from capfilt.stages.inference import ModelStage
@@ -51,19 +53,66 @@ from capfilt.stages.runner import StageRun, record_run, run_stage
 class FilterOptions(Options):
     """Options of `capfilt filter`."""
 
-    threshold: float = option(
-        help="Keep pairs whose ITM match probability (0 to 1) is at least this.", ge=0, le=1
+    # The selection rule (stages/curate.py): not output options of scores/, so a new rule
+    # only re-derives curated/. At least one of threshold, top_fraction, where; they AND.
+    threshold: float | None = option(
+        None,
+        "Keep pairs whose ITM match probability (0 to 1) is at least this.",
+        ge=0,
+        le=1,
+        cli_default="none",
     )
-    # Not an output option of scores/: a new --keep-best only re-derives curated/.
+    top_fraction: float | None = option(
+        None,
+        "Keep the pairs whose --by score is in this top fraction (0 to 1) of the dataset's "
+        "scored pairs (ties at the cut-off kept), e.g. 0.3 for DataComp's top 30 %.",
+        gt=0,
+        le=1,
+        cli_default="none",
+    )
+    by: str | None = option(
+        None,
+        "The score column of --top-fraction: itm_score, itc_score, clip_score, siglip_score "
+        "(any score column scores/ has).",
+        cli_default="itm_score",
+    )
+    where: str | None = option(
+        None,
+        "Keep the pairs for which this SQL condition over the columns of scores/ holds "
+        "(DuckDB, sandboxed), e.g. \"clip_score > 0.28 AND source = 'synthetic'\".",
+        cli_default="none",
+    )
     keep_best: int | None = option(
         None,
-        "Per image, keep at most this many synthetic captions: those of highest ITM at or above "
-        "the threshold (a tie goes to the earlier caption). The web caption is judged by the "
-        "threshold alone.",
+        "Per image, keep at most this many synthetic captions: those of highest ITM (or "
+        "--best-by) among the pairs the rule keeps (a tie goes to the earlier caption). The "
+        "web caption is judged by the rule alone.",
         ge=1,
         cli_default="no limit",
     )
+    best_by: str | None = option(
+        None,
+        "The score column --keep-best ranks an image's synthetic captions by: itm_score, or "
+        "clip_score to rerank as LAION-COCO did (any score column scores/ has).",
+        cli_default="itm_score",
+    )
     model: str = option(DEFAULT_FILTER, "BLIP ITM filter: hub id or local directory (safetensors).")
+    # Extra scorers. Not output options by declaration: ScoreStage records each in scores/'
+    # provenance (with its revision) only when used, so scores/ made without them stay done.
+    clip_model: str | None = option(
+        None,
+        "Also score every pair with this CLIP checkpoint (hub id or local directory) into "
+        "clip_score: the cosine similarity of CLIP's image and text embeddings, -1 to 1 "
+        "(DataComp's CLIP score). Text past CLIP's 77 tokens is cut.",
+        cli_default="not used",
+    )
+    siglip_model: str | None = option(
+        None,
+        "Also score every pair with this SigLIP checkpoint into siglip_score: SigLIP's match "
+        "probability sigmoid(scale * cosine + bias), 0 to 1, the quantity SigLIP is trained "
+        "on. Text past SigLIP's 64 tokens is cut.",
+        cli_default="not used",
+    )
     itm_token: str = option(
         "auto",
         "First text token for ITM: [ENC] as BLIP trained, or [CLS] as HF; auto: [ENC] when "
@@ -87,6 +136,54 @@ class FilterOptions(Options):
         whole = isinstance(self.keep_best, int) and not isinstance(self.keep_best, bool)
         if self.keep_best is not None and not whole:
             raise CapfiltError(f"--keep-best must be a whole number, got {self.keep_best!r}")
+        if self.by is not None and self.top_fraction is None:
+            raise CapfiltError(f"--by {self.by} goes with --top-fraction F: give both")
+        if self.best_by is not None and self.keep_best is None:
+            raise CapfiltError(f"--best-by {self.best_by} goes with --keep-best K: give both")
+        if self.threshold is None and self.top_fraction is None and self.where is None:
+            raise CapfiltError(
+                "capfilt filter needs a rule: --threshold T, --top-fraction F --by COLUMN or "
+                "--where SQL (they combine with AND)"
+            )
+
+
+# --clip-model, --siglip-model: the similarity kind (capfilt.models.clip.KINDS) → its option.
+SIMILARITY_OPTIONS = {"clip": "clip_model", "siglip": "siglip_model"}
+
+
+def similarity_models(options: FilterOptions) -> dict[str, str]:
+    """kind → checkpoint of each extra similarity scorer `options` ask for."""
+    return {
+        kind: getattr(options, name)
+        for kind, name in SIMILARITY_OPTIONS.items()
+        if getattr(options, name, None)
+    }
+
+
+def check_similarity_models(options: FilterOptions) -> None:
+    """Find and check every --clip-model/--siglip-model checkpoint (no weights loaded), so
+    that a wrong one fails in one line before any model loads."""
+    from capfilt.models.clip import resolve_similarity
+
+    wanted = similarity_models(options)
+    if wanted and options.gpu_decode:
+        flags = " and ".join(f"--{kind}-model" for kind in wanted)
+        raise CapfiltError(
+            f"--gpu-decode cannot be combined with {flags}: each image is decoded once, on "
+            "the CPU, for every model; leave out --gpu-decode"
+        )
+    for kind, model in wanted.items():
+        resolve_similarity(kind, model)
+
+
+def load_similarity(options: FilterOptions) -> dict:
+    """kind → `SimilarityScorer` of each extra scorer `options` ask for."""
+    from capfilt.models.clip import SimilarityScorer
+
+    return {
+        kind: SimilarityScorer.load(kind, model, options.precision, options.device)
+        for kind, model in similarity_models(options).items()
+    }
 
 
 def load_scorer(options: FilterOptions):
@@ -113,17 +210,46 @@ class ScoredShard:
 
 class ScoreStage(ModelStage):
     """images/ (+ captions/) shard → scores/ shard: ITM and ITC of every web and synthetic
-    pair; and, written with it, the embeddings/ shard of its images."""
+    pair (and CLIP/SigLIP similarity when asked); and, written with it, the embeddings/ shard
+    of its images."""
 
     name = "filter"
     output = "scores"
     inputs = ("images",)
     optional_inputs = ("captions",)
 
+    def __init__(self, options, model=None, similarity: dict | None = None):
+        super().__init__(options, model)
+        self.similarity = similarity  # kind → SimilarityScorer; loaded by setup() unless given
+
+    def provenance_options(self) -> dict:
+        """The BLIP model's options, and each extra scorer's checkpoint and revision."""
+        from capfilt.models.blip import local_revision, model_name
+
+        options = super().provenance_options()
+        for kind, model in similarity_models(self.options).items():
+            loaded = (self.similarity or {}).get(kind)
+            options[f"{kind}_model"] = model_name(model)
+            options[f"{kind}_model_revision"] = (
+                loaded.source.revision if loaded else local_revision(model) or provenance.UNRESOLVED
+            )
+        return options
+
+    def settled(self, options: dict) -> dict:
+        options = super().settled(options)
+        for kind, scorer in (self.similarity or {}).items():
+            if options.get(f"{kind}_model_revision") == provenance.UNRESOLVED:
+                options = dict(options, **{f"{kind}_model_revision": scorer.source.revision})
+        return options
+
     def setup(self, dataset: Dataset, shards: list[int]) -> None:
         self.embeddings_folder = dataset.folder("embeddings")
+        if self.similarity is None:
+            check_similarity_models(self.options)  # before any weights load
         if self.model is None:
             self.model = load_scorer(self.options)
+        if self.similarity is None:
+            self.similarity = load_similarity(self.options)
 
     def process(self, shard: int, inputs: dict, advance):
         features: list = []
@@ -134,6 +260,7 @@ class ScoreStage(ModelStage):
             self.options,
             on_images=advance,
             features_out=features,
+            similarity=self.similarity,
         )
         return ScoredShard(scores, embeddings_of(features))
 
@@ -165,6 +292,16 @@ class ScoreStage(ModelStage):
         record = super().run_record()
         if self.model is not None:
             record["itm_token"] = self.model.itm_token
+        for kind, model in similarity_models(self.options).items():
+            scorer = (self.similarity or {}).get(kind)
+            record[f"{kind}_model"] = dict(id=model, revision=None)
+            if scorer is not None:
+                record[f"{kind}_model"] = dict(
+                    id=scorer.model_id,
+                    revision=scorer.source.revision,
+                    path=str(scorer.source.path),
+                    text_window=scorer.window,
+                )
         return record
 
 
@@ -191,6 +328,13 @@ def write_embeddings(folder, shard: int, table, scores_record: provenance.Proven
     """Write one embeddings/ shard whole, with the provenance that `EmbedStage` checks: the
     options of the scores/ shard made in the same pass, and the images/ shard it read."""
 
+    # The BLIP model's options alone: the embeddings do not depend on the extra scorers.
+    options = {
+        name: value
+        for name, value in scores_record.options.items()
+        if not name.startswith(tuple(f"{kind}_model" for kind in SIMILARITY_OPTIONS))
+    }
+
     def record(fingerprint: str) -> None:
         provenance.write(
             folder,
@@ -199,7 +343,7 @@ def write_embeddings(folder, shard: int, table, scores_record: provenance.Proven
                 stage=EmbedStage.name,
                 shard=shard,
                 file=fingerprint,
-                options=scores_record.options,
+                options=options,
                 inputs={"images": scores_record.inputs.get("images")},
                 run=scores_record.run,
                 rows=table.num_rows,
@@ -248,17 +392,24 @@ def embed_shard(scorer, images_table, config: FilterOptions, on_images=None):
 class FilterResult:
     """What one `capfilt filter` run did, summed over its processes."""
 
-    threshold: float
+    rule: Selection  # as curated/ records it: with the top fraction's cut-off
     scored: StageRun
     curated: StageRun
     sources: dict[str, SourceSummary] = field(default_factory=dict)
-    keep_best: int | None = None
     embedded: StageRun | None = None  # embeddings/ shards made apart from scoring
+
+    @property
+    def threshold(self) -> float | None:
+        return self.rule.threshold
+
+    @property
+    def keep_best(self) -> int | None:
+        return self.rule.keep_best
 
     @property
     def selection(self) -> str:
         """The rule curated/ was derived by, in words."""
-        return describe_selection(self.threshold, self.keep_best)
+        return self.rule.describe()
 
     @property
     def rescored(self) -> bool:
@@ -299,14 +450,19 @@ def score_shard(
     config: FilterOptions,
     on_images=None,
     features_out: list | None = None,
+    similarity: dict | None = None,
 ):
     """Score the web and synthetic captions of one shard's images; return a SCORES_SCHEMA table.
 
     Pairs of an image that cannot be decoded, and a missing web caption, get null scores.
     Images are decoded, and each batch's pairs tokenized, in background threads ahead of the
     model (`image_batches`, `ordered_map`). `features_out`: a list that gets the (keys, ITC
-    embeddings) of each batch's decoded images, from the same vision pass.
+    embeddings) of each batch's decoded images, from the same vision pass. `similarity`
+    (kind → `SimilarityScorer`): each also scores every pair into `<kind>_score`, from the
+    same decoded images through its own image processor, its vision encoder once per image.
+    `truncated`: the text was cut to ITM's --max-text-tokens or to a similarity model's window.
     """
+    similarity = similarity or {}
     table = successful_images(images_table)
     keys = [str(k) for k in table["key"].to_pylist()]
     web = table["caption"].to_pylist() if "caption" in table.column_names else [None] * len(keys)
@@ -330,6 +486,7 @@ def score_shard(
                     itm_score=None,
                     itc_score=None,
                     model=model,
+                    truncated=None,
                 )
                 pairs.rows.append(row)
                 if index is not None and text is not None:
@@ -337,23 +494,39 @@ def score_shard(
                     pairs.image_index.append(index)
                     pairs.texts.append(text)
         if pairs.texts:
-            pairs.tokens = scorer.tokenize_cpu(pairs.texts)
+            input_ids, attention_mask, truncated = scorer.tokenize_marking_truncation(pairs.texts)
+            pairs.tokens = (input_ids, attention_mask)
+            for kind, other in similarity.items():
+                pairs.more_tokens[kind], cut = other.tokenize_cpu(pairs.texts)
+                truncated = truncated | cut
+            for row, cut in zip(pairs.scored_rows, truncated.tolist(), strict=True):
+                row["truncated"] = cut
         return pairs
 
     share = cpu_share(scorer.device, config.num_workers, config.threads)
-    batches = stage_batches(rows, scorer, config, share)
+    more_processors = {kind: other.image_processor for kind, other in similarity.items()}
+    batches = stage_batches(rows, scorer, config, share, more_processors)
     out = []
     # Tokenizing runs ahead in a thread, but inline where the first batch is timed on a CPU
     # (`image_batches` times the model as the wait for the next batch).
     tokenizing = 0 if share is not None and share.decode is None else 1
     with sharing_cores(share):
         _score_pairs(
-            scorer, ordered_map(pairs_of, batches, tokenizing), out, on_images, features_out
+            scorer,
+            ordered_map(pairs_of, batches, tokenizing),
+            out,
+            on_images,
+            features_out,
+            similarity,
         )
     return io.rows_to_table(out, io.SCORES_SCHEMA)
 
 
-def _score_pairs(scorer, prepared, out: list, on_images, features_out=None) -> None:
+def _score_pairs(
+    scorer, prepared, out: list, on_images, features_out=None, similarity: dict | None = None
+) -> None:
+    from capfilt.models.clip import column
+
     for pairs in prepared:
         batch = pairs.batch
         decoded = any(i is not None for i in batch.pixel_index)
@@ -368,6 +541,14 @@ def _score_pairs(scorer, prepared, out: list, on_images, features_out=None) -> N
                 pairs.scored_rows, itm.tolist(), itc.tolist(), strict=True
             ):
                 row["itm_score"], row["itc_score"] = itm_score, itc_score
+            for kind, other in (similarity or {}).items():
+                # one vision pass per image, whatever the number of its captions
+                images = other.encode_images(batch.more_pixels[kind])  # (N_ok, E)
+                scores = other.score(
+                    images, pairs.image_index, pairs.texts, pairs.more_tokens[kind]
+                )
+                for row, score in zip(pairs.scored_rows, scores.tolist(), strict=True):
+                    row[column(kind)] = score
         out.extend(pairs.rows)
         if on_images is not None:
             on_images(len(batch))
@@ -383,6 +564,7 @@ class BatchPairs:
     image_index: list[int] = field(default_factory=list)  # pixel row of each scored pair
     texts: list[str] = field(default_factory=list)
     tokens: tuple | None = None  # (input_ids, attention_mask) CPU tensors of `texts`
+    more_tokens: dict = field(default_factory=dict)  # similarity kind → its tokens of `texts`
 
 
 def _undecoded_images(scores) -> int:
@@ -397,11 +579,14 @@ def filter_dataset(
     dataset: Dataset | str, options: FilterOptions, scorer=None, progress: bool = True
 ) -> FilterResult:
     """Score every shard not done for these options into scores/, derive curated/ by the
-    threshold and --keep-best (a new generation, when anything changed), and record the run.
+    selection rule (threshold, top fraction, where; then --keep-best: a new generation, when
+    anything changed), and record the run.
 
-    With every shard scored no model is loaded: only curated/ is re-derived.
+    With every shard scored no model is loaded: only curated/ is re-derived. A rule naming a
+    column scores/ cannot have fails before any model loads.
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    check_selection(Selection.of(options), ds, options)
     ds.ensure_writable("scores", "embeddings", "curated")
     processes = distributed.current()
     with folder_locks(ds, ("scores", "embeddings", "curated"), "capfilt filter", processes):
@@ -417,9 +602,9 @@ def filter_dataset(
             locked=True,
             record=False,
         )
-        curated = run_stage(
-            CurateStage(options), ds, options.overwrite, False, locked=True, record=False
-        )
+        curate_stage = CurateStage(options)
+        curated = run_stage(curate_stage, ds, options.overwrite, False, locked=True, record=False)
+        rule = Selection.from_record(curated.plan.options) or curate_stage.rule
         sources = source_summaries(ds) if processes.is_main else {}
         if processes.is_main:
             record_run(
@@ -434,8 +619,7 @@ def filter_dataset(
                 rescored=scored.shards_done > 0,
                 threshold=options.threshold,
                 keep_best=options.keep_best,
+                selection=rule.record(),
             )
         processes.wait_for_everyone()
-    return FilterResult(
-        options.threshold, scored, curated, sources, options.keep_best, embedded=embedded
-    )
+    return FilterResult(rule, scored, curated, sources, embedded=embedded)

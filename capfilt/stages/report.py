@@ -21,7 +21,7 @@ from capfilt.report.figures import (
     dedup_examples,
     pick_examples,
     read_evaluations,
-    resolve_threshold,
+    resolve_rule,
     sample_images,
     thumbnails,
     view_columns,
@@ -38,7 +38,8 @@ class ReportOptions(Options):
 
     threshold: float | None = option(
         None,
-        "ITM threshold to report at.",
+        "ITM threshold to report at, with the rest of curated/'s rule (top fraction, "
+        "--where, --keep-best).",
         ge=0,
         le=1,
         cli_default="the one curated/ was made at, else 0.5",
@@ -106,9 +107,10 @@ def build_report(
             "`capfilt ingest` first"
         )
     dataset.ensure_writable("reports")  # before the work, not after it
-    threshold, origin = resolve_threshold(folders["curated"], threshold)
+    rule, origin = resolve_rule(folders["curated"], threshold)
+    threshold = rule.threshold
     con = connect(dataset, folders=folders)
-    summary = collect_summary(dataset, threshold, origin, con, folders)
+    summary = collect_summary(dataset, rule, origin, con, folders)
     summary["models"] = models
 
     has_images, has_scores = bool(folders["images"].shards()), bool(folders["scores"].shards())
@@ -116,9 +118,7 @@ def build_report(
     examples: dict = {}
     samples: list[dict] = []
     if has_scores:
-        examples = pick_examples(
-            con, threshold, examples_per_group, image_columns, summary["keep_best"]
-        )
+        examples = pick_examples(con, threshold, examples_per_group, image_columns, rule=rule)
     elif has_images:
         samples = sample_images(con, examples_per_group * 2)
 

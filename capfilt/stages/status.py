@@ -114,14 +114,11 @@ def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
     folder = ds.folder(name)
     status = FolderStatus(name)
     if folder.generation:
-        from capfilt.stages.curate import describe_selection
+        from capfilt.stages.curate import Selection
 
-        rule = folder.record.get("options") or {}
-        threshold = rule.get("threshold")
+        rule = Selection.from_record(folder.record.get("options"))
         status.note = f"generation {folder.generation}" + (
-            f", {describe_selection(threshold, rule.get('keep_best'))}"
-            if isinstance(threshold, int | float)
-            else ""
+            f", {rule.describe()}" if rule is not None else ""
         )
     present = folder.shards()
     try:
@@ -135,9 +132,13 @@ def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
     newest = max((r for r in records.values() if r), key=lambda r: r.written, default=None)
     reference = dict(folder.record.get("options") or {}) or (newest.options if newest else None)
     status.options = reference or {}
+    if name == "curated" and reference:
+        reference = _rule_now(ds, reference)
     for shard in shards:
         inputs = stage.input_fingerprints(ds, shard)
         check = provenance.check(folder, shard, reference, inputs, provenance=records.get(shard))
+        if check.cause == provenance.OPTIONS and set(check.changed_options) == {"cutoff"}:
+            check.why = _moved_cutoff(reference, check.changed_options["cutoff"])
         if check.state == PENDING:
             check.why = f"not {_verb(name)} yet"
         elif check.state == DONE:
@@ -150,6 +151,32 @@ def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
     if status.orphans:
         status.reasons.setdefault("orphan: its input shard is gone", []).extend(status.orphans)
     return status
+
+
+def _rule_now(ds: Dataset, options: dict) -> dict:
+    """curated/'s recorded rule with its top fraction's cut-off as scores/ gives it now: a
+    shard rescored anywhere may move it, and then every curated/ shard is stale."""
+    from capfilt.stages.curate import Selection, score_cutoff
+
+    rule = Selection.from_record(options)
+    if rule is None or rule.top_fraction is None:
+        return options
+    try:
+        cutoff = score_cutoff(ds.folder("scores"), rule.by, rule.top_fraction)
+    except (CapfiltError, OSError):  # no scores left: the shards say so themselves
+        return options
+    return dict(options, cutoff=cutoff)
+
+
+def _moved_cutoff(options: dict, change: tuple) -> str:
+    old, new = change
+    if not (isinstance(old, float) and isinstance(new, float)):
+        return f"made with cutoff {old}"
+    return (
+        f"the cut-off of the top {100 * options['top_fraction']:.4g}% by {options['by']} "
+        f"moved from {old:.6g} to {new:.6g} (scores/ changed): run `capfilt filter` to derive "
+        "curated/ again"
+    )
 
 
 def _dedup(ds: Dataset, upstream: dict) -> FolderStatus:
