@@ -53,27 +53,11 @@ def lm_tokenizer(family: str, texts: Iterable[str] = _TEXTS, vocab_size: int = 3
     """A lower-cased WordPiece tokenizer for a decoder-only language model: <pad> <unk> <s>
     </s>, the family's special tokens, every character seen (alone and as `##` continuation)
     and the most frequent words (ties alphabetical), the same for the same texts."""
-    from collections import Counter
-
-    from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from capfilt.models.tokenizers import bert_pipeline
+    from capfilt.models.tokenizers import wordpiece_tokenizer
 
-    splitter = bert_pipeline(Tokenizer(models.WordPiece({"<unk>": 0}, unk_token="<unk>")))
-    words: Counter = Counter()
-    for text in texts:
-        normalized = splitter.normalizer.normalize_str(text)
-        words.update(word for word, _ in splitter.pre_tokenizer.pre_tokenize_str(normalized))
-    characters = sorted({ch for word in words for ch in word})
-    vocab: dict[str, int] = {}
-    for token in [*_SPECIALS, *characters, *(f"##{ch}" for ch in characters)]:
-        vocab.setdefault(token, len(vocab))
-    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
-        if len(vocab) >= vocab_size:
-            break
-        vocab.setdefault(word, len(vocab))
-    backend = bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="<unk>")))
+    backend = wordpiece_tokenizer(texts, _SPECIALS, "<unk>", vocab_size)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",

@@ -22,28 +22,35 @@ def train_tokenizer(
     equally frequent merges in hash order, so the same texts gave another vocabulary in every
     process.
     """
+    tok = wordpiece_tokenizer(texts, SPECIAL_TOKENS, "[UNK]", vocab_size)
+    tokenizer = as_blip_tokenizer(tok)
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def wordpiece_tokenizer(texts: Iterable[str], specials: list[str], unk_token: str, vocab_size: int):
+    """A BERT-style (lower-cased) `tokenizers.Tokenizer` whose WordPiece vocabulary is
+    `specials`, every character seen (alone and as a `##` continuation) and the most frequent
+    words (ties in alphabetical order) up to `vocab_size`: the same for the same texts."""
     from collections import Counter
 
     from tokenizers import Tokenizer, models
 
-    splitter = bert_pipeline(Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")))
+    splitter = bert_pipeline(Tokenizer(models.WordPiece({unk_token: 0}, unk_token=unk_token)))
     words: Counter = Counter()
     for text in texts:
         normalized = splitter.normalizer.normalize_str(text)
         words.update(word for word, _ in splitter.pre_tokenizer.pre_tokenize_str(normalized))
     characters = sorted({ch for word in words for ch in word})
     vocab: dict[str, int] = {}
-    for token in [*SPECIAL_TOKENS, *characters, *(f"##{ch}" for ch in characters)]:
+    for token in [*specials, *characters, *(f"##{ch}" for ch in characters)]:
         vocab.setdefault(token, len(vocab))
     for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
         if len(vocab) >= vocab_size:
             break
         vocab.setdefault(word, len(vocab))
-    tok = bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
-    tokenizer = as_blip_tokenizer(tok)
-    if out_dir is not None:
-        tokenizer.save_pretrained(str(out_dir))
-    return tokenizer
+    return bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token=unk_token)))
 
 
 def bert_pipeline(tok):
