@@ -242,6 +242,17 @@ def test_engines_of_the_other_family_are_refused(
         monkeypatch, tmp_path / "b", "--model", tiny_captioner, "--engine", "vllm"
     )
     assert "--engine vllm runs BLIP-2 and image-text-to-text models" in output
+    output = _refused_before_loading(
+        monkeypatch,
+        tmp_path / "c",
+        "--model",
+        checkpoints["llava-tiny"],
+        "--engine",
+        "vllm",
+        "--decoding",
+        "beam",
+    )
+    assert "--engine vllm samples or decodes greedily" in output
 
 
 def test_a_model_that_cannot_caption_or_holds_pickles_is_refused_in_one_line(

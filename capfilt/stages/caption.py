@@ -127,6 +127,11 @@ class CaptionOptions(Options):
                 "greedy decoding gives one caption per image; pass --num-captions 1, "
                 "or --decoding nucleus for several"
             )
+        if self.engine == "vllm" and self.decoding == "beam":
+            raise CapfiltError(
+                "--engine vllm samples or decodes greedily: use --decoding nucleus or greedy, "
+                "or --engine hf for beam search"
+            )
         if self.max_length is not None and self.min_length > self.max_length:
             raise CapfiltError(
                 f"--min-length ({self.min_length}) is larger than --max-length ({self.max_length})"
