@@ -367,7 +367,7 @@ def pretrain_syncs(out: Path, arch: str, device_name: str, batch: int) -> None:
 
     import torch
 
-    from capfilt.bench.fixtures import synthetic_bert_tokenizer
+    from capfilt.bench.fixtures import random_pretrain_batch, synthetic_bert_tokenizer
     from capfilt.models.med import MED, med_config
 
     device = torch.device(device_name)
@@ -378,13 +378,8 @@ def pretrain_syncs(out: Path, arch: str, device_name: str, batch: int) -> None:
     config = med_config(arch, tokenizer, queue_size=batch * 4)
     med = MED(config).to(device).train()
     optimizer = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], fused=True)
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch, 3, config.image_size, config.image_size, generator=generator)
-    ids = torch.randint(1000, 30000, (batch, 30), generator=generator)
-    ids[:, 0], ids[:, -1] = 101, 102
-    mask = torch.ones_like(ids)
+    pixels, ids, mask = random_pretrain_batch(batch, config.image_size, 30, 0, device)
     mask[::2, 20:] = 0  # padding, so the masks are not all ones
-    pixels, ids, mask = pixels.to(device), ids.to(device), mask.to(device)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

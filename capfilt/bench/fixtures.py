@@ -165,3 +165,16 @@ def random_pixels(blip_config, images, seed, device, dtype):
     size = blip_config.vision_config.image_size
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(images, 3, size, size, generator=generator).to(device, dtype)
+
+
+def random_pretrain_batch(batch: int, image_size: int, text_tokens: int, seed: int, device):
+    """(pixels, input_ids, attention_mask) of a MED training batch of random data on `device`:
+    ids from [CLS] to [SEP] of `synthetic_bert_tokenizer`, every token visible."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    ids = torch.randint(1000, 30000, (batch, text_tokens), generator=generator)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return pixels.to(device), ids.to(device), torch.ones_like(ids, device=device)
+

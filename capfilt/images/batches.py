@@ -171,9 +171,8 @@ class BatchPreprocessor:
         # Resized 8-bit pixels (a quarter of the bytes of float32 to pass between processes
         # and copy to the GPU), normalised later by `normalize_pixels` (ImageBatch.normalized).
         self.resize_only = resize_only and can_defer_normalization(image_processor)
-        # Plain JPEGs are only checked here and decoded on the model's device (--gpu-decode);
-        # not when other processors need the decoded image too.
-        self.device_decode = device_decode and self.resize_only and not self.more_processors
+        # Plain JPEGs are only checked here and decoded on the model's device (--gpu-decode).
+        self.device_decode = device_decode and self.resize_only
 
     def __call__(self, indices: list[int]) -> ImageBatch:
         keys, pixel_index, errors, ok_images = [], [], [], []
@@ -246,8 +245,8 @@ def image_batches(
     `device` each batch or chunk is page-locked so its copy to the GPU is async.
     `decode_threads` None: the first batch is decoded inline and the threads of the rest chosen
     by `decode_ahead` (the caller must use each batch before it asks for the next, as the time
-    between is the model's). `device_decode` (--gpu-decode):
-    plain JPEGs are decoded and resized on `device` (capfilt/device_decode.py).
+    between is the model's). `device_decode` (--gpu-decode): plain JPEGs are decoded and
+    resized on `device` (capfilt/device_decode.py); not with `more_processors`.
     `more_processors` (name → image processor): each batch also carries the same decoded
     images through these (`ImageBatch.more_pixels`), for other models' vision encoders.
     """
@@ -307,15 +306,14 @@ def image_batches(
         rows,
         batch_sampler=chunks,
         num_workers=num_workers,
-        # Workers send uint8 pixels (a quarter of the bytes of float32 through shared memory
-        # and to the GPU); they are normalised here, on `device` when given, in place.
         collate_fn=BatchPreprocessor(
             rows,
             image_processor,
             max_pixels,
             fast_decode=fast_decode,
-            # 8-bit pixels where they go on to a GPU (normalised there); for the CPU the
-            # workers normalise, which in the main process cost 1.2 ms an image at 384 px.
+            # For a GPU, 8-bit pixels (a quarter of float32's bytes through shared memory and
+            # to the device), normalised there in place; for the CPU the workers normalise,
+            # which in the main process cost 1.2 ms an image at 384 px.
             resize_only=pin_memory or device_decode,
             device_decode=device_decode,
             more_processors=more_processors,
