@@ -27,6 +27,7 @@ from capfilt.bench.fixtures import (
     load_models,
     random_jpegs,
     random_pixels,
+    random_pretrain_batch,
     random_texts,
     synthetic_bert_tokenizer,
     write_bench_dataset,
@@ -334,12 +335,8 @@ def bench_pretrain(config: BenchConfig, scratch: Path) -> dict:
     tokenizer = synthetic_bert_tokenizer()
     med_cfg = med_config(config.arch, tokenizer, queue_size=max(config.batch_size * 4, 64))
     size = med_cfg.image_size
-    generator = torch.Generator().manual_seed(config.seed)
     batch = config.batch_size
-    pixels = torch.randn(batch, 3, size, size, generator=generator).to(device)
-    ids = torch.randint(1000, 30000, (batch, config.text_tokens), generator=generator)
-    ids[:, 0], ids[:, -1] = 101, 102
-    ids, mask = ids.to(device), torch.ones_like(ids, device=device)
+    pixels, ids, mask = random_pretrain_batch(batch, size, config.text_tokens, config.seed, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     steps = max(1, config.images // batch)
     if config.level == "data":  # --images sizes the dataset; a few steps give the step rate
@@ -449,9 +446,6 @@ def _bench_pretrain_data(config: BenchConfig, scratch: Path, med_cfg, tokenizer,
     """Images/s of pretraining's input pipeline alone (the plan's stream of a dataset of
     256 px JPEGs, decoded, cropped, flipped and tokenized in DataLoader workers) for each
     worker count, against the training step of the model (`model_side`)."""
-
-    import torch
-
     from capfilt.training.config import TEXT_TOKENS
     from capfilt.training.pairs import DecodeBatch
     from capfilt.training.stream import (
@@ -462,8 +456,6 @@ def _bench_pretrain_data(config: BenchConfig, scratch: Path, med_cfg, tokenizer,
         training_loader,
     )
 
-    if config.images < 2 * config.batch_size:
-        raise CapfiltError("bench pretrain --level data needs --images of 2 batches or more")
     root = scratch / "ds"
     jpegs = random_jpegs(config.images, config.seed)
     write_bench_dataset(root, jpegs, random_texts(config.images, 12, config.seed), shard_size=500)
@@ -479,17 +471,12 @@ def _bench_pretrain_data(config: BenchConfig, scratch: Path, med_cfg, tokenizer,
     rows = _input_rates(config, loader, lambda batch: int(batch["pixel_values"].shape[0]))
     fastest = max(r["images_per_s"] or 0 for r in rows)
     model_rate = model_side.images_per_s
-    return dict(
-        workload="pretrain",
-        level="data: training input pipeline (shard reads, shuffle buffer, JPEG decode, "
+    return _data_report(
+        config,
+        "data: training input pipeline (shard reads, shuffle buffer, JPEG decode, "
         "random crop and flip, tokenizing) in DataLoader workers, no model",
-        model=f"random-weights MED {config.arch} ({med_cfg.image_size} px) for the step rate",
-        device="cpu (data)",
-        dtype="-",
-        threads=torch.get_num_threads(),
-        images=config.images,
-        batch_size=config.batch_size,
-        data=rows,
+        f"random-weights MED {config.arch} ({med_cfg.image_size} px) for the step rate",
+        rows,
         model_step=asdict(model_side),
         model_images_per_s=model_rate,
         bound="model" if model_rate and fastest > model_rate else "data",
@@ -501,9 +488,6 @@ def bench_stage_input(config: BenchConfig, scratch: Path) -> dict:
     batches of normalised pixels, `image_batches`) for each decoding worker count; 0 is the
     stage's threads in the main process. No model runs, so the figures show how decoding
     scales with workers before any model bounds it."""
-
-    import torch
-
     from capfilt.images.batches import ShardImages, image_batches
 
     _, processor, label, _, _ = load_models(config, kind_of(config.workload))
@@ -526,18 +510,31 @@ def bench_stage_input(config: BenchConfig, scratch: Path) -> dict:
 
     rows = _input_rates(config, loader, len)
     rate = {r["workers"]: r["images_per_s"] for r in rows}
+    return _data_report(
+        config,
+        "data: the stage's input path (JPEG bytes in a shard to batches of normalised "
+        "pixels), per decoding worker count, no model",
+        label,
+        rows,
+        scaling_1_to_2=rate[2] / rate[1] if rate.get(1) and rate.get(2) else None,
+    )
+
+
+def _data_report(config: BenchConfig, level: str, model: str, rows: list[dict], **extra) -> dict:
+    """The result of a `--level data` bench: `_input_rates`' rows per worker count."""
+    import torch
+
     return dict(
         workload=config.workload,
-        level="data: the stage's input path (JPEG bytes in a shard to batches of normalised "
-        "pixels), per decoding worker count, no model",
-        model=label,
+        level=level,
+        model=model,
         device="cpu (data)",
         dtype="-",
         threads=torch.get_num_threads(),
         images=config.images,
         batch_size=config.batch_size,
         data=rows,
-        scaling_1_to_2=rate[2] / rate[1] if rate.get(1) and rate.get(2) else None,
+        **extra,
     )
 
 

@@ -319,22 +319,26 @@ class KeyedNucleusSampler:
     def __call__(self, input_ids, scores):
         import torch
 
-        step = input_ids.shape[1]
         probs = scores.float().softmax(dim=-1)  # (B, V)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
+        token = self.draw(sorted_probs, order, input_ids.shape[1])  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+    def draw(self, sorted_probs, order, step: int):
+        """The token (B, 1) each row draws at `step` from its nucleus: `sorted_probs` (B, K)
+        descending, `order` their token ids (the whole vocabulary or its K likeliest)."""
+        import torch
+
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         # The nucleus: the most likely tokens until their mass reaches top_p (at least one).
         nucleus = before < self.top_p
         nucleus[:, 0] = True
-        sorted_probs = sorted_probs * nucleus
-        cumulative = sorted_probs.cumsum(dim=-1)  # (B, V)
-        u = uniform_hash(self.row_seeds.to(scores.device), step)  # (B,)
+        cumulative = (sorted_probs * nucleus).cumsum(dim=-1)  # (B, K)
+        u = uniform_hash(self.row_seeds.to(sorted_probs.device), step)  # (B,)
         target = (u * cumulative[:, -1]).unsqueeze(1)
         index = torch.searchsorted(cumulative, target, right=True)
         index = torch.minimum(index, nucleus.sum(dim=1, keepdim=True) - 1)  # float rounding
-        token = order.gather(1, index)  # (B, 1)
-        chosen = torch.full_like(scores, float("-inf"))
-        return chosen.scatter_(1, token, 0.0)
+        return order.gather(1, index)  # (B, 1)
 
 
 class Captioner:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from capfilt.models.shapes import TINY_VISION
+
 # The families built here, by the name `bench --arch` gives them.
 TINY_VLMS = ("blip2-tiny", "llava-tiny", "idefics3-tiny", "paligemma-tiny")
 
@@ -101,14 +103,6 @@ def build_blip2(out_dir: Path, seed: int = 0):
     from capfilt.models.tiny import image_processor
 
     tokenizer = lm_tokenizer("blip2-tiny")
-    vision = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=16,
-    )
     qformer = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -131,7 +125,7 @@ def build_blip2(out_dir: Path, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id,
     )
     config = Blip2Config(
-        vision_config=vision,
+        vision_config=dict(TINY_VISION),
         qformer_config=qformer,
         text_config=text,
         num_query_tokens=8,
@@ -148,16 +142,7 @@ def build_llava(out_dir: Path, seed: int = 0):
     from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = lm_tokenizer("llava-tiny")
-    vision = dict(
-        model_type="clip_vision_model",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=16,
-        projection_dim=64,
-    )
+    vision = dict(TINY_VISION, model_type="clip_vision_model", projection_dim=64)
     config = LlavaConfig(
         vision_config=vision,
         text_config=dict(model_type="llama", **_llama_text(tokenizer)),
@@ -185,16 +170,8 @@ def build_idefics3(out_dir: Path, seed: int = 0):
     )
 
     tokenizer = lm_tokenizer("idefics3-tiny")
-    vision = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=16,
-    )
     config = Idefics3Config(
-        vision_config=vision,
+        vision_config=dict(TINY_VISION),
         text_config=dict(model_type="llama", **_llama_text(tokenizer)),
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -228,16 +205,7 @@ def build_paligemma(out_dir: Path, seed: int = 0):
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     text = _llama_text(tokenizer, head_dim=16)  # after the processor's location tokens
     config = PaliGemmaConfig(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=64,
-            patch_size=16,
-            projection_dim=64,
-        ),
+        vision_config=dict(TINY_VISION, model_type="siglip_vision_model", projection_dim=64),
         text_config=dict(model_type="gemma", **text),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         projection_dim=64,

@@ -32,7 +32,6 @@ from capfilt.models.blip import (
     resolve_device,
     resolve_dtype,
 )
-from capfilt.models.sampling import uniform_hash
 
 VLM_ENGINES = ("hf", "vllm")
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
@@ -151,20 +150,11 @@ class CaptionNucleusSampler(_GeneratedTokens, KeyedNucleusSampler):
         import torch
 
         generated = self.generated(input_ids)
-        step = generated.shape[1]
         if scores.shape[1] <= self.CANDIDATES:
             return KeyedNucleusSampler.__call__(self, generated, scores)
         probs = scores.float().softmax(dim=-1)  # (B, V)
         top_probs, order = probs.topk(self.CANDIDATES, dim=-1)  # (B, K), descending
-        before = top_probs.cumsum(dim=-1) - top_probs
-        nucleus = before < self.top_p
-        nucleus[:, 0] = True
-        cumulative = (top_probs * nucleus).cumsum(dim=-1)  # (B, K)
-        u = uniform_hash(self.row_seeds.to(scores.device), step)  # (B,)
-        target = (u * cumulative[:, -1]).unsqueeze(1)
-        index = torch.searchsorted(cumulative, target, right=True)
-        index = torch.minimum(index, nucleus.sum(dim=1, keepdim=True) - 1)  # float rounding
-        token = order.gather(1, index)  # (B, 1)
+        token = self.draw(top_probs, order, generated.shape[1])  # (B, 1)
         chosen = torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
         whole = top_probs.sum(dim=-1) < self.top_p  # (B,) the nucleus reaches past K
         if bool(whole.any()):
@@ -217,7 +207,13 @@ class VlmCaptioner:
         if engine not in VLM_ENGINES:
             raise CapfiltError(f"--engine must be hf or vllm for this model, not {engine!r}")
         source = resolve_checkpoint(model)
-        model_type = check_captioner(source)
+        return cls.from_source(source, check_captioner(source), precision, device, engine)
+
+    @classmethod
+    def from_source(
+        cls, source: ModelSource, model_type: str, precision: str, device: str, engine: str
+    ):
+        """Load a checkpoint `check_captioner` passed, with the engine `engine` (hf or vllm)."""
         if engine == "vllm":
             return VllmCaptioner.load(source, model_type, precision)
         import transformers

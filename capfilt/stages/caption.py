@@ -290,9 +290,8 @@ def load_captioner(options: CaptionOptions):
 
     source = resolve_checkpoint(options.model)
     check_weights(source, "captioner")  # pickles only, a training run: one line, whatever family
-    model_type = checkpoint_config(source, "a BLIP or image-text-to-text checkpoint").get(
-        "model_type"
-    )
+    config = checkpoint_config(source, "a BLIP or image-text-to-text checkpoint")
+    model_type = config.get("model_type")
     if model_type == BLIP:
         from capfilt.models.blip import Captioner
 
@@ -304,11 +303,13 @@ def load_captioner(options: CaptionOptions):
             options.engine,
             fast_options=dict(cuda_graphs=options.cuda_graphs),
         )
-    from capfilt.models.vlm import VlmCaptioner, check_captioner
+    from capfilt.models.vlm import VlmCaptioner, captioning_class
 
-    check_captioner(source)  # a model type that captions, before its weights load
+    captioning_class(source, config)  # a model type that captions, before its weights load
     options = options.for_family(model_type)
-    return VlmCaptioner.load(options.model, options.precision, options.device, options.engine)
+    return VlmCaptioner.from_source(
+        source, model_type, options.precision, options.device, options.engine
+    )
 
 
 def caption_shard(captioner, images_table, config: CaptionOptions, on_images=None):
