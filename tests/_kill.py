@@ -280,9 +280,7 @@ class StoreWatcher(ShardWatcher):
     def in_flight(self) -> bool:
         """A temporary object in a stage folder, or a staged shard without its stats yet."""
         staged = self._listing(f"images/{STAGING}") if "images" in self.stages else {}
-        return bool(self.temp_files()) or any(
-            n.endswith(".parquet") and f"{n[:-8]}_stats.json" not in staged for n in staged
-        )
+        return bool(self.temp_files()) or _unfinished_download(staged)
 
     def check(self) -> None:
         import io
@@ -352,9 +350,14 @@ def store_leftovers(fs, root: str, known: list | None = None) -> list[str]:
 def download_in_flight(root: Path) -> bool:
     """Whether img2dataset is writing a shard (a staged parquet without its stats file yet)."""
     try:
-        names = set(os.listdir(Path(root) / "images" / "_incoming"))
+        names = set(os.listdir(Path(root) / "images" / STAGING))
     except FileNotFoundError:
         return False
+    return _unfinished_download(names)
+
+
+def _unfinished_download(names) -> bool:
+    """Whether a staging folder of these file names has a parquet without its stats yet."""
     return any(n.endswith(".parquet") and f"{n[:-8]}_stats.json" not in names for n in names)
 
 

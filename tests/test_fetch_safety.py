@@ -177,22 +177,31 @@ def test_only_http_and_https_and_never_metadata(tmp_path):
         assert "--allow-private-addresses" not in rows[url]["error_message"]
 
 
+def fake_dns(monkeypatch, dns: dict) -> None:
+    """The names of `dns` resolve to its address (or tuple of addresses); others as usual."""
+    real_resolve = safe_fetch._resolve
+
+    def resolve(host, port):
+        if host not in dns:
+            return real_resolve(host, port)
+        answers = dns[host] if isinstance(dns[host], tuple) else (dns[host],)
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in answers
+        ]
+
+    monkeypatch.setattr(safe_fetch, "_resolve", resolve)
+
+
 def test_redirects_and_dns_answers_cannot_reach_loopback(tmp_path, monkeypatch):
     """127.0.0.2 stands in for a public server; names resolve through a patched resolver."""
-    real_refusal, real_resolve = safe_fetch.refusal_for_address, safe_fetch._resolve
+    real_refusal = safe_fetch.refusal_for_address
     monkeypatch.setattr(
         safe_fetch,
         "refusal_for_address",
         lambda address, allow: None if address == "127.0.0.2" else real_refusal(address, allow),
     )
-    dns = {"cdn.example.test": "127.0.0.2", "rebind.example.test": "127.0.0.1"}
-
-    def resolve(host, port):
-        if host in dns:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (dns[host], port))]
-        return real_resolve(host, port)
-
-    monkeypatch.setattr(safe_fetch, "_resolve", resolve)
+    fake_dns(monkeypatch, {"cdn.example.test": "127.0.0.2", "rebind.example.test": "127.0.0.1"})
     with hostile_server("127.0.0.1", {"/inside.jpg": lambda p: p.body(IMAGE)}) as (inside, seen):
         port = inside.rsplit(":", 1)[1]
         routes = {
@@ -239,18 +248,7 @@ def test_disguised_and_link_local_addresses_are_refused_after_dns_and_redirects(
         "linklocal.example.test": "169.254.7.7",
         "mixed.example.test": ("10.0.0.1", "64:ff9b::a9fe:a9fe"),
     }
-    real_resolve = safe_fetch._resolve
-
-    def resolve(host, port):
-        if host not in dns:
-            return real_resolve(host, port)
-        answers = dns[host] if isinstance(dns[host], tuple) else (dns[host],)
-        return [
-            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-            for a in answers
-        ]
-
-    monkeypatch.setattr(safe_fetch, "_resolve", resolve)
+    fake_dns(monkeypatch, dns)
     # Without the flag: a loopback address in IPv6 dress is loopback, and the flag is offered;
     # when one of a name's addresses is refused whatever the flag, that one is reported.
     expected = {

@@ -322,6 +322,17 @@ def web(tmp_path_factory):
         yield served
 
 
+def fetch_watcher(root: Path, urls: list[str], shard_size: int) -> ShardWatcher:
+    """A watcher of images/ whose every shard holds the rows img2dataset gives it."""
+
+    def expect(stage: str, shard: int, table) -> None:
+        # img2dataset gives shard N the list's rows N*size ... N*size + size - 1.
+        want = urls[shard * shard_size : (shard + 1) * shard_size]
+        assert sorted(table["url"].to_pylist()) == sorted(want), f"images/{shard:05d}"
+
+    return ShardWatcher(root, ("images",), expect)
+
+
 def test_fetch_killed_anywhere_downloads_every_row_once(ctx, web, tmp_path):
     from _web import expected_status, write_list
 
@@ -329,13 +340,7 @@ def test_fetch_killed_anywhere_downloads_every_row_once(ctx, web, tmp_path):
     url_list = write_list(listed, tmp_path / "urls.csv", "csv")
     urls = [r["url"] for r in listed]
     root = tmp_path / "ds"
-
-    def expect(stage: str, shard: int, table) -> None:
-        # img2dataset gives shard N the list's rows N*size ... N*size + size - 1.
-        want = urls[shard * FETCH_SHARD_SIZE : (shard + 1) * FETCH_SHARD_SIZE]
-        assert sorted(table["url"].to_pylist()) == sorted(want), f"images/{shard:05d}"
-
-    watcher = ShardWatcher(root, ("images",), expect)
+    watcher = fetch_watcher(root, urls, FETCH_SHARD_SIZE)
     rng = random.Random(9)
     log = KillLog()
     while log.kills < KILLS:
@@ -411,12 +416,7 @@ def test_multiprocess_fetch_killed_anywhere_leaves_no_worker_and_downloads_every
         (url, expected_status(url)[0]) for url in urls
     )
     root = tmp_path / "ds"
-
-    def expect(stage: str, shard: int, table) -> None:
-        want_urls = urls[shard * MP_SHARD_SIZE : (shard + 1) * MP_SHARD_SIZE]
-        assert sorted(table["url"].to_pylist()) == sorted(want_urls), f"images/{shard:05d}"
-
-    watcher = ShardWatcher(root, ("images",), expect)
+    watcher = fetch_watcher(root, urls, MP_SHARD_SIZE)
     rng = random.Random(12)
     log = KillLog()
     rounds = 0

@@ -490,18 +490,21 @@ class SafeResizer:
         width, height = size
         out_width, out_height = self.output_size(width, height)
         if out_width * out_height > self.max_pixels or max(out_width, out_height) > JPEG_MAX_SIDE:
-            mode = getattr(self.resizer.resize_mode, "name", self.resizer.resize_mode)
             return (
-                f"image too large once resized: {width}×{height} at {mode} "
+                f"image too large once resized: {width}×{height} at {self.resize_mode} "
                 f"{self.resizer.image_size} would be {out_width}×{out_height} pixels "
                 f"(at most {self.max_pixels:,} pixels, {JPEG_MAX_SIDE:,} a side)"
             )
         return None
 
+    @property
+    def resize_mode(self) -> str:
+        """The resizer's mode by name: keep_ratio, center_crop, border, …"""
+        return getattr(self.resizer.resize_mode, "name", str(self.resizer.resize_mode))
+
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """The largest picture img2dataset's resizer makes of a width × height image."""
-        size = self.resizer.image_size
-        mode = getattr(self.resizer.resize_mode, "name", str(self.resizer.resize_mode))
+        size, mode = self.resizer.image_size, self.resize_mode
         only_bigger = self.resizer.resize_only_if_bigger
         if mode in ("keep_ratio", "center_crop"):  # the smaller side becomes `size` (then crop)
             if only_bigger and min(width, height) <= size:

@@ -31,13 +31,7 @@ from capfilt.core.locks import folder_locks
 from capfilt.core.options import Options, option
 from capfilt.core.provenance import folder_fingerprint
 from capfilt.dedup.hashing import HASH_VERSION, HashPool, url_domain
-from capfilt.stages.runner import (
-    Stage,
-    StageRun,
-    plan_stage,
-    record_run,
-    run_stage,
-)
+from capfilt.stages.runner import Stage, StageRun, record_run, run_stage
 
 SEMANTIC_MODES = ("auto", "on", "off")
 GROUPING_FILE = ".grouping.parquet"  # a generation's whole grouping, beside its shards
@@ -737,12 +731,22 @@ def dedup_dataset(
             HashStage(options, pool), ds, options.overwrite, progress, locked=True, record=False
         )
         stage = GroupStage(options, pool)
-        plan = plan_stage(stage, ds, options.overwrite)
-        if plan.generation is not None:
-            folder = ds.generation_folder("dedup", plan.generation)
-            stage.grouping_path = f"{folder.path}/{GROUPING_FILE}"
-            stage.reuse_grouping = not options.overwrite
-        grouped = run_stage(stage, ds, options.overwrite, False, locked=True, record=False)
+
+        def keep_grouping(plan) -> None:  # in the generation being written, before setup()
+            if plan.generation is not None:
+                folder = ds.generation_folder("dedup", plan.generation)
+                stage.grouping_path = f"{folder.path}/{GROUPING_FILE}"
+                stage.reuse_grouping = not options.overwrite
+
+        grouped = run_stage(
+            stage,
+            ds,
+            options.overwrite,
+            False,
+            locked=True,
+            record=False,
+            before_work=keep_grouping,
+        )
         if stage.grouping_path and ds.fs.exists(stage.grouping_path):
             ds.fs.rm(stage.grouping_path)  # switched in whole: no run needs it any more
         notes = list(stage.notes)

@@ -278,7 +278,7 @@ def ingest(
         progress,
         command=f"capfilt ingest {source} {dataset.root}",
         record=False,
-        before_work=lambda: dataset.set_source(source_record),
+        before_work=lambda plan: dataset.set_source(source_record),
     )
     counts, errors = run_totals(run.counts)
     done_now = sorted(run.plan.todo)

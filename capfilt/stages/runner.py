@@ -110,11 +110,9 @@ class Stage:
         tables, fingerprints = {}, {}
         for name in self.inputs + self.optional_inputs:
             folder = self.folder(dataset, name)
+            path = folder.shard_path(shard)
             try:
-                table, fingerprint = parquet.read_table_and_fingerprint(
-                    folder.fs, folder.shard_path(shard)
-                )
-                path = folder.shard_path(shard)
+                table, fingerprint = parquet.read_table_and_fingerprint(folder.fs, path)
                 parquet.check_columns(path, table.column_names, parquet.REQUIRED_COLUMNS[name])
                 parquet.check_kinds(path, table.schema, parquet.COLUMN_KINDS[name])
                 if name == "images":
@@ -340,7 +338,7 @@ def run_stage(
     locked: bool = False,
     target: ShardFolder | None = None,
     record: bool = True,
-    before_work: Callable[[], None] | None = None,
+    before_work: Callable[[Plan], None] | None = None,
 ) -> StageRun:
     """Run `stage` over `dataset` (see the module docstring); returns what the run did.
 
@@ -348,7 +346,8 @@ def run_stage(
     `target`: write the shards there instead of the dataset's folder (export-data).
     `record`: append the run to the manifest (a command running several stages records them
     together with `record_run`).
-    `before_work`: called by the main process once the plan is accepted, before any write.
+    `before_work(plan)`: called by the main process once the plan is accepted, before any
+    write (and before setup()).
     """
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     processes = distributed.current()
@@ -376,7 +375,7 @@ def run_stage(
     run_id = processes.gather(provenance.new_run_id())[0]
     if processes.is_main:
         if before_work is not None:
-            before_work()
+            before_work(plan)
         folder.remove_temp_files()
         if target is None:  # also a killed switch's current.json, other generations' leftovers
             ds.remove_temp_files(stage.output)
