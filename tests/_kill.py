@@ -101,11 +101,13 @@ def run_caption(root: str, model: str) -> None:
     caption_dataset(root, config, progress=False)
 
 
-def run_filter(root: str, model: str, threshold: float) -> None:
+def run_filter(root: str, model: str, rule: float | dict) -> None:
+    """`capfilt filter` with the selection `rule`: a threshold, or FilterOptions' rule fields."""
     from capfilt.stages.filter import FilterOptions, filter_dataset
 
     _child_setup()
-    config = FilterOptions(threshold=threshold, model=model, batch_size=2, num_workers=0)
+    rule = rule if isinstance(rule, dict) else {"threshold": rule}
+    config = FilterOptions(**rule, model=model, batch_size=2, num_workers=0)
     filter_dataset(root, config, progress=False)
 
 
@@ -516,8 +518,9 @@ def _describe_process(pid: int) -> str:
 
 
 def read_curated_as_a_reader(root: Path):
-    """(threshold of the generation readers see, its (key, text_id) pairs), or None when a
-    generation was removed between resolving and reading it (a reader would retry)."""
+    """(the rule of the generation readers see: its threshold, or its recorded options when it
+    has other rules, its (key, text_id) pairs), or None when a generation was removed between
+    resolving and reading it (a reader would retry)."""
     from capfilt.core.layout import Dataset
 
     folder = Dataset(str(root)).folder("curated")
@@ -525,9 +528,10 @@ def read_curated_as_a_reader(root: Path):
         table = folder.read_all(["key", "text_id", "itm_score"])
     except FileNotFoundError:
         return None
-    threshold = (folder.record.get("options") or {}).get("threshold")
+    options = folder.record.get("options") or {}
+    rule = options["threshold"] if set(options) == {"threshold"} else json.dumps(options)
     rows = [] if table is None else table.to_pylist()
-    return threshold, rows
+    return rule, rows
 
 
 def read_export_as_a_reader(out: Path) -> dict | None:

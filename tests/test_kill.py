@@ -185,12 +185,29 @@ def test_filter_killed_anywhere_scores_every_pair_once(ctx, reference, tiny_filt
     )
 
 
-def test_threshold_change_killed_anywhere_never_shows_a_mixed_curated(
-    ctx, reference, tiny_filter, tmp_path
+def _top_fraction(scores: list[dict], fraction: float, column: str) -> list:
+    """The pairs `--top-fraction fraction --by column` keeps, worked out here: the ⌈F·n⌉-th
+    highest of the n scored values is the cut-off, and every pair at or above it is kept."""
+    import math
+
+    values = sorted((r[column] for r in scores if r[column] is not None), reverse=True)
+    cutoff = values[math.ceil(fraction * len(values)) - 1]
+    return [
+        (r["key"], r["text_id"]) for r in scores if r[column] is not None and r[column] >= cutoff
+    ]
+
+
+@pytest.mark.parametrize(
+    "new_rule",
+    [0.3, {"top_fraction": 0.3, "by": "itc_score"}],
+    ids=["threshold", "top-fraction"],
+)
+def test_rule_change_killed_anywhere_never_shows_a_mixed_curated(
+    ctx, reference, tiny_filter, tmp_path, new_rule
 ):
-    """filter at 0.3 over curated/ at 0.5, killed anywhere: a reader sees all of one or all of
-    the other, never some shards of each; the resumed run ends with all of 0.3."""
-    new_threshold = 0.3
+    """filter with a new rule (threshold 0.3, or the top 30 % by ITC) over curated/ at
+    threshold 0.5, killed anywhere: a reader sees all of one rule's pairs or all of the other's,
+    never some shards of each; the resumed run ends with all of the new rule's."""
     rng = random.Random(10)
     root = tmp_path / "ds"
     scores = sorted_rows(reference, "scores", ("key", "text_id"))
@@ -202,19 +219,29 @@ def test_threshold_change_killed_anywhere_never_shows_a_mixed_curated(
             if r["itm_score"] is not None and r["itm_score"] >= threshold
         ]
 
-    wanted = {THRESHOLD: kept(THRESHOLD), new_threshold: kept(new_threshold)}
-    assert wanted[THRESHOLD] != wanted[new_threshold]
-    seen: dict = {THRESHOLD: 0, new_threshold: 0}
+    if isinstance(new_rule, dict):
+        new_pairs = _top_fraction(scores, new_rule["top_fraction"], new_rule["by"])
+    else:
+        new_pairs = kept(new_rule)
+    wanted = {"old": kept(THRESHOLD), "new": new_pairs}
+    assert wanted["old"] != wanted["new"]
+    seen: dict = {"old": 0, "new": 0}
+
+    def which(rule) -> str:
+        """The generation a reader saw: the old threshold's, or the new rule's."""
+        if rule == THRESHOLD:
+            return "old"
+        assert rule == new_rule or '"top_fraction": 0.3' in str(rule), rule
+        return "new"
 
     def whole() -> None:
         read = read_curated_as_a_reader(root)
         if read is None:
             return
-        threshold, rows = read
-        assert threshold in wanted, threshold
+        rule, rows = read
         got = sorted((r["key"], r["text_id"]) for r in rows)
-        assert got == wanted[threshold], f"curated/ at {threshold} is not whole"
-        seen[threshold] += 1
+        assert got == wanted[which(rule)], f"curated/ by {rule} is not whole"
+        seen[which(rule)] += 1
 
     def curated_written() -> int:
         return len(list((root / "curated").glob("gen-*/*.parquet")))
@@ -227,7 +254,7 @@ def test_threshold_change_killed_anywhere_never_shows_a_mixed_curated(
         kill_until_done(
             ctx,
             run_filter,
-            (str(root), str(tiny_filter), new_threshold),
+            (str(root), str(tiny_filter), new_rule),
             rng,
             watcher,
             progress=curated_written,
@@ -236,13 +263,13 @@ def test_threshold_change_killed_anywhere_never_shows_a_mixed_curated(
             max_kills=KILLS - log.kills,
             in_flight=lambda: bool(temp_leftovers(root / "curated")),
         )
-        threshold, rows = read_curated_as_a_reader(root)
-        assert threshold == new_threshold
-        assert sorted((r["key"], r["text_id"]) for r in rows) == wanted[new_threshold]
+        rule, rows = read_curated_as_a_reader(root)
+        assert which(rule) == "new"
+        assert sorted((r["key"], r["text_id"]) for r in rows) == wanted["new"]
         assert not temp_leftovers(root), temp_leftovers(root)
         assert len(Dataset(str(root)).generations("curated")) <= 2
-    print(f"threshold change: {log} reads of a whole curated/ at each threshold: {seen}")
-    assert seen[THRESHOLD] and seen[new_threshold]
+    print(f"rule change: {log} reads of a whole curated/ by each rule: {seen}")
+    assert seen["old"] and seen["new"]
 
 
 def test_export_killed_anywhere_is_resumed_and_switched_in_whole(
