@@ -38,6 +38,8 @@ PRELOAD = [
     "capfilt.training.loop",
     "capfilt.models.blip",
     "capfilt.models.med",
+    "capfilt.models.vlm",
+    "transformers.models.llava.modeling_llava",
 ]
 _SHARD = re.compile(r"^(\d{5,})\.parquet$")
 _STEP = re.compile(r"^step-(\d+)$")

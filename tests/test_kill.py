@@ -146,6 +146,41 @@ def test_caption_killed_anywhere_writes_every_caption_once(
     assert len(set(log.progress_at_kill)) > 1, "every kill landed at the same point"
 
 
+def test_vlm_caption_killed_anywhere_writes_every_caption_once(ctx, reference, tmp_path):
+    """The same for an image-text-to-text captioner (a tiny LLaVA): resumed after each kill,
+    every image gets exactly the captions an uninterrupted run writes."""
+    from capfilt.models.tiny_vlm import build_llava
+
+    llava = build_llava(tmp_path / "llava")
+    clean = tmp_path / "clean"
+    shutil.copytree(reference / "images", clean / "images")
+    run_uninterrupted(ctx, run_caption, str(clean), str(llava))
+    want = sorted_rows(clean, "captions", ("key", "caption_id"))
+    assert want and all(r["model"] == str(llava) or r["status"] != "success" for r in want)
+    rng = random.Random(17)
+    root = tmp_path / "ds"
+    watcher = ShardWatcher(root, ("captions",), expect_rows(reference))
+    log = KillLog()
+    while log.kills < KILLS:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(reference / "images", root / "images")
+        kill_until_done(
+            ctx,
+            run_caption,
+            (str(root), str(llava)),
+            rng,
+            watcher,
+            progress=lambda: len(watcher.shards("captions")),
+            log=log,
+            max_delay=2.5,
+            max_kills=KILLS - log.kills,
+        )
+        assert sorted_rows(root, "captions", ("key", "caption_id")) == want
+        assert_finished_cleanly(root, ("captions",))
+    print(f"vlm caption: {log} files checked={watcher.files_checked}")
+    assert len(set(log.progress_at_kill)) > 1, "every kill landed at the same point"
+
+
 def test_filter_killed_anywhere_scores_every_pair_once(ctx, reference, tiny_filter, tmp_path):
     rng = random.Random(8)
     root = tmp_path / "ds"
