@@ -188,7 +188,7 @@ def test_curate_alone_takes_the_top_of_its_table_and_keeps_ties():
         dict(key=k, text_id=0, source="web", text="t", itm_score=0.5, clip_score=c)
         for k, c in zip("abcdef", [0.9, 0.5, 0.5, 0.5, 0.1, None], strict=True)
     ]
-    table = io.rows_to_table(rows, schema_of([*OLD_COLUMNS, ("clip_score", "float32")]))
+    table = io.rows_to_table(rows, schema_of(NEW_COLUMNS))
     kept = curate(table, Selection(top_fraction=0.4, by="clip_score"))
     assert kept["key"].to_pylist() == ["a", "b", "c", "d"]  # ⌈0.4·5⌉ = 2: 0.5, tied thrice
     kept = curate(table, Selection(top_fraction=0.2, by="clip_score", threshold=0.6))

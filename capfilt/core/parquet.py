@@ -209,7 +209,7 @@ def read_table_and_fingerprint(
                 f.seek(0)
             return pq.read_table(f, columns=columns), found
         except (ValueError, OSError, pa.ArrowException) as e:
-            if isinstance(e, FileNotFoundError | UnreadableShard):
+            if isinstance(e, FileNotFoundError):
                 raise
             raise UnreadableShard(damaged(path, e)) from e
 

@@ -18,6 +18,7 @@ subqueries, table functions (read_csv …), unknown columns.
 from __future__ import annotations
 
 import re
+import threading
 
 from capfilt.core import parquet
 from capfilt.core.errors import CapfiltError
@@ -121,23 +122,35 @@ def connect(
 
 def _lock_down(con, dataset: Dataset, files: list[str]) -> None:
     """Let `con` open `files` and nothing else, for good (views bind again at each query)."""
-    import duckdb
-
-    known = {row[0] for row in con.execute("SELECT name FROM duckdb_settings()").fetchall()}
-    missing = [name for name in _REQUIRED if name not in known]
-    if missing:
-        raise CapfiltError(
-            f"this DuckDB ({duckdb.__version__}) cannot sandbox SQL (it has no "
-            f"{', '.join(missing)} setting): upgrade duckdb to 1.2 or later; `capfilt query` "
-            f"also runs without the sandbox with {SANDBOX_FLAG}"
-        )
     allowed = set(files)
     if not dataset.is_local:
         # DuckDB asks a registered fsspec filesystem for the files of a view and checks the
         # names it returns, which may be spelt otherwise (memory://b/x -> memory:///b/x).
         fs = dataset.fs
         allowed |= {fs.unstrip_protocol(fs._strip_protocol(f)) for f in files}
-    con.execute("SET allowed_paths = $1", [sorted(allowed)])
+    _sandbox(
+        con,
+        sorted(allowed),
+        f"; `capfilt query` also runs without the sandbox with {SANDBOX_FLAG}",
+    )
+
+
+def _sandbox(con, allowed: list[str] | None, hint: str = "") -> None:
+    """Apply the sandbox's settings to `con`, `lock_configuration` last: it may open the files
+    `allowed` and nothing else (None: no file at all). `hint` ends the refusal of a DuckDB
+    too old to sandbox."""
+    import duckdb
+
+    known = {row[0] for row in con.execute("SELECT name FROM duckdb_settings()").fetchall()}
+    required = [n for n in _REQUIRED if allowed is not None or n != "allowed_paths"]
+    missing = [name for name in required if name not in known]
+    if missing:
+        raise CapfiltError(
+            f"this DuckDB ({duckdb.__version__}) cannot sandbox SQL (it has no "
+            f"{', '.join(missing)} setting): upgrade duckdb to 1.2 or later{hint}"
+        )
+    if allowed is not None:
+        con.execute("SET allowed_paths = $1", [allowed])
     for name, value in _SANDBOX_SETTINGS:
         if name not in known:
             continue
@@ -304,6 +317,7 @@ def missing_stages(sql: str, dataset: Dataset) -> list[str]:
 # --- one condition over a table's rows (`capfilt filter --where`) -------------------------------
 WHERE_FLAG = "--where"
 WHERE_VIEW = "scores"  # the name the condition's table has: `scores.itm_score` works too
+_WHERE_CONNECTIONS = threading.local()  # see `_where_connection`
 _ROW = "capfilt_row__"  # the row number of each row, to read back which rows the WHERE kept
 # Words that open a query inside the condition: a subquery could read what is not the row.
 _QUERY_OPENERS = frozenset(
@@ -317,16 +331,7 @@ def sandboxed_connection():
     import duckdb
 
     con = duckdb.connect()
-    known = {row[0] for row in con.execute("SELECT name FROM duckdb_settings()").fetchall()}
-    missing = [name for name in _REQUIRED if name not in known and name != "allowed_paths"]
-    if missing:
-        raise CapfiltError(
-            f"this DuckDB ({duckdb.__version__}) cannot sandbox SQL (it has no "
-            f"{', '.join(missing)} setting): upgrade duckdb to 1.2 or later"
-        )
-    for name, value in _SANDBOX_SETTINGS:
-        if name in known:
-            con.execute(f"SET {name} = {str(value).lower()}")
+    _sandbox(con, None)
     return con
 
 
@@ -348,8 +353,8 @@ def check_condition(condition: str, schema) -> None:
     text = condition.strip()
     if not text:
         raise where_error("is empty")
-    check_condition_words(text)
     con = sandboxed_connection()
+    check_condition_words(text, con)
     con.register(WHERE_VIEW, schema.empty_table())
     sql = _where_sql(text, select=f"(\n{text}\n) AS keep")
     try:
@@ -372,14 +377,26 @@ def where_rows(table, condition: str):
     import pyarrow as pa
 
     numbered = table.append_column(_ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    con = sandboxed_connection()
+    con = _where_connection()
     con.register(WHERE_VIEW, numbered)
     try:
         found = con.execute(_where_sql(condition.strip(), select=_ROW) + " ORDER BY 1")
         rows = found.fetchnumpy()[_ROW]
     except duckdb.Error as e:
         raise _condition_error(e, table.schema) from e
+    finally:
+        con.unregister(WHERE_VIEW)
     return np.asarray(rows, dtype=np.int64)
+
+
+def _where_connection():
+    """This thread's `sandboxed_connection` for `where_rows`: made once, not once per shard
+    (making one costs tens of milliseconds); a shard's table is registered only while its
+    condition runs."""
+    con = getattr(_WHERE_CONNECTIONS, "con", None)
+    if con is None:
+        con = _WHERE_CONNECTIONS.con = sandboxed_connection()
+    return con
 
 
 def _where_sql(condition: str, select: str) -> str:
@@ -387,9 +404,10 @@ def _where_sql(condition: str, select: str) -> str:
     return f"SELECT {select} FROM {WHERE_VIEW} WHERE (\n{condition}\n)"
 
 
-def check_condition_words(text: str) -> None:
+def check_condition_words(text: str, con=None) -> None:
     """Refuse a --where that holds ';', a subquery or a table function (they could read
-    files or run statements), by DuckDB's tokenizer: nothing is parsed or run."""
+    files or run statements), by DuckDB's tokenizer: nothing is parsed or run. `con`: a
+    connection to list the table functions with (a new one when None)."""
     import duckdb
 
     tokens = [word for _, word in _tokens(text)]
@@ -398,7 +416,7 @@ def check_condition_words(text: str) -> None:
             raise where_error("holds ';': one condition, not statements")
         if word in _QUERY_OPENERS:
             raise where_error(f"holds {word.upper()}: no subqueries (they could read files)")
-    con = duckdb.connect()
+    con = con or duckdb.connect()
     table_functions = {
         row[0]
         for row in con.execute(

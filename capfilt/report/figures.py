@@ -74,13 +74,6 @@ def curated_threshold(curated: StageFolder) -> float | None:
     return rule.threshold if rule is not None else None
 
 
-def curated_keep_best(curated: StageFolder) -> int | None:
-    """The --keep-best a generation of curated/ was made with, None when it kept every caption
-    at the threshold."""
-    rule = Selection.from_record(curated.record.get("options"))
-    return rule.keep_best if rule is not None else None
-
-
 def passes_sql(rule: Selection) -> str:
     """The rule's conditions other than the ITM threshold, as SQL over scores/ (true when it
     has none): the top fraction's `by >= cut-off`, the --where condition; with --best-by,
@@ -195,17 +188,14 @@ def rate(part: int, whole: int) -> float | None:
 
 
 def collect_summary(
-    dataset: Dataset, rule: Selection | float, threshold_origin: str, con, folders: dict
+    dataset: Dataset, rule: Selection, threshold_origin: str, con, folders: dict
 ) -> dict:
     """Every figure of the report, as a JSON-ready dict (this is reports/summary.json).
 
-    `rule`: the rule pairs are judged by (`resolve_rule`; a number: that ITM threshold with
-    curated/'s --keep-best). `folders`: the stage folders `con`'s views read (one generation
-    of curated/).
+    `rule`: the rule pairs are judged by (`resolve_rule`). `folders`: the stage folders
+    `con`'s views read (one generation of curated/).
     """
     stages = {stage: folders[stage].shards() for stage in STAGES}
-    if not isinstance(rule, Selection):
-        rule = Selection(threshold=rule, keep_best=curated_keep_best(folders["curated"]))
     threshold = rule.threshold
     summary: dict = {
         "dataset": dataset.root,
@@ -246,9 +236,9 @@ def collect_summary(
         summary["fetch"] = _fetch_figures(con)
     if stages["captions"]:
         summary["captions"] = _caption_figures(con)
+    missing = missing_score_columns(con) if stages["scores"] else ()
+    judged = judged_scores(rule, missing) if stages["scores"] else None
     if stages["scores"]:
-        missing = missing_score_columns(con)
-        judged = judged_scores(rule, missing)
         summary["scores"] = _score_figures(con, threshold, judged)
         summary["sweep"] = _sweep(con, rule, missing)
         summary["histograms"] = _histograms(con)
@@ -257,8 +247,6 @@ def collect_summary(
         if stages["images"] and {"caption_is_wrong"} <= view_columns(con, "images"):
             summary["truth"] = _truth_figures(con, rule, summary["sweep"], missing)
     if folders.get("dedup") is not None and folders["dedup"].shards():
-        has_scores = bool(stages["scores"])
-        judged = judged_scores(rule, missing_score_columns(con)) if has_scores else None
         summary["dedup"] = dedup_figures(con, folders["dedup"], threshold, judged)
     if stages["curated"]:
         by_source = _rows(

@@ -156,16 +156,16 @@ def _derived(ds: Dataset, name: str, upstream: dict) -> FolderStatus:
 def _rule_now(ds: Dataset, options: dict) -> dict:
     """curated/'s recorded rule with its top fraction's cut-off as scores/ gives it now: a
     shard rescored anywhere may move it, and then every curated/ shard is stale."""
-    from capfilt.stages.curate import Selection, score_cutoff
+    from capfilt.stages.curate import Selection
 
     rule = Selection.from_record(options)
     if rule is None or rule.top_fraction is None:
         return options
     try:
-        cutoff = score_cutoff(ds.folder("scores"), rule.by, rule.top_fraction)
+        now = rule.resolved(ds.folder("scores"))
     except (CapfiltError, OSError):  # no scores left: the shards say so themselves
         return options
-    return dict(options, cutoff=cutoff)
+    return dict(options, cutoff=now.cutoff)
 
 
 def _moved_cutoff(options: dict, change: tuple) -> str:
