@@ -177,4 +177,3 @@ def random_pretrain_batch(batch: int, image_size: int, text_tokens: int, seed: i
     ids = torch.randint(1000, 30000, (batch, text_tokens), generator=generator)
     ids[:, 0], ids[:, -1] = 101, 102
     return pixels.to(device), ids.to(device), torch.ones_like(ids, device=device)
-
